@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv with semalign_ds and everything it needs. Without a GPU it installs the CPU build of torch
+# (never the multi-GB CUDA one); with one (nvidia-smi works) the CUDA build from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${SEMALIGN_TORCH:-torch==2.13.0}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if nvidia-smi >/dev/null 2>&1; then
+  .venv/bin/pip install -q "$TORCH_SPEC"
+else
+  .venv/bin/pip install -q "$TORCH_SPEC" --extra-index-url https://download.pytorch.org/whl/cpu
+fi
+.venv/bin/pip install -q -e ".[dev]"
+# DeepSpeed JIT-compiles its shared-memory comm op on first use (~40 s on 2 cores): do it once, here.
+DS_ACCELERATOR=$(nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu) RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 \
+  MASTER_ADDR=127.0.0.1 MASTER_PORT=${SEMALIGN_WARM_PORT:-29591} \
+  .venv/bin/python -c "import deepspeed; deepspeed.init_distributed(); print('deepspeed ready')"

@@ -1,0 +1,79 @@
+"""Launch environment and process groups: one init and one shutdown read the environment.
+
+Launchers (torchrun, the deepspeed launcher, srun) set RANK/WORLD_SIZE/LOCAL_RANK (or SLURM_* variables); a plain
+`python`/`semalign` call is a single rank on a free local port. The backend follows the device: gloo on CPU, NCCL
+on CUDA. DS_ACCELERATOR is set from the configured device before deepspeed is first imported.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'; recorded in the resolved config."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"runtime.device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("runtime.device is 'cuda' but no GPU is visible; set runtime.device=cpu")
+    return device
+
+
+def setup_env(device: str) -> None:
+    """Tell DeepSpeed which accelerator to use (before its first import) and fill single-rank launch vars."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+    if not any(v in os.environ for v in ("RANK", "WORLD_SIZE")):
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    missing = [v for v in _LAUNCH_VARS if v not in os.environ]
+    if missing:
+        raise ValueError(
+            f"launch environment is incomplete: {', '.join(missing)} unset; start with torchrun, the deepspeed "
+            f"launcher or srun (slurm/ templates), or set all of {', '.join(_LAUNCH_VARS)}"
+        )
+
+
+def init(device: str, timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the default process group (idempotent) and return this rank's place in it."""
+    setup_env(device)
+    backend = "gloo" if device == "cpu" else "nccl"
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

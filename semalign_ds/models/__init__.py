@@ -1,0 +1,1 @@
+"""Model access: one adapter table per architecture family, loading by path, layer-state capture."""

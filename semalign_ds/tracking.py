@@ -1,0 +1,85 @@
+"""Tracking behind a small interface; the only module that imports mlflow. Rank 0 logs, other ranks get NullTracker.
+
+Local store by default (sqlite:///<output_dir>/mlflow.db); MLFLOW_TRACKING_URI or tracking.uri override it.
+A resumed run continues the same MLflow run (its id is kept in the checkpoint's progress file).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+class NullTracker:
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+def tracking_uri(configured: str | None, output_dir: Path) -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
+                 artifact_dir: Path | None = None):
+        import mlflow
+
+        self._mlflow = mlflow
+        self._client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = self._client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = artifact_dir.resolve().as_uri() if artifact_dir and uri.startswith("sqlite") else None
+            exp_id = self._client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        if run_id is None:
+            run_id = self._client.create_run(exp_id, run_name=run_name).info.run_id
+        else:
+            self._client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        self.uri = uri
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        batch = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(batch), 100):
+            self._client.log_batch(self.run_id, params=batch[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), subdir)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, str(v))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._client.set_terminated(self.run_id, status=status)
+
+
+def make_tracker(enabled: bool, is_main: bool, uri: str | None, experiment: str, run_name: str,
+                 output_dir: Path, run_id: str | None = None) -> NullTracker:
+    if not (enabled and is_main):
+        return NullTracker()
+    resolved = tracking_uri(uri, output_dir)
+    return MlflowTracker(resolved, experiment, run_name, run_id, artifact_dir=output_dir / "mlartifacts")

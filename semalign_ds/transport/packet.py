@@ -1,0 +1,62 @@
+"""The supervision packet: what the teacher sends the student for one batch.
+
+Legend: B batch, T tokens, D_S student hidden size, K top-k, V vocabulary.
+- ids_BT (int64), mask_BT (bool, True = real token), sample_ids_B (int64: which packed sequences)
+- targets: {student layer k (1-indexed): target_BTD_S}, the teacher's paired residuals (or states, for
+  fisher_logits) already mapped through M into student space
+- top_values_BTK / top_idx_BTK / tail_BT: teacher top-k logits, their vocabulary ids (student ids), and the
+  teacher probability mass outside the top-k at temperature tau; or full_logits_BTV where they are at hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator, Protocol
+
+import torch
+
+
+@dataclass
+class SupervisionPacket:
+    ids_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    sample_ids_B: torch.Tensor
+    targets: dict[int, torch.Tensor] = field(default_factory=dict)
+    top_values_BTK: torch.Tensor | None = None
+    top_idx_BTK: torch.Tensor | None = None
+    tail_BT: torch.Tensor | None = None
+    full_logits_BTV: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask_BT.sum())
+
+    def to(self, device: torch.device | str) -> "SupervisionPacket":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return replace(
+            self,
+            ids_BT=move(self.ids_BT), mask_BT=move(self.mask_BT), sample_ids_B=move(self.sample_ids_B),
+            targets={k: move(v) for k, v in self.targets.items()},
+            top_values_BTK=move(self.top_values_BTK), top_idx_BTK=move(self.top_idx_BTK),
+            tail_BT=move(self.tail_BT), full_logits_BTV=move(self.full_logits_BTV),
+        )
+
+    def nbytes(self) -> int:
+        tensors = [self.ids_BT, self.mask_BT, self.sample_ids_B, self.top_values_BTK, self.top_idx_BTK,
+                   self.tail_BT, self.full_logits_BTV, *self.targets.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class PacketSource(Protocol):
+    """Anything the student loop can iterate for packets; which transport feeds it is configuration."""
+
+    def __iter__(self) -> Iterator[SupervisionPacket]: ...
+
+
+class InProcessSource:
+    """Colocated transport: packets are produced on demand by a callable in the same process."""
+
+    def __init__(self, produce: Iterable[SupervisionPacket]):
+        self._produce = produce
+
+    def __iter__(self) -> Iterator[SupervisionPacket]:
+        return iter(self._produce)
