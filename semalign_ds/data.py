@@ -1,0 +1,292 @@
+"""Transfer data: local JSONL / text / parquet files read through `datasets`, tokenised, packed into
+fixed-length blocks, and served as deterministic batches that a resumed run can recompute from the step.
+
+Shapes: N packed sequences, T = seq_len tokens, B batch rows, R data-parallel ranks.
+    ids_NT (int64), mask_NT (bool, True = real token), sample_ids_N (int64, 0..N-1)
+    Batch: sample_ids_B, ids_BT, mask_BT
+Batching: each epoch is a fresh permutation of the N blocks drawn from (seed, epoch); an epoch has
+N // B full batches (the remainder is skipped for that epoch; the next permutation covers it).
+Global optimizer step s maps to epoch s // steps_per_epoch and position s % steps_per_epoch, so
+`batch_at` needs no state. With R ranks the global batch is B = micro_batch * R and rank r takes rows
+[r*micro_batch, (r+1)*micro_batch) of it (`shard_for_rank`).
+"""
+from __future__ import annotations
+
+import glob
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from semalign_ds.models.loading import model_max_positions
+
+FORMATS = ("auto", "jsonl", "text", "parquet")
+_EXTENSIONS = {"jsonl": (".jsonl", ".json"), "text": (".txt", ".text", ".md"), "parquet": (".parquet",)}
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+_BUILDERS = {"jsonl": "json", "text": "text", "parquet": "parquet"}
+_TOKENIZE_CHUNK = 256  # documents per tokenizer call
+
+
+@dataclass(frozen=True)
+class TokenBlocks:
+    """Packed token blocks: ids_NT (int64), mask_NT (bool), sample_ids_N (int64 arange)."""
+
+    ids_NT: torch.Tensor
+    mask_NT: torch.Tensor
+    sample_ids_N: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.ids_NT.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.ids_NT.shape[1])
+
+
+class Batch(NamedTuple):
+    """One batch of packed blocks: sample_ids_B (int64), ids_BT (int64), mask_BT (bool)."""
+
+    sample_ids_B: torch.Tensor
+    ids_BT: torch.Tensor
+    mask_BT: torch.Tensor
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _spec_value(spec, name: str, default):
+    """A field of the data spec, which may be a config dataclass or a mapping."""
+    value = spec.get(name, default) if isinstance(spec, Mapping) else getattr(spec, name, default)
+    return default if value is None else value
+
+
+def _bare_name(file: Path) -> str:
+    """The lower-case file name without a compression suffix."""
+    name = file.name.lower()
+    for suffix in _COMPRESSION:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _format_of(file: Path, key: str) -> str:
+    """The format implied by a file's extension (compression suffixes ignored)."""
+    for fmt, extensions in _EXTENSIONS.items():
+        if _bare_name(file).endswith(extensions):
+            return fmt
+    raise ValueError(f"{key}.format is 'auto' but the format of {file} cannot be told from its extension; "
+                     f"set {key}.format to one of {', '.join(FORMATS[1:])}")
+
+
+def _resolve_files(path: str, fmt: str, key: str) -> list[Path]:
+    """The files named by a file path, a glob, or a directory (its files with the format's extensions)."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [root]
+    if root.is_dir():
+        extensions = sum(_EXTENSIONS.values(), ()) if fmt == "auto" else _EXTENSIONS[fmt]
+        files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+                 and _bare_name(p).endswith(extensions)]
+        if not files:
+            raise ValueError(f"{key}.path={path!r} is a directory with no {'/'.join(extensions)} files; "
+                             f"point {key}.path at a file or a glob such as '{path}/**/*.py' with {key}.format")
+        return sorted(files)
+    files = sorted(Path(p) for p in glob.glob(str(root), recursive=True) if Path(p).is_file())
+    if not files:
+        raise ValueError(f"{key}.path={path!r} matches no file; set it to an existing file, glob or directory")
+    return files
+
+
+def _common_format(files: list[Path], fmt: str, key: str) -> str:
+    """The one format of all files; explicit formats win, 'auto' must agree across files."""
+    if fmt != "auto":
+        return fmt
+    formats = {_format_of(f, key) for f in files}
+    if len(formats) > 1:
+        raise ValueError(f"{key}.path mixes formats {sorted(formats)}; use one format or set {key}.format")
+    return formats.pop()
+
+
+def _load_rows(builder: str, files: list[Path], cache_dir: str):
+    """A `datasets` train split over the files (text files are read one document per file)."""
+    import datasets  # heavy; only the readers need it
+
+    options = {"sample_by": "document"} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                 cache_dir=cache_dir, **options)
+
+
+def _load_or_explain(builder: str, files: list[Path], cache_dir: str, key: str):
+    """_load_rows, with a parse error turned into a ValueError naming the file that fails."""
+    try:
+        return _load_rows(builder, files, cache_dir)
+    except Exception as err:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...)
+        culprit = _first_unreadable(builder, files, cache_dir) if len(files) > 1 else files[0]
+        cause = err.__cause__ or err
+        raise ValueError(f"{key}.path: cannot read {culprit} as {builder} ({type(cause).__name__}: "
+                         f"{str(cause).strip()[:300]}); fix or remove the file, or set {key}.format") from err
+
+
+def _first_unreadable(builder: str, files: list[Path], cache_dir: str) -> Path | str:
+    for file in files:
+        try:
+            _load_rows(builder, [file], cache_dir)
+        except Exception:
+            return file
+    return f"one of {len(files)} files"
+
+
+def _texts_from_rows(rows, field: str, builder: str, key: str) -> list[str]:
+    """The non-empty strings of column `field`; ValueError if the column is absent or not text."""
+    field = "text" if builder == "text" else field
+    if field not in rows.column_names:
+        raise ValueError(f"{key}.text_field={field!r} is not a column of the data; available columns: "
+                         f"{rows.column_names}. Set {key}.text_field to one of them")
+    texts = rows[field]
+    bad = next((i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"{key}.text_field={field!r}: row {bad} holds {type(texts[bad]).__name__}, not text; "
+                         f"set {key}.text_field to a string column")
+    return [t for t in texts if t]
+
+
+def load_texts(spec, key: str = "data", cache_dir: str | Path | None = None) -> list[str]:
+    """Documents from spec.path (file, glob or directory) in spec.format, field spec.text_field.
+
+    `datasets` writes its Arrow cache to `cache_dir`; by default a temporary directory that is removed
+    afterwards, so nothing lands in ~/.cache and ranks never share a cache. Empty documents are dropped.
+    """
+    path, fmt = _spec_value(spec, "path", ""), _spec_value(spec, "format", "auto")
+    if not str(path):
+        raise ValueError(f"{key}.path is empty; set it to a JSONL, text or parquet file, glob or directory")
+    if fmt not in FORMATS:
+        raise ValueError(f"{key}.format={fmt!r} is not one of {', '.join(FORMATS)}")
+    files = _resolve_files(str(path), fmt, key)
+    builder = _BUILDERS[_common_format(files, fmt, key)]
+    files = [f for f in files if f.stat().st_size > 0]
+    if not files:
+        raise ValueError(f"{key}.path={str(path)!r}: the data is empty (every file has 0 bytes); add documents")
+    with tempfile.TemporaryDirectory(prefix="semalign-datasets-") as scratch:
+        rows = _load_or_explain(builder, files, str(cache_dir or scratch), key)
+        texts = _texts_from_rows(rows, _spec_value(spec, "text_field", "text"), builder, key)
+    if not texts:
+        raise ValueError(f"{key}.path={str(path)!r}: the data is empty (no non-empty documents); add documents")
+    return texts
+
+
+# ---------------------------------------------------------------- tokenising and packing
+
+
+def _token_stream(texts: Sequence[str], tokenizer, eos_id: int | None, limit: int | None) -> list[int]:
+    """Token ids of the documents in order, EOS after each, stopping once `limit` ids are collected."""
+    stream: list[int] = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        chunk = list(texts[start:start + _TOKENIZE_CHUNK])
+        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
+            stream.extend(ids)
+            if eos_id is not None:
+                stream.append(eos_id)
+        if limit is not None and len(stream) >= limit:
+            return stream[:limit]
+    return stream
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def pack_sequences(texts: Sequence[str], tokenizer, seq_len: int, max_sequences: int | None = None,
+                   eos: bool = True, key: str = "data") -> TokenBlocks:
+    """Tokenise documents (no BOS/special tokens), append EOS to each, and cut the stream into blocks.
+
+    The last block may be partial: padded with the pad id (else EOS, else 0) and mask False there.
+    At most `max_sequences` blocks (None = all). Deterministic for fixed inputs.
+    """
+    if seq_len < 1:
+        raise ValueError(f"{key}.seq_len={seq_len} must be a positive number of tokens")
+    if max_sequences is not None and max_sequences < 1:
+        raise ValueError(f"{key}.max_sequences={max_sequences} must be positive (or null for all data)")
+    eos_id = tokenizer.eos_token_id if eos else None
+    if eos and eos_id is None:
+        raise ValueError("the tokenizer has no EOS token to separate documents; use a tokenizer with one "
+                         "or pack with eos=False")
+    limit = None if max_sequences is None else max_sequences * seq_len
+    stream = torch.tensor(_token_stream(texts, tokenizer, eos_id, limit), dtype=torch.int64)
+    if stream.numel() == 0:
+        raise ValueError(f"{key}: the documents produced no tokens; add text")
+    n = -(-stream.numel() // seq_len)
+    ids_NT = torch.full((n * seq_len,), _pad_id(tokenizer), dtype=torch.int64)
+    mask_NT = torch.zeros(n * seq_len, dtype=torch.bool)
+    ids_NT[:stream.numel()], mask_NT[:stream.numel()] = stream, True
+    return TokenBlocks(ids_NT.view(n, seq_len), mask_NT.view(n, seq_len), torch.arange(n, dtype=torch.int64))
+
+
+def check_seq_len(seq_len: int, *configs, key: str = "data.seq_len") -> None:
+    """ValueError if seq_len is not positive or exceeds any model's max positions (naming the model)."""
+    if seq_len < 1:
+        raise ValueError(f"{key}={seq_len} must be a positive number of tokens")
+    for config in configs:
+        limit = model_max_positions(config)
+        if limit is not None and seq_len > limit:
+            name = getattr(config, "name_or_path", "") or "(unsaved config)"
+            raise ValueError(f"{key}={seq_len} exceeds the {limit} positions of the {config.model_type} model "
+                             f"{name}; set {key} to at most {limit}")
+
+
+# ---------------------------------------------------------------- batching
+
+
+def steps_per_epoch(num_sequences: int, batch_size: int) -> int:
+    """Full batches per epoch; ValueError if there is not even one."""
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size} must be positive")
+    if num_sequences < batch_size:
+        raise ValueError(f"the data has {num_sequences} sequences, fewer than one global batch of {batch_size}; "
+                         "add data (or raise data.max_sequences) or lower the batch size")
+    return num_sequences // batch_size
+
+
+def _epoch_order(num_sequences: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of block indices for (seed, epoch), the same on every platform."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_sequences)
+    return torch.from_numpy(order).to(torch.int64)
+
+
+def _take(blocks: TokenBlocks, index_B: torch.Tensor) -> Batch:
+    return Batch(blocks.sample_ids_N[index_B], blocks.ids_NT[index_B], blocks.mask_NT[index_B])
+
+
+def batches(blocks: TokenBlocks, batch_size: int, seed: int, epoch: int) -> Iterator[Batch]:
+    """The full batches of one epoch, in the (seed, epoch) shuffled order."""
+    steps = steps_per_epoch(len(blocks), batch_size)
+    order = _epoch_order(len(blocks), seed, epoch)
+    for i in range(steps):
+        yield _take(blocks, order[i * batch_size:(i + 1) * batch_size])
+
+
+def batch_at(blocks: TokenBlocks, batch_size: int, seed: int, step: int) -> Batch:
+    """The global batch of optimizer step `step` (0-based; epochs wrap), computed without state."""
+    if step < 0:
+        raise ValueError(f"step {step} must be >= 0")
+    steps = steps_per_epoch(len(blocks), batch_size)
+    epoch, i = divmod(step, steps)
+    order = _epoch_order(len(blocks), seed, epoch)
+    return _take(blocks, order[i * batch_size:(i + 1) * batch_size])
+
+
+def shard_for_rank(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank `rank`'s contiguous slice of a global batch of micro_batch * world_size rows."""
+    rows = int(batch.ids_BT.shape[0])
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    if rows % world_size:
+        raise ValueError(f"a global batch of {rows} rows does not split over {world_size} ranks; "
+                         "the global batch must be micro_batch * world_size")
+    micro = rows // world_size
+    return Batch(*(t[rank * micro:(rank + 1) * micro] for t in batch))

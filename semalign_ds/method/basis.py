@@ -1,0 +1,139 @@
+"""Semantic bases, the shared vocabulary and the folded alignment map (METHOD.md §1-2).
+
+Shape legend: W_VD is an LM head (V x D), E_VD an input-embedding table, S_DV a semantic basis
+(D x V, unit columns), ids_T / ids_S index-aligned LongTensors of shared token ids (length V'),
+M the alignment map (D_S x D_T), x_BTD teacher vectors, returned aligned vectors x~_BTD (D_S wide).
+
+The alignment decomposes a teacher vector into cosine coefficients over the teacher basis and
+recomposes them over the student basis: a = S_T^T x / ||x||, x~ = S_S a. Being linear in x/||x||,
+it folds into M = S_S S_T^T, so the hot path never materialises the B x T x V coefficients.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+_HASH_FULL_LIMIT = 1 << 22  # elements hashed in full; above this a strided subsample is hashed
+
+
+def _unit_columns(S_DV: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    return S_DV / S_DV.norm(dim=0, keepdim=True).clamp_min(eps)
+
+
+def output_basis(W_VD: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Output-side basis: unit-normalised columns of pinv(W) (D x V), computed in ``dtype``."""
+    if W_VD.dim() != 2:
+        raise ValueError(f"output_basis expects a 2-D LM head weight (V x D), got shape {tuple(W_VD.shape)}")
+    S_DV = torch.linalg.pinv(W_VD.detach().to(dtype))
+    return _unit_columns(S_DV)
+
+
+def input_basis(E_VD: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Input-side basis (ablation `basis: input`): unit-normalised embedding rows, transposed (D x V)."""
+    if E_VD.dim() != 2:
+        raise ValueError(f"input_basis expects a 2-D embedding table (V x D), got shape {tuple(E_VD.shape)}")
+    return _unit_columns(E_VD.detach().to(dtype).T.contiguous())
+
+
+def _vocab(tok) -> dict[str, int]:
+    vocab = tok.get_vocab()
+    if not isinstance(vocab, dict):
+        raise ValueError(f"tokenizer {type(tok).__name__}.get_vocab() must return dict[str, int]")
+    return vocab
+
+
+def _id_limit(V: int | None) -> float:
+    return float("inf") if V is None else V
+
+
+def shared_vocabulary(tok_T, tok_S, min_shared: int, V_T: int | None = None,
+                      V_S: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index-aligned shared token ids (ids_T, ids_S), both int64 of the same length.
+
+    Same tokenizer object or identical vocabularies: every id, in order. Otherwise the tokens whose
+    strings appear in both vocabularies, sorted by teacher id (strings are compared verbatim, so
+    tokenizers with different whitespace markers, e.g. 'Ġ' vs '▁', share few tokens). Ids at or
+    beyond a model's head size (``V_T``/``V_S`` rows) are not shared; head rows beyond the tokenizer
+    vocabulary are never shared. Fewer than ``min_shared`` shared tokens raise ValueError.
+    """
+    vocab_T = _vocab(tok_T)
+    vocab_S = vocab_T if tok_S is tok_T else _vocab(tok_S)
+    lim_T, lim_S = _id_limit(V_T), _id_limit(V_S)
+    if vocab_S is vocab_T or vocab_S == vocab_T:
+        ids = sorted(i for i in set(vocab_T.values()) if i < lim_T and i < lim_S)
+        pairs = [(i, i) for i in ids]
+    else:
+        pairs = sorted((i, vocab_S[s]) for s, i in vocab_T.items()
+                       if s in vocab_S and i < lim_T and vocab_S[s] < lim_S)
+    if len(pairs) < min_shared:
+        raise ValueError(
+            f"teacher and student share {len(pairs)} tokens (teacher vocab {len(vocab_T)}, student vocab "
+            f"{len(vocab_S)}), fewer than method.min_shared_tokens={min_shared}; use models whose "
+            f"tokenizers overlap more or lower method.min_shared_tokens")
+    ids_T = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+    ids_S = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    return ids_T, ids_S
+
+
+def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def alignment_map(S_T_DV: torch.Tensor, S_S_DV: torch.Tensor, ids_T: torch.Tensor, ids_S: torch.Tensor,
+                  chunk: int = 8192) -> torch.Tensor:
+    """M = S_S[:, ids_S] @ S_T[:, ids_T]^T (D_S x D_T), float32 (float64 if an input is), chunked over V."""
+    if ids_T.shape != ids_S.shape or ids_T.dim() != 1:
+        raise ValueError(f"ids_T {tuple(ids_T.shape)} and ids_S {tuple(ids_S.shape)} must be equal-length 1-D")
+    dtype = _work_dtype(S_T_DV, S_S_DV)
+    device = S_T_DV.device
+    M = torch.zeros(S_S_DV.shape[0], S_T_DV.shape[0], dtype=dtype, device=device)
+    for start in range(0, ids_T.numel(), chunk):
+        jt = ids_T[start:start + chunk].to(S_T_DV.device)
+        js = ids_S[start:start + chunk].to(S_S_DV.device)
+        part_S = S_S_DV.index_select(1, js).to(device=device, dtype=dtype)
+        part_T = S_T_DV.index_select(1, jt).to(device=device, dtype=dtype)
+        M.addmm_(part_S, part_T.T)
+    return M
+
+
+def align(M: torch.Tensor, x_BTD: torch.Tensor, eps: float = 1e-6,
+          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x~ = M x / ||x|| per token, computed in M's dtype, returned in ``out_dtype`` (default x's dtype).
+
+    A zero vector (e.g. padding) maps to zero: its norm is clamped to ``eps``.
+    """
+    x = x_BTD.to(M.dtype)
+    y = (x @ M.T) / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return y.to(out_dtype or x_BTD.dtype)
+
+
+def naive_align(x_BTD: torch.Tensor, S_T_DV: torch.Tensor, S_S_DV: torch.Tensor, ids_T: torch.Tensor,
+                ids_S: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Test reference: explicit V-wide coefficients a = S_T^T x / ||x||, then x~ = S_S a."""
+    dtype = _work_dtype(S_T_DV, S_S_DV, x_BTD)
+    x = x_BTD.to(dtype)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    coeff_BTV = x @ S_T_DV.to(dtype)[:, ids_T]
+    return coeff_BTV @ S_S_DV.to(dtype)[:, ids_S].T
+
+
+def basis_cache_key(W: torch.Tensor, full_limit: int = _HASH_FULL_LIMIT) -> str:
+    """Hex sha256 identifying a weight by value (dtype-independent: hashed as float32 on CPU).
+
+    Weights up to ``full_limit`` elements are hashed in full. Larger ones hash their shape plus a
+    strided subsample of about ``full_limit`` elements and the first and last rows, so hashing a
+    128k x 8k head is fast; two weights that differ only at unsampled positions share a key (a
+    fine-tune changes far more than that, but delete the cache if you edit single weights by hand).
+    """
+    h = hashlib.sha256(f"shape={tuple(W.shape)}".encode())
+    flat = W.detach().reshape(-1)
+    if flat.numel() > full_limit:
+        step = -(-flat.numel() // full_limit)
+        parts = [flat[::step], W.detach()[0].reshape(-1), W.detach()[-1].reshape(-1)]
+        h.update(f"step={step}".encode())
+    else:
+        parts = [flat]
+    for part in parts:
+        h.update(part.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
