@@ -1,0 +1,231 @@
+"""The teacher engine: DeepSpeed ZeRO-3 inference with parameters offloaded (CPU or NVMe), frozen.
+
+It runs the teacher forward, captures the paired layers' states h^(l), maps their residuals into student
+space through M (METHOD.md §2, §4) and emits SupervisionPackets with the teacher's top-k (or full) logits;
+it also computes the layer attribution scores (METHOD.md §3) with activation gradients only.
+
+Collectives: under ZeRO-3 every forward, backward and GatheredParameters all-gathers parameters, so every rank
+of the teacher's data-parallel group must call forward_states/emit/attribute/head_weight in lockstep (same
+number of calls, same order; batches may differ per rank). The engine's data-parallel group is the whole
+process group (colocated topology). A teacher on a subgroup (disaggregated ranks) is not supported here: HF's
+zero.Init partitions over the world, and ZeRO-3's trace check broadcasts on the world group (see
+shared/notes/deepspeed-cpu.md §3d for the patch that would be needed).
+
+Vocabulary: the teacher reads the *same token ids* as the student (the student's input is not retokenised).
+With a different teacher tokenizer the caller passes the shared vocabulary map (logit_ids_T, logit_ids_S):
+teacher logits are restricted to logit_ids_T and the emitted top-k ids are translated to student ids; the
+pipeline refuses cross-tokenizer runs unless the map covers the transfer ids.
+
+Legend: B batch, T tokens, D_T / D_S teacher / student hidden size, V vocabulary, K top-k, L layers.
+ids_BT int64, mask_BT bool (True = real token), hidden_BTD, logits_BTV, M_DsDt the alignment map.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from semalign_ds.distributed import setup_env
+from semalign_ds.method.attribution import AttributionAccumulator
+from semalign_ds.method.basis import align
+from semalign_ds.method.objectives import ce, teacher_topk
+from semalign_ds.method.targets import TargetRecipe, recipe_target
+from semalign_ds.models.adapters import get_adapter
+from semalign_ds.models.capture import capture_states
+from semalign_ds.transport.packet import SupervisionPacket
+
+
+def import_deepspeed(device: str):
+    """deepspeed, imported after DS_ACCELERATOR and the launch variables are set for `device` ('cpu'/'cuda')."""
+    setup_env(device)
+    import deepspeed
+
+    return deepspeed
+
+
+def model_device_kind(model: nn.Module) -> str:
+    """'cuda' if any parameter lives on a GPU, else 'cpu'."""
+    return "cuda" if any(p.device.type == "cuda" for p in model.parameters()) else "cpu"
+
+
+def _check_dtype(ds_config: dict, dtype: torch.dtype) -> None:
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"teacher.dtype must be float32 or bfloat16, got {dtype}")
+    if bf16 != (dtype == torch.bfloat16):
+        raise ValueError(f"teacher.dtype is {dtype} but the DeepSpeed config has bf16.enabled={bf16}; build the "
+                         "config with teacher_ds_config(bf16=(dtype == torch.bfloat16))")
+
+
+def _lm_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over positions whose token and next token are both real."""
+    valid = mask_BT[:, :-1] & mask_BT[:, 1:]
+    return ce(logits_BTV[:, :-1], ids_BT[:, 1:], valid)
+
+
+def _leaf_output(module, args, output):
+    """Forward hook: the embedding output as a fresh leaf that requires grad (params stay frozen)."""
+    return output.detach().requires_grad_(True)
+
+
+class TeacherEngine:
+    """A frozen teacher under a ZeRO-3 inference engine; build with from_pretrained or wrap."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.model = engine.module
+        self.adapter = get_adapter(self.model, key="teacher")
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.engine.device)
+
+    @classmethod
+    def from_pretrained(cls, path, *, ds_config: dict, dtype: torch.dtype, device: str,
+                        trust_remote_code: bool = False) -> "TeacherEngine":
+        """Load a local HF checkpoint partitioned at load time (never whole on one rank) and wrap it."""
+        from semalign_ds.models.loading import load_config
+
+        _check_dtype(ds_config, dtype)
+        load_config(path, key="teacher.path", trust_remote_code=trust_remote_code)  # clear errors first
+        deepspeed = import_deepspeed(device)
+        deepspeed.init_distributed()  # zero.Init at load reads the world size from the process group
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        hf_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained: zero.Init at load
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True, use_safetensors=True)
+            return cls._initialize(deepspeed, model, ds_config)
+        finally:
+            # Later from_pretrained calls in this process (e.g. the student) must not be partitioned.
+            del hf_config
+            unset_hf_deepspeed_config()
+
+    @classmethod
+    def wrap(cls, model: nn.Module, ds_config: dict) -> "TeacherEngine":
+        """Wrap an in-memory model (partitioned by deepspeed.initialize; tests and small teachers)."""
+        deepspeed = import_deepspeed(model_device_kind(model))
+        return cls._initialize(deepspeed, model, ds_config)
+
+    @classmethod
+    def _initialize(cls, deepspeed, model: nn.Module, ds_config: dict) -> "TeacherEngine":
+        if ds_config.get("zero_optimization", {}).get("stage") != 3:
+            raise ValueError("the teacher's DeepSpeed config must use zero_optimization.stage 3; build it with "
+                             "teacher_ds_config")
+        model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        return cls(engine)
+
+    # ---- gathered weights (collective) ----
+
+    def _gathered_cpu(self, param: nn.Parameter) -> torch.Tensor:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().to(device="cpu", dtype=torch.float32).clone()
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head weight, V x D_T, float32 on CPU (gathered from all ranks: call on every rank)."""
+        return self._gathered_cpu(self.adapter.head_weight())
+
+    def input_embedding_weight(self) -> torch.Tensor:
+        """The input embedding matrix, V x D_T, float32 on CPU (collective like head_weight)."""
+        return self._gathered_cpu(self.adapter.embed.weight)
+
+    # ---- forward ----
+
+    def _run(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, module: nn.Module | None = None, **kwargs):
+        module = self.engine if module is None else module
+        return module(input_ids=ids_BT, attention_mask=mask_BT.long(), use_cache=False, **kwargs)
+
+    @torch.no_grad()
+    def forward_states(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, layers: Iterable[int],
+                       need_logits: bool) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """({l: hidden_BTD} detached on the engine device, logits_BTV or None)."""
+        ids, mask = ids_BT.to(self.device), mask_BT.to(self.device)
+        # Without logits, ask for the last position only (the head still runs, so ZeRO-3's trace is unchanged).
+        skip = {} if need_logits or not self._keeps_logits else {"logits_to_keep": 1}
+        with capture_states(self.adapter, layers, detach=True) as states:
+            out = self._run(ids, mask, **skip)
+        return dict(states), (out.logits if need_logits else None)
+
+    def emit(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, sample_ids_B: torch.Tensor,
+             recipes: Mapping[int, TargetRecipe], M_DsDt: torch.Tensor, *, top_k: int, tau: float,
+             need_logits: bool, target_dtype: torch.dtype, logit_ids_T: torch.Tensor | None = None,
+             logit_ids_S: torch.Tensor | None = None) -> SupervisionPacket:
+        """One teacher pass -> a packet (tensors stay on the engine device; the transport moves them).
+
+        targets[k] = align(M, recipe_target(states, recipes[k])) in target_dtype (student space, D_S wide).
+        With need_logits: top_k > 0 gives top-k values/ids/tail at tau (ids in student vocabulary), top_k = 0
+        the full logits (only without a vocabulary map).
+        """
+        if (logit_ids_T is None) != (logit_ids_S is None):
+            raise ValueError("pass both logit_ids_T and logit_ids_S (the shared vocabulary map) or neither")
+        layers = set().union(*(r.teacher_layers for r in recipes.values())) if recipes else set()
+        states, logits = self.forward_states(ids_BT, mask_BT, layers, need_logits)
+        M = M_DsDt.to(self.device)
+        targets = {k: align(M, recipe_target(states, r), out_dtype=target_dtype) for k, r in recipes.items()}
+        packet = SupervisionPacket(ids_BT=ids_BT.to(self.device), mask_BT=mask_BT.to(self.device),
+                                   sample_ids_B=sample_ids_B.to(self.device), targets=targets)
+        if logits is not None:
+            self._attach_logits(packet, logits, top_k, tau, logit_ids_T, logit_ids_S)
+        return packet
+
+    def _attach_logits(self, packet: SupervisionPacket, logits_BTV: torch.Tensor, top_k: int, tau: float,
+                       logit_ids_T: torch.Tensor | None, logit_ids_S: torch.Tensor | None) -> None:
+        z = logits_BTV.float()
+        if logit_ids_T is not None:
+            z = z.index_select(-1, logit_ids_T.to(z.device))
+        if top_k <= 0:
+            if logit_ids_T is not None:
+                raise ValueError("full teacher logits (objectives.topk=0) need the same vocabulary in teacher and "
+                                 "student; with a shared vocabulary map set objectives.topk > 0")
+            packet.full_logits_BTV = z
+            return
+        values, idx, tail = teacher_topk(z, top_k, tau)
+        if logit_ids_S is not None:
+            idx = logit_ids_S.to(idx.device)[idx]
+        packet.top_values_BTK, packet.top_idx_BTK, packet.tail_BT = values, idx, tail
+
+    # ---- attribution ----
+
+    def attribute(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  layers: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer Gradient x Activation over `batches` of (ids_BT, mask_BT): (abs_L, signed_L) float64 on CPU.
+
+        Entry i belongs to sorted(layers)[i]. The loss is the teacher's next-token LM loss; gradients are
+        taken w.r.t. the captured states only (parameters stay frozen). Scores are token-weighted means over
+        all batches of all teacher ranks (all-reduced), so every rank gets the same result.
+        """
+        acc = AttributionAccumulator(layers)
+        handle = self.adapter.embed.register_forward_hook(_leaf_output)
+        try:
+            for ids_BT, mask_BT in batches:
+                ids, mask = ids_BT.to(self.device), mask_BT.to(self.device)
+                with torch.enable_grad(), capture_states(self.adapter, acc.layers, detach=False) as states:
+                    # engine.module, not the engine: the engine's output hooks refuse a plain autograd backward
+                    # without an optimizer; the ZeRO-3 gather/release hooks live on the module and still run.
+                    loss = _lm_loss(self._run(ids, mask, self.model).logits, ids, mask)
+                    acc.update(dict(states), loss, mask)
+        finally:
+            handle.remove()
+        self._all_reduce(acc)
+        return acc.means()
+
+    def _all_reduce(self, acc: AttributionAccumulator) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        packed = torch.cat([acc.sum_abs, acc.sum_signed, acc.n_tokens.reshape(1)]).to(self.device)
+        dist.all_reduce(packed, group=self.engine.data_parallel_group)
+        packed = packed.cpu()
+        n = len(acc.layers)
+        acc.sum_abs, acc.sum_signed, acc.n_tokens = packed[:n], packed[n:2 * n], packed[2 * n]
