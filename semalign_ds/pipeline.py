@@ -92,8 +92,20 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo) -> Run:
     teacher_config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     blocks = _load_blocks(cfg, tok_S, [student.config, teacher_config])
     vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, blocks, get_adapter_config_vocab(teacher_config))
+    _check_layers(cfg, teacher_config, student)
     teacher = _build_teacher(cfg, info, int(teacher_config.get_text_config().hidden_size))
     return Run(cfg, info, out, tracker, tok_T, tok_S, student, teacher, blocks, vocab, progress)
+
+
+def _check_layers(cfg: RunConfig, teacher_config, student) -> None:
+    """Layer indices in the config against both models, before the teacher is loaded."""
+    L_S = get_adapter(student).num_layers
+    stage_list(cfg, L_S)
+    L_T = int(teacher_config.get_text_config().num_hidden_layers)
+    manual = cfg.pairing.manual
+    if manual is not None and (len(manual) != L_S or not all(1 <= l <= L_T for l in manual)):
+        raise ValueError(f"pairing.manual={manual} must list {L_S} teacher layers (one per student layer), "
+                         f"each in 1..{L_T}")
 
 
 def _load_student(cfg: RunConfig, info, out: Path, progress: dict) -> torch.nn.Module:

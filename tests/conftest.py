@@ -8,3 +8,54 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+
+def _stdlib_texts(n: int) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p.read_text(errors="ignore") for p in sorted(root.glob("*.py"))[:n]]
+
+
+def make_tiny_pair(out: Path, teacher_family: str = "llama", vocab_size: int = 384) -> dict:
+    """A byte-level BPE tokenizer on stdlib text, a 4-layer teacher and a 2-layer student (random weights),
+    and transfer/eval JSONL files: everything a `semalign run` needs, in a few seconds, no download."""
+    import torch
+    import transformers as tr
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = _stdlib_texts(24)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = tr.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    shapes = {"teacher": (teacher_family, 4, 64), "student": ("llama", 2, 32)}
+    for name, (family, layers, hidden) in shapes.items():
+        if family == "gpt_neox":
+            config = tr.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                      num_attention_heads=4, vocab_size=len(fast), max_position_embeddings=128,
+                                      eos_token_id=0, bos_token_id=0, pad_token_id=0)
+        else:
+            config = tr.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=len(fast),
+                                    max_position_embeddings=128, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+        tr.AutoModelForCausalLM.from_config(config).save_pretrained(out / name)
+        fast.save_pretrained(out / name)
+    for split, part in (("train", texts[:16]), ("test", texts[16:])):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for text in part:
+                f.write(json.dumps({"text": text}) + "\n")
+    return {"teacher": out / "teacher", "student": out / "student", "train": out / "train.jsonl",
+            "test": out / "test.jsonl"}
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    return make_tiny_pair(tmp_path_factory.mktemp("tiny_pair"))

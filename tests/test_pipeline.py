@@ -1,0 +1,145 @@
+"""The colocated pipeline end to end, as users run it (`semalign run` in a subprocess): outputs, MLflow, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+SEMALIGN = [sys.executable, "-m", "semalign_ds.cli"]
+
+
+def write_config(tmp: Path, pair: dict, **sections) -> Path:
+    raw = {
+        "name": "tiny", "output_dir": str(tmp / "run"),
+        "teacher": {"path": str(pair["teacher"]), "dtype": "float32"},
+        "student": {"path": str(pair["student"]), "dtype": "float32"},
+        "data": {"path": str(pair["train"]), "seq_len": 64, "max_sequences": 48, "micro_batch_size": 4},
+        "method": {"top_k": 8, "min_shared_tokens": 100, "target_dtype": "float32"},
+        "schedule": {"steps_per_stage": 6, "warmup_steps": 1, "lr": 3.0e-3},
+        "runtime": {"device": "cpu", "checkpoint_every": 3, "progress": False},
+        "eval": {"sets": {"heldout": str(pair["test"])}, "max_sequences": 8, "batch_size": 4},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
+        e.pop(var, None)
+    e["PYTHONPATH"] = str(REPO)
+    return e
+
+
+def semalign(*args, timeout=240, check=True):
+    proc = subprocess.run([*SEMALIGN, *map(str, args)], env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"semalign {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "student" / "model.safetensors")
+
+
+def test_run_produces_checkpoint_mlflow_and_eval(tmp_path, tiny_pair):
+    cfg = write_config(tmp_path, tiny_pair)
+    proc = semalign("run", "--config", cfg, "schedule.steps_per_stage=4")
+    run = tmp_path / "run"
+    assert "student after" in proc.stdout
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run / "student")
+    AutoTokenizer.from_pretrained(run / "student")
+    before = AutoModelForCausalLM.from_pretrained(tiny_pair["student"])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])}
+    assert changed and all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in changed)
+    pairing = json.loads((run / "pairing.json").read_text())
+    assert [row["student_layer"] for row in pairing["rows"]] == [1, 2] and len(pairing["scores_abs"]) == 4
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["schedule"]["steps_per_stage"] == 4
+    summary = json.loads((run / "eval.json").read_text())
+    assert set(summary["perplexity"]["heldout"]) == {"student_before", "student_after", "teacher"}
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("semalign").experiment_id])
+    assert mlrun.data.params["schedule.steps_per_stage"] == "4"
+    assert mlrun.info.status == "FINISHED"
+    history = client.get_metric_history(mlrun.info.run_id, "stage1/layer_loss")
+    assert len(history) == 4
+    for metric in ("stage2/out_loss", "stage2/lr", "stage2/tokens_per_s", "eval/heldout/student_after_ppl"):
+        assert metric in mlrun.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"config.yaml", "pairing.json", "attribution.png", "loss_curves.png", "eval.md"} <= artifacts
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_pair):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    cfg = write_config(straight, tiny_pair, schedule={"steps_per_stage": 12})
+    semalign("run", "--config", cfg)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    cfg = write_config(killed, tiny_pair, schedule={"steps_per_stage": 12})
+    proc = subprocess.Popen([*SEMALIGN, "run", "--config", str(cfg)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = killed / "run" / "checkpoint" / "run.json"
+    deadline = time.time() + 180
+    state = {}
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file():
+            try:
+                state = json.loads(progress.read_text())
+            except json.JSONDecodeError:
+                state = {}
+            if state.get("stage") == 2 and state.get("step"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert state.get("stage") == 2 and state.get("step") in (3, 6, 9), f"never killed mid-stage 2: {state}"
+    assert not (killed / "run" / "student").exists()
+    semalign("run", "--config", cfg)
+    a, b = student_weights(straight / "run"), student_weights(killed / "run")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_dir_of_another_config_is_refused(tmp_path, tiny_pair):
+    cfg = write_config(tmp_path, tiny_pair, schedule={"steps_per_stage": 2})
+    semalign("run", "--config", cfg)
+    proc = semalign("run", "--config", cfg, "method.top_k=4", check=False)
+    assert proc.returncode == 2
+    assert "different configuration" in proc.stderr and "runtime.resume=false" in proc.stderr
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("schedule.stages=[3]", "schedule.stages"),
+    ("data.seq_len=512", "data.seq_len"),
+    ("method.top_k=100000", "method.top_k"),
+    ("method.min_shared_tokens=100000", "method.min_shared_tokens"),
+    ("student.path=/nonexistent/model", "student.path"),
+    ("pairing.manual=[1,9]", "pairing.manual"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, tiny_pair, override, needle):
+    cfg = write_config(tmp_path, tiny_pair)
+    proc = semalign("run", "--config", cfg, override, "runtime.resume=false", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr
