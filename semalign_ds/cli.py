@@ -21,6 +21,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--scale", choices=["default", "tiny"], default="default")
     demo.add_argument("--cache-dir", default=None, help="where the pretrained demo models are cached")
     demo.add_argument("overrides", nargs="*", help="dotted overrides of configs/demo.yaml")
+    teach = sub.add_parser("teach", help="run the teacher once and spool its packets to DIR (topology spool)")
+    teach.add_argument("--config", required=True)
+    teach.add_argument("--out", required=True, help="spool directory (shards + manifest)")
+    teach.add_argument("overrides", nargs="*")
+    train = sub.add_parser("train", help="train the student from a spool written by `semalign teach`")
+    train.add_argument("--config", required=True)
+    train.add_argument("--from-spool", required=True, dest="from_spool")
+    train.add_argument("overrides", nargs="*")
+    plan = sub.add_parser("plan", help="predict memory, speed, wall time and spool size before a cluster run")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("--nodes", type=int, required=True)
+    plan.add_argument("--gpus-per-node", type=int, required=True, dest="gpus_per_node")
+    plan.add_argument("overrides", nargs="*")
+    slurm = sub.add_parser("slurm", help="Slurm job scripts")
+    slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True)
+    render = slurm_sub.add_parser("render", help="print a job script filled from a run config (submits nothing)")
+    render.add_argument("--config", required=True)
+    render.add_argument("--template", required=True)
+    render.add_argument("overrides", nargs="*")
     return p
 
 
@@ -36,6 +55,27 @@ def main(argv: list[str] | None = None) -> int:
             summary = pipeline.run(cfgmod.load_config(args.config, args.overrides))
             print(summary["table"])
             return 0
+        if args.command == "teach":
+            from semalign_ds import pipeline
+
+            pipeline.teach(cfgmod.load_config(args.config, [*args.overrides, f"transport.spool_dir={args.out}",
+                                                            "runtime.topology=spool"]))
+            return 0
+        if args.command == "train":
+            from semalign_ds import pipeline
+
+            summary = pipeline.run(cfgmod.load_config(args.config, [*args.overrides, "runtime.topology=spool",
+                                                                    f"transport.spool_dir={args.from_spool}"]))
+            print(summary["table"])
+            return 0
+        if args.command == "plan":
+            from semalign_ds import plan
+
+            return plan.main(args)
+        if args.command == "slurm":
+            from semalign_ds import slurm
+
+            return slurm.main(args)
         if args.command == "demo":
             from semalign_ds import demo_run
 

@@ -52,7 +52,8 @@ class MethodConfig:
     """Ablation: a random basis of the same shape in place of S_T/S_S (no recomposition)."""
     residual: Literal["layer", "span"] = "layer"
     """Teacher residual of source layer l (layer) or of the whole span of source layers (span)."""
-    layer_objective: Literal["relation_geometry", "cosine", "fisher_logits", "none"] = "relation_geometry"
+    layer_objective: Literal["relation_geometry", "cosine", "fisher_logits", "hidden_mse", "none"] = "relation_geometry"
+    """hidden_mse: baseline layer KD, MSE through a learned linear projection of the unaligned teacher residual."""
     output_objective: Literal["kl", "label_cosine", "ce", "none"] = "kl"
     top_k: int = 64
     """Teacher logits sent as top-k plus a tail bucket; 0 = full logits (colocated only)."""
@@ -82,6 +83,8 @@ class PairingConfig:
 
 @dataclass
 class ScheduleConfig:
+    mode: Literal["frontier", "full"] = "frontier"
+    """frontier: one trainable layer per stage (SemAlign); full: every layer trainable in one stage (baselines)."""
     stages: Optional[list[int]] = None
     """Student layers to train, shallow to deep (1-indexed); null = all."""
     steps_per_stage: int = 100
@@ -114,9 +117,29 @@ class StudentEngineConfig:
 
 
 @dataclass
+class TransportConfig:
+    """How packets travel from teacher to student (DESIGN.md "Topologies")."""
+
+    teacher_ranks: Optional[int] = None
+    """disaggregated: how many of the world's ranks are teacher ranks (the rest are student ranks)."""
+    window: int = 2
+    """stream: packets in flight per teacher->student link (the teacher computes ahead by this many)."""
+    timeout_s: float = 120.0
+    """stream: how long one side waits for the other before failing with a clear error."""
+    spool_dir: str = ""
+    """spool: the directory of shards + manifest (`semalign teach --out` / `semalign train --from-spool`)."""
+    shard_sequences: int = 256
+    """spool: sequences per shard."""
+    epochs: int = 1
+    """spool: passes over the spool per stage budget (the stage still stops at steps_per_stage)."""
+
+
+@dataclass
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    topology: Literal["colocated"] = "colocated"
+    topology: Literal["colocated", "disaggregated", "spool"] = "colocated"
+    """colocated: every rank teacher shard + student; disaggregated: teacher ranks stream to student ranks;
+    spool: the student reads packets a teacher job wrote to disk."""
     checkpoint_every: int = 50
     """Optimizer steps between checkpoints inside a stage (and at every stage boundary)."""
     resume: bool = True
@@ -156,13 +179,15 @@ class RunConfig:
     teacher_engine: TeacherEngineConfig = field(default_factory=TeacherEngineConfig)
     student_engine: StudentEngineConfig = field(default_factory=StudentEngineConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Fields that change how a run is watched, not what it computes (left out of the resume hash).
 _NON_RESULT_KEYS = ("name", "output_dir", "runtime.progress", "runtime.resume", "runtime.checkpoint_every",
-                    "runtime.dist_timeout_s", "tracking", "eval")
+                    "runtime.dist_timeout_s", "runtime.topology", "transport.teacher_ranks", "transport.window",
+                    "transport.timeout_s", "transport.spool_dir", "tracking", "eval")
 
 
 def _type_name(tp) -> str:
