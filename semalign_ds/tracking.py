@@ -43,7 +43,7 @@ class MlflowTracker(NullTracker):
         else:
             exp_id = exp.experiment_id
         if run_id is None:
-            run_id = self._client.create_run(exp_id, run_name=run_name).info.run_id
+            run_id = self._client.create_run(exp_id, run_name=run_name, tags=environment_tags()).info.run_id
         else:
             self._client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
@@ -75,6 +75,32 @@ class MlflowTracker(NullTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
+
+
+def environment_tags() -> dict[str, str]:
+    """What a later reader needs to repeat the run: package versions, the command line and the code revision."""
+    import platform
+    import subprocess
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"python": platform.python_version(), "command": " ".join(sys.argv), "host": platform.node()}
+    for package in ("semalign_ds", "torch", "deepspeed", "transformers", "datasets", "safetensors"):
+        try:
+            tags[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"version.{package}"] = "not installed"
+    try:
+        repo = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        if commit:
+            tags["git.commit"] = commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
 
 
 def make_tracker(enabled: bool, is_main: bool, uri: str | None, experiment: str, run_name: str,

@@ -8,6 +8,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Semantic-basis cache of the tests: a fresh folder, not the user's ~/.cache
+os.environ.setdefault("SEMALIGN_CACHE", __import__("tempfile").mkdtemp(prefix="semalign-test-cache-"))
 
 import json
 import sysconfig

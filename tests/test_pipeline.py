@@ -143,3 +143,13 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_pair, override, needle):
     proc = semalign("run", "--config", cfg, override, "runtime.resume=false", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr
+
+
+def test_reduced_demo_runs_end_to_end(tmp_path):
+    proc = semalign("demo", "--scale", "tiny", "--cache-dir", tmp_path / "cache", f"output_dir={tmp_path / 'demo'}",
+                    "runtime.progress=false", timeout=400)
+    for row in ("student before", "student after", "teacher", "teacher margin"):
+        assert row in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "eval.json").read_text())
+    assert set(summary["perplexity"]) == {"target", "general"}
+    assert (tmp_path / "demo" / "student" / "model.safetensors").is_file()
