@@ -14,9 +14,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -48,17 +45,12 @@ def resolve_device(device: str) -> str:
 
 
 def setup_env(device: str) -> None:
-    """Tell DeepSpeed which accelerator to use (before its first import) and fill single-rank launch vars."""
+    """Tell DeepSpeed which accelerator to use (before its first import) and set RANK/WORLD_SIZE/LOCAL_RANK/
+    MASTER_ADDR/MASTER_PORT from whichever launcher started us (launch.resolve_launch; single rank if none)."""
+    from semalign_ds.launch import resolve_launch
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
-    if not any(v in os.environ for v in ("RANK", "WORLD_SIZE")):
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    missing = [v for v in _LAUNCH_VARS if v not in os.environ]
-    if missing:
-        raise ValueError(
-            f"launch environment is incomplete: {', '.join(missing)} unset; start with torchrun, the deepspeed "
-            f"launcher or srun (slurm/ templates), or set all of {', '.join(_LAUNCH_VARS)}"
-        )
+    os.environ.update(resolve_launch(os.environ).torch_env())
 
 
 def init(device: str, timeout_s: float = 600.0) -> DistInfo:

@@ -1,0 +1,346 @@
+"""Slurm: `semalign slurm render` (no cluster needed), then the real-Slurm tier: a throwaway cluster on this machine
+(ci/start_local_slurm.sh: slurmctld + 2 virtual slurmd nodes) runs every template with a tiny CPU configuration.
+
+The tier is skipped, with the reason, where the machine cannot host Slurm (not root, or no Slurm and no apt-get).
+Jobs are polled with a hard deadline and cancelled when it passes, so a job that cannot be placed fails the test
+instead of hanging it. Site options are overridden on the sbatch command line, as a user would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semalign_ds import slurm
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "ci" / "start_local_slurm.sh"
+SITE = ["--partition=debug", "--account=", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15:00"]
+JOB_DEADLINE_S = 300
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED"}
+
+
+def tiny_config(tmp: Path, pair: dict, **sections) -> Path:
+    raw = {"name": "tiny", "output_dir": str(tmp / "run"),
+           "teacher": {"path": str(pair["teacher"]), "dtype": "float32"},
+           "student": {"path": str(pair["student"]), "dtype": "float32"},
+           "data": {"path": str(pair["train"]), "seq_len": 64, "max_sequences": 16, "micro_batch_size": 4},
+           "method": {"top_k": 8, "min_shared_tokens": 100, "target_dtype": "float32"},
+           "pairing": {"attribution_batches": 1},
+           "schedule": {"steps_per_stage": 2, "warmup_steps": 1, "lr": 3.0e-3},
+           "runtime": {"device": "cpu", "checkpoint_every": 2, "progress": False},
+           "eval": {"sets": {"heldout": str(pair["test"])}, "max_sequences": 4, "batch_size": 4}}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def render(tmp: Path, config: Path, template: str, *overrides: str) -> tuple[str, str]:
+    return slurm.render(str(config), template, list(overrides), cwd=tmp)
+
+
+# ---------------------------------------------------------------- render (no cluster)
+
+@pytest.fixture
+def plain_config(tmp_path) -> Path:
+    """A config for render checks: render reads the config, not the models."""
+    return tiny_config(tmp_path, {k: tmp_path / k for k in ("teacher", "student", "train", "test")})
+
+
+@pytest.mark.parametrize("template", slurm.TEMPLATES)
+def test_render_fills_placeholders_from_the_config(tmp_path, plain_config, template):
+    script, summary = render(tmp_path, plain_config, template, "schedule.steps_per_stage=7",
+                             f"transport.spool_dir={tmp_path / 'spool'}")
+    assert f"SEMALIGN_CONFIG={plain_config}   # filled by semalign slurm render" in script
+    assert f"SEMALIGN_PYTHON={sys.executable}" in script and f"SEMALIGN_WORKDIR={tmp_path}" in script
+    assert f"SEMALIGN_OVERRIDES='schedule.steps_per_stage=7 transport.spool_dir={tmp_path / 'spool'}'" in script
+    assert re.search(r"^#SBATCH --job-name=tiny(-teach|-train)?$", script, re.M)
+    assert ":?set SEMALIGN" not in script  # every required variable was filled
+    assert ("SEMALIGN_SPOOL_DIR=" in script) == template.startswith("spool")
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert "nothing was submitted" in summary and f"each rank runs: srun" in summary
+    assert "--partition=gpu, --account=my-account" in summary  # the SITE lines still to edit
+
+
+def test_render_summary_of_a_hetjob(tmp_path, plain_config):
+    _, summary = render(tmp_path, plain_config, "hetjob")
+    assert "teacher: 12 nodes x 8 tasks, GPUs/node 8" in summary and "student: 4 nodes x 8 tasks" in summary
+    assert "ranks: 128 (teacher 0-95, student 96-127)" in summary
+    assert "runtime.topology=disaggregated" in summary
+
+
+def test_render_an_edited_copy(tmp_path, plain_config):
+    copy = tmp_path / "mine.sbatch"
+    copy.write_text((slurm.SLURM_DIR / "colocated.sbatch").read_text().replace("--nodes=2 ", "--nodes=4 "))
+    _, summary = render(tmp_path, plain_config, str(copy), "runtime.topology=disaggregated",
+                        "transport.teacher_ranks=24")
+    assert "all ranks: 4 nodes x 8 tasks" in summary and "ranks: 32 (teacher 0-23, student 24-31)" in summary
+
+
+def test_render_cli_prints_and_submits_nothing(tmp_path, plain_config):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for tool in ("sbatch", "srun", "salloc"):
+        (fake_bin / tool).write_text(f"#!/bin/sh\necho called >> {tmp_path}/submitted\n")
+        (fake_bin / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}")
+    cmd = [sys.executable, "-m", "semalign_ds.cli", "slurm", "render", "--config", str(plain_config)]
+    ok = subprocess.run([*cmd, "--template", "colocated"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("#!/bin/bash") and "nothing was submitted" in ok.stderr
+    assert not (tmp_path / "submitted").exists()
+    bad = subprocess.run([*cmd, "--template", "nonesuch"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown template 'nonesuch'" in bad.stderr and not bad.stdout
+
+
+@pytest.mark.parametrize("template, overrides, needle", [
+    ("nonesuch", [], "unknown template 'nonesuch': use one of colocated, hetjob"),
+    ("hetjob", ["transport.teacher_ranks=64"], "teacher_ranks=64 does not match the hetjob's teacher component: "
+                                               "12 nodes x 8 tasks = 96"),
+    ("colocated", ["runtime.topology=disaggregated", "transport.teacher_ranks=12"], "does not divide the job's 2 "
+                                                                                    "nodes x 8 tasks"),
+    ("colocated", ["runtime.topology=disaggregated", "transport.teacher_ranks=16"], "at least one rank"),
+    ("colocated", ["runtime.topology=spool"], "render --template spool_teacher"),
+    ("spool_student", [], "transport.spool_dir is empty"),
+    ("colocated", ["schedule.stages=[1, 2]"], "contains whitespace"),
+])
+def test_render_refuses(tmp_path, plain_config, template, overrides, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        render(tmp_path, plain_config, template, *overrides)
+
+
+def test_render_refuses_a_config_that_does_not_exist(tmp_path):
+    with pytest.raises(ValueError, match=f"config file '{tmp_path}/nowhere.yaml' does not exist"):
+        render(tmp_path, Path("nowhere.yaml"), "colocated")
+
+
+def test_render_refuses_a_spool_the_student_cannot_read(tmp_path, plain_config):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "manifest.json").write_text("{}")
+    _, summary = render(tmp_path, plain_config, "spool_student", f"transport.spool_dir={spool}")
+    assert "--dependency=afterok" in summary
+    spool.chmod(0o000)  # checked by permission bits too: root passes os.access, a root-squashed job would not
+    try:
+        with pytest.raises(ValueError, match="not readable by this user.*the student job could not read"):
+            render(tmp_path, plain_config, "spool_student", f"transport.spool_dir={spool}")
+    finally:
+        spool.chmod(0o755)
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        render(tmp_path, plain_config, "spool_student", f"transport.spool_dir={not_dir}")
+    _, summary = render(tmp_path, plain_config, "spool_student", f"transport.spool_dir={tmp_path / 'later'}")
+    assert "does not exist yet: the teacher job writes it" in summary
+
+
+def test_render_refuses_a_spool_the_teacher_cannot_write(tmp_path, plain_config):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="not writable by this user, so the teacher job could not write"):
+            render(tmp_path, plain_config, "spool_teacher", f"transport.spool_dir={locked / 'spool'}")
+    finally:
+        locked.chmod(0o755)
+
+
+# ---------------------------------------------------------------- the real-Slurm tier
+
+def _cluster(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local cluster: started here (and stopped at the end) unless it is already up; skipped with the reason
+    where this machine cannot host it."""
+    check = _cluster("check")
+    if check.returncode == 3:
+        pytest.skip(f"real-Slurm tier skipped: this machine cannot host a local Slurm cluster: {check.stdout.strip()}")
+    if _cluster("status").returncode == 0:
+        yield
+        return
+    start = _cluster("start", timeout=300)
+    if start.returncode == 4:
+        pytest.skip(f"real-Slurm tier skipped: apt-get could not install Slurm: {start.stderr.strip()[-800:]}")
+    try:
+        assert start.returncode == 0, f"local Slurm did not start:\n{start.stdout}\n{start.stderr[-4000:]}"
+        yield
+    finally:
+        _cluster("stop", timeout=120)
+
+
+def job_env() -> dict:
+    """The submitter's environment without launcher or Slurm variables (sbatch passes it on to the job)."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI",
+            "TORCHELASTIC_RUN_ID", "LOCAL_SIZE", "CROSS_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def submit(script: Path, logs: Path, *options: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *SITE, f"--output={logs}/%x-%j.out", *options, str(script)],
+                          cwd=script.parent, env=job_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"sbatch refused {script.name}: {proc.stderr}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_fields(jobid: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", jobid], capture_output=True, text=True, timeout=30).stdout
+    first = out.splitlines()[0] if out else ""  # a het job prints one line per component; the first is the job
+    return dict(re.findall(r"(\w+)=(\S*)", first))
+
+
+def wait_job(jobid: str, logs: Path, deadline_s: float = JOB_DEADLINE_S) -> dict[str, str]:
+    """Poll until the job ends; past the deadline cancel it and fail with its log."""
+    end = time.time() + deadline_s
+    while time.time() < end:
+        fields = job_fields(jobid)
+        if fields.get("JobState") in FINAL:
+            return fields
+        time.sleep(0.5)
+    subprocess.run(["scancel", jobid], timeout=30)
+    pytest.fail(f"job {jobid} still {job_fields(jobid).get('JobState')} after {deadline_s}s; cancelled.\n"
+                f"{job_log(logs, jobid)[-4000:]}")
+
+
+def job_log(logs: Path, jobid: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob(f"*-{jobid}.out")))
+
+
+def assert_succeeded(fields: dict, logs: Path, jobid: str) -> None:
+    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", \
+        f"job {jobid}: {fields.get('JobState')} {fields.get('ExitCode')}\n{job_log(logs, jobid)[-6000:]}"
+
+
+def assert_student_and_mlflow(run: Path) -> object:
+    """The run's products: the exported student, the last checkpoint, and one FINISHED MLflow run."""
+    assert (run / "student" / "model.safetensors").is_file() and (run / "checkpoint" / "run.json").is_file()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("semalign").experiment_id])
+    assert mlrun.info.status == "FINISHED"
+    return client, mlrun
+
+
+@pytest.fixture
+def rendered(tmp_path, tiny_pair):
+    """render(template, *overrides, **config sections) -> job script path in tmp_path, as a user would write it."""
+    def make(template: str, *overrides: str, **sections) -> Path:
+        cfg = tiny_config(tmp_path, tiny_pair, **sections)
+        script, _ = render(tmp_path, cfg, template, *overrides)
+        path = tmp_path / f"{template}.sbatch"
+        path.write_text(script)
+        return path
+    return make
+
+
+def test_unset_template_variable_stops_the_job(slurm_cluster, tmp_path):
+    script = tmp_path / "colocated.sbatch"
+    shutil.copy(slurm.SLURM_DIR / "colocated.sbatch", script)  # not rendered, SEMALIGN_CONFIG not exported
+    jobid = submit(script, tmp_path, "--nodes=1", "--ntasks-per-node=1")
+    fields = wait_job(jobid, tmp_path)
+    assert fields["JobState"] == "FAILED"
+    assert "SEMALIGN_CONFIG: set SEMALIGN_CONFIG to the run config YAML" in job_log(tmp_path, jobid)
+
+
+def test_config_missing_on_the_node_is_a_clear_job_error(slurm_cluster, rendered, tmp_path):
+    script = rendered("colocated")
+    (tmp_path / "config.yaml").unlink()
+    jobid = submit(script, tmp_path, "--nodes=1", "--ntasks-per-node=1")
+    fields = wait_job(jobid, tmp_path)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0"
+    assert f"config file '{tmp_path}/config.yaml' does not exist" in job_log(tmp_path, jobid)
+
+
+def test_colocated_two_nodes_requeued_midway_resumes_and_finishes(slurm_cluster, rendered, tmp_path):
+    steps = 30
+    script = rendered("colocated", schedule={"steps_per_stage": steps})
+    jobid = submit(script, tmp_path, "--nodes=2", "--ntasks-per-node=1")
+    saved = wait_for_checkpoint(tmp_path / "run", jobid, tmp_path)
+    assert subprocess.run(["scontrol", "requeue", jobid], timeout=30).returncode == 0
+    release_requeued(jobid)  # a requeued job waits ~2 min (BeginTime) before it may start again
+    fields = wait_job(jobid, tmp_path)
+    assert_succeeded(fields, tmp_path, jobid)
+    log = job_log(tmp_path, jobid)
+    assert fields["Restarts"] == "1" and "restart 0) on n[1-2]" in log and "restart 1) on n[1-2]" in log
+    client, mlrun = assert_student_and_mlflow(tmp_path / "run")
+    assert mlrun.data.tags["world_size"] == "2"
+    first = [m.step for m in client.get_metric_history(mlrun.info.run_id, "stage1/layer_loss")]
+    # resumed, not restarted: the steps up to the checkpoint it was requeued after were trained (and logged) once
+    assert set(first) == set(range(1, steps + 1)) and all(first.count(s) == 1 for s in range(1, saved["step"] + 1))
+
+
+def wait_for_checkpoint(run: Path, jobid: str, logs: Path, deadline_s: float = 240) -> dict:
+    """The first mid-stage checkpoint of stage 1 (run.json with a step), while the job is running."""
+    progress, end = run / "checkpoint" / "run.json", time.time() + deadline_s
+    while time.time() < end:
+        try:
+            state = json.loads(progress.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = {}
+        if state.get("stage") == 1 and state.get("step"):
+            return state
+        if job_fields(jobid).get("JobState") in FINAL:
+            break
+        time.sleep(0.05)
+    subprocess.run(["scancel", jobid], timeout=30)
+    pytest.fail(f"job {jobid} wrote no mid-stage checkpoint to requeue after:\n{job_log(logs, jobid)[-4000:]}")
+
+
+def release_requeued(jobid: str) -> None:
+    """Let a requeued job start again now instead of after its BeginTime delay, once its first run is gone from
+    the nodes (slurmd refuses a job credential issued in the same second as the revoked one)."""
+    end = time.time() + 60
+    while time.time() < end:
+        pending = job_fields(jobid).get("JobState") == "PENDING"
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
+        if pending and "completing" not in states:
+            time.sleep(2)
+            subprocess.run(["scontrol", "update", f"jobid={jobid}", "starttime=now"], timeout=30, check=True)
+            return
+        time.sleep(0.2)
+    pytest.fail(f"job {jobid} did not go back to PENDING after scontrol requeue: {job_fields(jobid)}")
+
+
+def test_hetjob_teacher_component_streams_to_student_component(slurm_cluster, rendered, tmp_path):
+    script = rendered("hetjob")
+    jobid = submit(script, tmp_path, "--nodes=1", "--ntasks-per-node=1")  # both components: n1 teacher, n2 student
+    fields = wait_job(jobid, tmp_path)
+    assert_succeeded(fields, tmp_path, jobid)
+    assert "teacher 1 ranks on n1, student 1 ranks on n2" in job_log(tmp_path, jobid)
+    _, mlrun = assert_student_and_mlflow(tmp_path / "run")
+    assert mlrun.data.tags["topology"] == "disaggregated" and mlrun.data.params["transport.teacher_ranks"] == "1"
+    assert mlrun.data.metrics["transport/wire_bytes"] > 0  # the packets crossed from n1's rank to n2's
+
+
+def test_spool_student_job_trains_after_the_teacher_job(slurm_cluster, rendered, tmp_path):
+    spool = tmp_path / "spool"
+    teacher = rendered("spool_teacher", f"transport.spool_dir={spool}")
+    student = rendered("spool_student", f"transport.spool_dir={spool}")
+    teacher_id = submit(teacher, tmp_path, "--nodes=1", "--ntasks-per-node=1")
+    student_id = submit(student, tmp_path, "--nodes=1", "--ntasks-per-node=1", f"--dependency=afterok:{teacher_id}")
+    assert_succeeded(wait_job(teacher_id, tmp_path), tmp_path, teacher_id)
+    assert (spool / "manifest.json").is_file()
+    fields = wait_job(student_id, tmp_path)
+    assert_succeeded(fields, tmp_path, student_id)
+    assert fields["Dependency"] in ("(null)", f"afterok:{teacher_id}(ok)")
+    assert fields["StartTime"] >= job_fields(teacher_id)["EndTime"]  # ISO timestamps: it waited for the teacher
+    _, mlrun = assert_student_and_mlflow(tmp_path / "run")
+    assert mlrun.data.tags["topology"] == "spool"
