@@ -217,8 +217,11 @@ def evaluate_run(r, export_dir) -> dict:
         batches = _eval_batches(r, name, path)
         teacher_fn = lambda ids, mask: _teacher_logits_student_vocab(r, ids, mask, V_S)
         ppl[name] = {"student_before": perplexity(before, batches, dev),
-                     "student_after": perplexity(r.student, batches, dev),
-                     "teacher": _teacher_perplexity(r, batches)}
+                     "student_after": perplexity(r.student, batches, dev)}
+        agree[name] = {}
+        if r.teacher is None:  # a student trained from a spool or a stream has no teacher engine
+            continue
+        ppl[name]["teacher"] = _teacher_perplexity(r, batches)
         agree[name] = {"student_before": teacher_agreement(before, teacher_fn, batches, dev),
                        "student_after": teacher_agreement(r.student, teacher_fn, batches, dev)}
     summary = {"perplexity": ppl, "agreement": agree, "table": _summary_table(ppl, agree),
@@ -239,6 +242,8 @@ def _summary_table(ppl: dict, agree: dict) -> str:
     for model, label in (("student_before", "student before"), ("student_after", "student after"),
                          ("teacher", "teacher")):
         row = {"model": label}
+        if model == "teacher" and not all(model in ppl[name] for name in ppl):
+            continue  # no teacher engine in this run (spool / stream student)
         for name in ppl:
             row[f"{name} ppl"] = ppl[name][model]
             if model in agree[name]:

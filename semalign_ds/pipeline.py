@@ -1,6 +1,9 @@
-"""The colocated SemAlign run: attribution -> pairing -> map -> stages -> checkpoint -> export -> evaluation.
+"""The SemAlign run: attribution -> pairing -> map -> stages -> checkpoint -> export -> evaluation.
 
-Every rank holds a ZeRO-3 shard of the teacher and a ZeRO-2 student; packets pass in memory. A killed run
+runtime.topology picks what feeds the student loop (topology.py): colocated (every rank holds a ZeRO-3 shard of
+the teacher and a ZeRO-2 student; packets pass in memory), disaggregated (teacher ranks stream packets to student
+ranks of the same job) or spool (`teach` writes packets to disk once; `run` with topology spool trains from them;
+no teacher engine on the student side, so evaluation leaves out the teacher's columns). A killed run
 restarts from the output directory's last checkpoint (stage boundary, or every `runtime.checkpoint_every` steps
 inside a stage) and ends with the same weights as an uninterrupted run: data order is a pure function of
 (seed, stage, step), the teacher is deterministic, and the student trains with dropout off.
@@ -18,7 +21,7 @@ import torch
 
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
-from semalign_ds import distributed, report
+from semalign_ds import distributed, report, throughput
 from semalign_ds.config import RunConfig
 from semalign_ds.method.pairing import PairingTable, build_pairing
 from semalign_ds.method.targets import target_recipes
@@ -30,7 +33,7 @@ def get_adapter_config_vocab(config) -> int:
 from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer
 from semalign_ds.progress import bar
 from semalign_ds.tracking import make_tracker
-from semalign_ds import evaluate, resume, supervision
+from semalign_ds import evaluate, resume, supervision, topology
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,40 +54,160 @@ class Run:
     vocab: supervision.VocabMap
     progress: dict = field(default_factory=dict)
     history: dict = field(default_factory=dict)
+    role: str = "colocated"  # colocated | writer (teach) | teacher / student (disaggregated; student: spool too)
+    group: object = None  # this role's process group (None: the world)
+    mpu: object = None  # engines.teacher.GroupMPU over `group` (None: the world)
+
+    @property
+    def writes(self) -> bool:
+        """The rank that writes the run's files and logs to MLflow (teacher ranks of a split job never do)."""
+        return self.info.is_main and self.role != "teacher"
 
 
 def run(cfg: RunConfig) -> dict:
     """Run a whole transfer; returns the evaluation summary (also written to <output_dir>/eval.json)."""
+    info = _init(cfg)
+    if cfg.runtime.topology == "disaggregated":
+        return _run_disaggregated(cfg, info)
+    if cfg.runtime.topology == "spool":
+        return _run_from_spool(cfg, info)
+    r = prepare(cfg, info)
+    return _guarded(r, lambda: _run_colocated(r))
+
+
+def _init(cfg: RunConfig) -> distributed.DistInfo:
     device = distributed.resolve_device(cfg.runtime.device)
     cfg.runtime.device = device
-    info = distributed.init(device, cfg.runtime.dist_timeout_s)
-    r = prepare(cfg, info)
+    return distributed.init(device, cfg.runtime.dist_timeout_s)
+
+
+def _guarded(r: Run, body):
     try:
-        table = pair_layers(r)
-        M_DsDt = supervision.build_map(r, table)
-        train_stages(r, table, M_DsDt)
-        export_dir = export_student(r)
-        summary = evaluate.evaluate_run(r, export_dir)
+        result = body()
         r.tracker.finish("FINISHED")
-        return summary
+        return result
     except BaseException:
         r.tracker.finish("FAILED")
         raise
 
 
-def prepare(cfg: RunConfig, info: distributed.DistInfo) -> Run:
-    out = cfgmod.resolved_output_dir(cfg)
+def _run_colocated(r: Run) -> dict:
+    table = pair_layers(r)
+    M_DsDt = supervision.build_map(r, table)
+    train_stages(r, topology.ColocatedFeed(r, _recipes(r, table), M_DsDt))
+    return _finish(r)
+
+
+def _finish(r: Run) -> dict:
+    export_dir = export_student(r)
+    return evaluate.evaluate_run(r, export_dir)
+
+
+def _run_from_spool(cfg: RunConfig, info) -> dict:
+    """Topology spool: train from `transport.spool_dir` (`semalign train --from-spool DIR`); no teacher engine."""
+    if not cfg.transport.spool_dir:
+        raise ValueError("runtime.topology=spool needs transport.spool_dir (`semalign train --from-spool DIR`); "
+                         "write one with `semalign teach --config X --out DIR`")
+    r = prepare(cfg, info, role="student")
+
+    def body():
+        from semalign_ds.transport.spool import SpoolReader
+
+        feed = topology.SpoolFeed(r, SpoolReader(cfg.transport.spool_dir, supervision.binding(r)))
+        record_pairing(r, feed.table)
+        train_stages(r, feed)
+        return _finish(r)
+    return _guarded(r, body)
+
+
+def _run_disaggregated(cfg: RunConfig, world: distributed.DistInfo) -> dict:
+    """Topology disaggregated: the first transport.teacher_ranks ranks stream packets to the others."""
+    from semalign_ds.engines.teacher import GroupMPU
+
+    layout = distributed.RankLayout.build("disaggregated", world.world_size, cfg.transport.teacher_ranks)
+    group, single = topology.role_groups(layout, world.rank)
+    teacher = layout.is_teacher(world.rank)
+    info = topology.role_info(world, layout.teacher_ranks if teacher else layout.student_ranks)
+    if teacher:
+        with topology.tell_students_on_error(cfg, layout, info.device):
+            r = prepare(cfg, info, role="teacher", group=group, mpu=GroupMPU(group, single))
+            return _guarded(r, lambda: _serve_stream(r, layout))
+    r = prepare(cfg, info, role="student", group=group, mpu=GroupMPU(group, single))
+    # transformers' save_pretrained writes only on global rank 0 (a teacher rank here): the student's first rank
+    # writes its checkpoints and export instead (the callers already restrict writing to it)
+    r.student.should_save_on_this_rank = lambda is_main_process: is_main_process
+    return _guarded(r, lambda: _train_from_stream(r, layout))
+
+
+def _serve_stream(r: Run, layout) -> dict:
+    table = pair_layers(r)
+    M_DsDt = supervision.build_map(r, table)
+    schedule = stage_schedule(r, len(layout.student_ranks))
+    stats = topology.serve_stream(r, layout, _recipes(r, table), M_DsDt, supervision.binding(r, table, M_DsDt),
+                                  table, schedule)
+    return {"table": f"teacher rank {r.info.rank}: streamed {stats['packets']} packets, "
+                     f"{stats['bytes'] / 2**20:.1f} MiB, idle {stats['idle_s']:.1f} of {stats['wall_s']:.1f} s"}
+
+
+def _train_from_stream(r: Run, layout) -> dict:
+    feed = topology.StreamFeed(r, layout)
+    record_pairing(r, feed.hello())
+    train_stages(r, feed)
+    stats = feed.finish()
+    if r.writes:
+        r.tracker.log_metrics(stats)
+    return _finish(r)
+
+
+def teach(cfg: RunConfig) -> dict:
+    """`semalign teach`: one teacher pass over the transfer data spools every stage's packets to
+    transport.spool_dir (resumes an interrupted spool); returns the manifest."""
+    if not cfg.transport.spool_dir:
+        raise ValueError("`semalign teach` needs an output directory: --out DIR (transport.spool_dir)")
+    info = _init(cfg)
+    out = Path(cfg.transport.spool_dir)
+    state = out / "teach.json"
+    progress = json.loads(state.read_text()) if state.is_file() else {}
+    if progress.get("config_hash") != cfgmod.result_hash(cfg):
+        progress = {}
+    r = prepare(cfg, info, role="writer", out=out, progress=progress)
+
+    def body():
+        table = pair_layers(r)
+        if r.writes:
+            state.write_text(json.dumps({"config_hash": cfgmod.result_hash(cfg), "pairing": True,
+                                         "mlflow_run_id": r.progress.get("mlflow_run_id")}))
+        M_DsDt = supervision.build_map(r, table)
+        recipes = _recipes(r, table)
+        stages = stage_list(cfg, get_adapter(r.student).num_layers)
+        layers = sorted({l for _, ls, _ in supervision.stage_plan(cfg, stages, 1) for l in ls})
+        manifest = topology.write_spool(r, {l: recipes[l] for l in layers}, M_DsDt,
+                                        supervision.binding(r, table, M_DsDt), layers)
+        if r.writes:
+            r.tracker.log_metrics({"teacher_passes_per_sample": manifest["teacher_passes_per_sample"],
+                                   "transport/spool_bytes_per_token": manifest["bytes_per_token"],
+                                   "transport/spool_bytes": float(manifest["bytes"]),
+                                   "transport/spool_write_s": r.progress["spool_write_s"]})
+        return manifest
+    return _guarded(r, body)
+
+
+def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated", out: Path | None = None,
+            progress: dict | None = None, group=None, mpu=None) -> Run:
+    out = cfgmod.resolved_output_dir(cfg) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = resume.read_progress(out, cfg) if cfg.runtime.resume else {}
-    (out / "config.yaml").write_text(cfgmod.to_yaml(cfg)) if info.is_main else None
+    if progress is None:
+        progress = resume.read_progress(out, cfg) if cfg.runtime.resume else {}
+    main = info.is_main and role != "teacher"
+    (out / "config.yaml").write_text(cfgmod.to_yaml(cfg)) if main else None
     torch.manual_seed(cfg.seed)
-    tracker = make_tracker(cfg.tracking.enabled, info.is_main, cfg.tracking.uri, cfg.tracking.experiment,
+    tracker = make_tracker(cfg.tracking.enabled, main, cfg.tracking.uri, cfg.tracking.experiment,
                            cfg.name, out, run_id=progress.get("mlflow_run_id"))
     progress["mlflow_run_id"] = tracker.run_id
     tracker.log_params(cfgmod.flatten(cfg))
     tracker.set_tags({"config_hash": cfgmod.result_hash(cfg), "world_size": info.world_size,
-                      "topology": cfg.runtime.topology})
-    if info.is_main:
+                      "topology": cfg.runtime.topology, "role": role})
+    if main:
         tracker.log_artifact(out / "config.yaml")
     tok_T = load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     tok_S = load_tokenizer(cfg.student.path, "student.path", cfg.student.trust_remote_code)
@@ -93,8 +216,10 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo) -> Run:
     blocks = _load_blocks(cfg, tok_S, [student.config, teacher_config])
     vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, blocks, get_adapter_config_vocab(teacher_config))
     _check_layers(cfg, teacher_config, student)
-    teacher = _build_teacher(cfg, info, int(teacher_config.get_text_config().hidden_size))
-    return Run(cfg, info, out, tracker, tok_T, tok_S, student, teacher, blocks, vocab, progress)
+    hidden_T = int(teacher_config.get_text_config().hidden_size)
+    teacher = None if role == "student" else _build_teacher(cfg, info, hidden_T, mpu)
+    return Run(cfg, info, out, tracker, tok_T, tok_S, student, teacher, blocks, vocab, progress, role=role,
+               group=group, mpu=mpu)
 
 
 def _check_layers(cfg: RunConfig, teacher_config, student) -> None:
@@ -124,7 +249,7 @@ def _load_blocks(cfg: RunConfig, tok_S, model_configs) -> datamod.TokenBlocks:
     return datamod.pack_sequences(texts, tok_S, cfg.data.seq_len, cfg.data.max_sequences)
 
 
-def _build_teacher(cfg: RunConfig, info, hidden_size: int):
+def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):
     from semalign_ds.engines.ds_config import load_template, teacher_ds_config
     from semalign_ds.engines.teacher import TeacherEngine
 
@@ -133,7 +258,8 @@ def _build_teacher(cfg: RunConfig, info, hidden_size: int):
                            bf16=cfg.teacher.dtype == "bfloat16", micro_batch=cfg.data.micro_batch_size,
                            world_size=info.world_size, device=info.device, hidden_size=hidden_size)
     return TeacherEngine.from_pretrained(cfg.teacher.path, ds_config=ds, dtype=DTYPES[cfg.teacher.dtype],
-                                         device=info.device, trust_remote_code=cfg.teacher.trust_remote_code)
+                                         device=info.device, trust_remote_code=cfg.teacher.trust_remote_code,
+                                         mpu=mpu)
 
 
 def pair_layers(r: Run) -> PairingTable:
@@ -152,14 +278,24 @@ def pair_layers(r: Run) -> PairingTable:
         scores_abs, scores_signed = scores_abs.tolist(), scores_signed.tolist()  # all-reduced over ranks
     table = build_pairing(L_T, L_S, scores_abs, cfg.pairing.critical_layer, cfg.pairing.interpolate,
                           cfg.pairing.manual, scores_signed)
-    if r.info.is_main:
+    record_pairing(r, table)
+    return table
+
+
+def record_pairing(r: Run, table: PairingTable) -> None:
+    """Save the pairing table (and its chart) with the run; a student of a split run gets it from the teacher."""
+    path = r.out / "pairing.json"
+    if r.writes:
         path.write_text(table.to_json())
         r.tracker.log_artifact(path)
         if table.scores_abs:
             r.tracker.log_artifact(report.attribution_chart(table.scores_abs, _sources(table),
                                                             r.out / "attribution.png"))
     r.progress["pairing"] = True
-    return table
+
+
+def _recipes(r: Run, table: PairingTable) -> dict:
+    return target_recipes(_sources(table), r.cfg.method.residual, supervision.target_kind(r.cfg))
 
 
 def _sources(table: PairingTable) -> list:
@@ -183,20 +319,26 @@ def steps_for_stage(cfg: RunConfig, world_size: int) -> int:
     return max(1, math.ceil(cfg.schedule.tokens_per_stage / per_step))
 
 
-def train_stages(r: Run, table: PairingTable, M_DsDt: torch.Tensor) -> None:
-    from semalign_ds.engines.student import StudentStage
-
+def stage_schedule(r: Run, world: int) -> list[tuple[int, list[int], int, int]]:
+    """(stage id, trainable layers, resume step, optimizer steps) of the stages still to train, `world` student
+    ranks (a pure function of the config and the checkpoint: the teacher ranks of a split run compute it too)."""
     cfg = r.cfg
     stages = stage_list(cfg, get_adapter(r.student).num_layers)
-    recipes = target_recipes(_sources(table), cfg.method.residual, supervision.target_kind(cfg))
-    total = steps_for_stage(cfg, r.info.world_size)
     done = set(r.progress.get("stages_done", []))
-    for k in stages:
-        if k in done:
-            continue
-        stage = StudentStage(r.student, k, **supervision.stage_kwargs(r, total))
+    plan = supervision.stage_plan(cfg, stages, steps_for_stage(cfg, world))  # schedule.mode full: one stage
+    return [(k, layers, resume.resume_step(r.progress, k), steps) for k, layers, steps in plan if k not in done]
+
+
+def train_stages(r: Run, feed) -> None:
+    """Every stage still to train, its packets from `feed` (topology.py); checkpoints inside and between."""
+    from semalign_ds.engines.student import StudentStage
+
+    done = set(r.progress.get("stages_done", []))
+    for k, layers, _, steps in stage_schedule(r, r.info.world_size):
+        steps = feed.capped_steps(steps)
+        stage = StudentStage(r.student, k, **supervision.stage_kwargs(r, steps, layers))
         start = resume.resume_stage(r, stage, k)
-        _run_stage(r, stage, k, start, total, {k: recipes[k]}, M_DsDt)
+        _run_stage(r, stage, k, start, steps, feed.source(k, layers, start, steps))
         stage.finish()
         r.progress["stages_done"] = sorted(done | {k})
         done.add(k)
@@ -204,24 +346,27 @@ def train_stages(r: Run, table: PairingTable, M_DsDt: torch.Tensor) -> None:
         resume.save_boundary(r)
         if r.info.is_main:
             summary = {f"stage{k}/final_{m}": v for m, v in r.history[k][-1].items() if m != "step"}
-            r.tracker.log_metrics(summary, step=len(done))
+            r.tracker.log_metrics({**summary, **feed.stats()}, step=len(done))
     if r.info.is_main and r.history:
         r.tracker.log_artifact(report.loss_curves(r.history, r.out / "loss_curves.png"))
 
 
-def _run_stage(r: Run, stage, k: int, start: int, total: int, recipes: dict, M_DsDt: torch.Tensor) -> None:
+def _run_stage(r: Run, stage, k: int, start: int, total: int, source) -> None:
     cfg = r.cfg
     history = r.history.setdefault(k, [])
+    packets = iter(source)
+    meter = throughput.RunMeter.for_run(r)  # teacher/student tokens/s, tokens per pass, H2D GB/s, bytes/token
     for step in bar(range(start, total), f"stage {k} (student layer {k})", r, initial=start, total=total):
         t0 = time.perf_counter()
         metrics = {}
         for micro in range(cfg.schedule.grad_accum):
-            batch = supervision.rank_batch(r, cfg.seed + k, step * cfg.schedule.grad_accum + micro)
-            packet = supervision.emit(r, batch, recipes, M_DsDt)
-            metrics = stage.step(packet)
+            packet = meter.source(next, packets, None)
+            if packet is None:
+                raise RuntimeError(f"the packet source of stage {k} ended before step {step + 1} of {total}")
+            metrics = meter.student(stage.step, packet)
         seconds = time.perf_counter() - t0
         tokens = metrics["tokens"] * cfg.schedule.grad_accum * r.info.world_size
-        metrics.update(step=step + 1, tokens_per_s=tokens / seconds)
+        metrics.update(step=step + 1, tokens_per_s=tokens / seconds, **meter.flush())
         history.append(metrics)
         if r.info.is_main:
             r.tracker.log_metrics({f"stage{k}/{m}": v for m, v in metrics.items() if m != "step"},
@@ -240,5 +385,5 @@ def export_student(r: Run) -> Path:
         resume.replace_dir(tmp, export)
         r.tracker.log_metrics({"teacher_passes_per_sample": r.progress.get("teacher_passes", 0)})
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=r.group)
     return export

@@ -2,8 +2,9 @@
 
 <output_dir>/checkpoint/ holds `model/` (the student, a HF folder), inside a stage each rank's ZeRO-2 optimizer
 partition (engines/checkpoint.py), and run.json (stages done, the stage and step to resume, the MLflow run id,
-the config hash). A checkpoint is written whole into checkpoint.tmp/ and renamed into place, so a kill at any
-moment leaves the previous checkpoint intact. No pickle.
+the config hash; for a student reading a spool, its reader position). A checkpoint is written whole into
+checkpoint.tmp/ and renamed into place, so a kill at any moment leaves the previous checkpoint intact. No pickle.
+Barriers run over the run's role group (`r.group`: the student ranks of a disaggregated run; None = the world).
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ RUN_FILE = "run.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
 
 
 def _current(out: Path) -> Path | None:
@@ -56,10 +57,11 @@ def _write(r, stage=None, step: int | None = None) -> None:
     from semalign_ds.engines.checkpoint import save_stage_state
 
     tmp = r.out / TMP
+    group = getattr(r, "group", None)
     if r.info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    _barrier(group)
     if stage is not None:
         save_stage_state(tmp, stage, step)
     elif r.info.is_main:
@@ -70,7 +72,7 @@ def _write(r, stage=None, step: int | None = None) -> None:
                     stage=stage.k if stage is not None else None, step=step)
         (tmp / RUN_FILE).write_text(json.dumps(meta, indent=2))
         _commit(r.out)
-    _barrier()
+    _barrier(group)
 
 
 def _commit(out: Path) -> None:
@@ -94,7 +96,7 @@ def save_boundary(r) -> None:
 def resume_stage(r, stage, k: int) -> int:
     """The step to start stage k at: 0, or the saved step when the checkpoint is inside this stage."""
     p = r.progress
-    if p.get("stage") != k or not p.get("step"):
+    if not resume_step(p, k):
         return 0
     if p.get("world_size") != r.info.world_size:
         raise ValueError(f"the checkpoint in {r.out / CKPT} was written by {p.get('world_size')} ranks inside "
@@ -103,6 +105,30 @@ def resume_stage(r, stage, k: int) -> int:
 
     load_stage_state(r.out / CKPT, stage)
     return int(p["step"])
+
+
+def resume_step(progress: dict, k: int) -> int:
+    """The step stage k resumes at according to the checkpoint's progress (pure: teacher ranks use it too)."""
+    return int(progress.get("step") or 0) if progress.get("stage") == k else 0
+
+
+def record_spool_position(r, k: int, next_micro: int, spool_id: str) -> None:
+    """After each packet read from a spool: the next micro-batch index of stage k (saved with the checkpoint)."""
+    r.progress["spool"] = {"stage": k, "next_micro_batch": next_micro, "spool": spool_id}
+
+
+def check_spool_position(r, k: int, first_micro: int, spool_id: str) -> None:
+    """A resumed student reads from exactly where the checkpoint left off, in the same spool."""
+    p = r.progress.get("spool")
+    if not p or p.get("stage") != k:
+        return
+    if p.get("spool") != spool_id:
+        raise ValueError(f"the checkpoint in {r.out / CKPT} was trained from another spool (binding {p.get('spool')}, "
+                         f"this one {spool_id}); resume with the same --from-spool, or set runtime.resume=false")
+    if p.get("next_micro_batch") != first_micro:
+        raise ValueError(f"the checkpoint in {r.out / CKPT} read the spool up to micro-batch "
+                         f"{p.get('next_micro_batch')} of stage {k} but resumes at {first_micro}; it is inconsistent: "
+                         f"set runtime.resume=false to start over")
 
 
 def find_template(path: str, key: str) -> Path:

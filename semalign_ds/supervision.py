@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from semalign_ds import data as datamod
 from semalign_ds.method import basis as basismod
 from semalign_ds.models.adapters import get_adapter
+from semalign_ds.transport import schema
 from semalign_ds.transport.packet import SupervisionPacket
 
 
@@ -71,9 +72,12 @@ def semantic_basis(weight_VD: torch.Tensor, kind: str, random_basis: bool, seed:
     return S
 
 
-def build_map(r, table) -> torch.Tensor:
-    """M = S_S S_T^T over the shared vocabulary (D_S x D_T), on the run's device."""
+def build_map(r, table) -> torch.Tensor | None:
+    """M = S_S S_T^T over the shared vocabulary (D_S x D_T), on the run's device; None for the hidden_mse
+    baseline, whose packets carry the unaligned teacher residuals (its projection is learned by the student)."""
     cfg = r.cfg
+    if cfg.method.layer_objective == "hidden_mse":
+        return None
     kind = cfg.method.basis
     teacher_w = r.teacher.head_weight() if kind == "output" else r.teacher.input_embedding_weight()
     adapter = get_adapter(r.student)
@@ -88,11 +92,49 @@ def target_kind(cfg) -> str:
     return "state" if cfg.method.layer_objective == "fisher_logits" else "residual"
 
 
-def rank_batch(r, seed: int, index: int) -> datamod.Batch:
-    """This rank's slice of global micro-batch `index` under `seed` (a pure function: resume recomputes it)."""
-    global_batch = r.cfg.data.micro_batch_size * r.info.world_size
-    batch = datamod.batch_at(r.blocks, global_batch, seed, index)
-    return datamod.shard_for_rank(batch, r.info.rank, r.info.world_size)
+def rank_batch(r, seed: int, index: int, rank: int | None = None, world: int | None = None) -> datamod.Batch:
+    """Rank `rank`'s slice (default: this rank's) of global micro-batch `index` under `seed`, the global batch
+    being micro_batch_size * `world` rows (default: this role's ranks). A pure function: resume recomputes it."""
+    rank = r.info.rank if rank is None else rank
+    world = r.info.world_size if world is None else world
+    batch = datamod.batch_at(r.blocks, r.cfg.data.micro_batch_size * world, seed, index)
+    return datamod.shard_for_rank(batch, rank, world)
+
+
+def rows_batch(r, first: int, count: int) -> datamod.Batch:
+    """Samples first..first+count-1 in sample-id order (the spool writer's order)."""
+    b = r.blocks
+    return datamod.Batch(b.sample_ids_N[first:first + count], b.ids_NT[first:first + count],
+                         b.mask_NT[first:first + count])
+
+
+def binding(r, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
+    """The hashes that bind packets to this configuration (transport/schema.py); `pairing` and `map` only
+    where the pairing table and M are at hand (the teacher side)."""
+    cfg, m = r.cfg, r.cfg.method
+    kind = target_kind(cfg)
+    attributed = cfg.pairing.manual is None and cfg.pairing.critical_layer
+    b = {"schema": str(schema.SCHEMA_VERSION),
+         "teacher": schema.model_fingerprint(cfg.teacher.path, cfg.teacher.dtype, weights=False),
+         "student": schema.model_fingerprint(cfg.student.path, cfg.student.dtype),
+         "data": schema.tensor_digest(r.blocks.ids_NT, r.blocks.mask_NT),
+         "method": schema.digest({"top_k": m.top_k, "tau": m.tau, "target_dtype": m.target_dtype, "basis": m.basis,
+                                  "random_basis": m.random_basis, "seed": cfg.seed if m.random_basis else None,
+                                  "min_shared_tokens": m.min_shared_tokens, "logits": needs_teacher_logits(cfg),
+                                  "kind": kind, "layer_objective": m.layer_objective}),
+         "pairing_config": schema.digest({"pairing": vars(cfg.pairing), "residual": m.residual, "kind": kind,
+                                          "seed": cfg.seed if attributed else None})}
+    if schema.weight_files(cfg.teacher.path):
+        b["teacher_weights"] = schema.model_fingerprint(cfg.teacher.path)
+    if table is not None:
+        b["pairing"] = schema.digest([table.to_json(), m.residual, kind])
+    if M_DsDt is not None:
+        b["map"] = schema.tensor_digest(M_DsDt.float())
+    return b
+
+
+def needs_teacher_targets(cfg) -> bool:
+    return cfg.method.layer_objective != "none" and cfg.method.w_layer > 0
 
 
 def needs_teacher_logits(cfg) -> bool:
@@ -102,6 +144,10 @@ def needs_teacher_logits(cfg) -> bool:
 def emit(r, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> SupervisionPacket:
     """One teacher pass -> the packet for this batch (colocated transport: in memory)."""
     cfg, dev = r.cfg, r.info.device
+    if not (needs_teacher_logits(cfg) or needs_teacher_targets(cfg)):  # e.g. SFT: the teacher has nothing to add
+        return SupervisionPacket(ids_BT=batch.ids_BT.to(dev), mask_BT=batch.mask_BT.to(dev),
+                                 sample_ids_B=batch.sample_ids_B.to(dev))
+    recipes = recipes if needs_teacher_targets(cfg) else {}
     ids_T = r.vocab.to_teacher(batch.ids_BT).to(dev)
     packet = r.teacher.emit(
         ids_T, batch.mask_BT.to(dev), batch.sample_ids_B, recipes, M_DsDt,
@@ -115,7 +161,24 @@ def emit(r, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> Superv
     return packet
 
 
-def stage_kwargs(r, total_steps: int) -> dict:
+def stage_plan(cfg, stages: list[int], steps_per_stage: int) -> list[tuple[int, list[int], int]]:
+    """(stage id, trainable student layers, optimizer steps) per stage. frontier: one layer per stage;
+    full (baselines): every listed layer in one stage (id = the last) for the same total number of steps."""
+    if cfg.schedule.mode == "full":
+        return [(stages[-1], list(stages), steps_per_stage * len(stages))]
+    return [(k, [k], steps_per_stage) for k in stages]
+
+
+def _teacher_hidden(cfg) -> int | None:
+    if cfg.method.layer_objective != "hidden_mse":
+        return None
+    from semalign_ds.models.loading import load_config
+
+    config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
+    return int(config.get_text_config().hidden_size)
+
+
+def stage_kwargs(r, total_steps: int, train_layers: list[int] | None = None) -> dict:
     from semalign_ds.engines.ds_config import load_template, student_ds_config
     from semalign_ds.engines.student import ObjectiveSpec
     from semalign_ds import resume
@@ -131,4 +194,5 @@ def stage_kwargs(r, total_steps: int) -> dict:
     targets = s.lora_targets or list(get_adapter(r.student).family.lora_targets)
     return dict(ds_config=ds, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=total_steps,
                 weight_decay=s.weight_decay, adapter_kind=s.adapter, lora_rank=s.lora_rank,
-                lora_alpha=s.lora_alpha, lora_targets=targets, objective=objective)
+                lora_alpha=s.lora_alpha, lora_targets=targets, objective=objective, train_layers=train_layers,
+                teacher_hidden=_teacher_hidden(cfg), mpu=getattr(r, "mpu", None))

@@ -7,9 +7,11 @@ it also computes the layer attribution scores (METHOD.md §3) with activation gr
 Collectives: under ZeRO-3 every forward, backward and GatheredParameters all-gathers parameters, so every rank
 of the teacher's data-parallel group must call forward_states/emit/attribute/head_weight in lockstep (same
 number of calls, same order; batches may differ per rank). The engine's data-parallel group is the whole
-process group (colocated topology). A teacher on a subgroup (disaggregated ranks) is not supported here: HF's
-zero.Init partitions over the world, and ZeRO-3's trace check broadcasts on the world group (see
-shared/notes/deepspeed-cpu.md §3d for the patch that would be needed).
+process group (colocated topology), or a subgroup of the world (`mpu=`, disaggregated topology: the teacher
+ranks must be the world's first ranks). On a subgroup the checkpoint is partitioned at load over that group
+(zero.Init with data_parallel_group), the engine gets a GroupMPU, and ZeRO-3's trace consistency check, which
+broadcasts on the world group and would wait for the student ranks forever, is switched off in this process
+(shared/notes/deepspeed-cpu.md §3d; it is a sanity check only, every teacher rank runs the same model).
 
 Vocabulary: the teacher reads the *same token ids* as the student (the student's input is not retokenised).
 With a different teacher tokenizer the caller passes the shared vocabulary map (logit_ids_T, logit_ids_S):
@@ -22,15 +24,17 @@ ids_BT int64, mask_BT bool (True = real token), hidden_BTD, logits_BTV, M_DsDt t
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from semalign_ds.distributed import setup_env
+from semalign_ds.engines.kl_lean import rows_per_chunk
 from semalign_ds.method.attribution import AttributionAccumulator
 from semalign_ds.method.basis import align
-from semalign_ds.method.objectives import ce, teacher_topk
+from semalign_ds.method.objectives import ce
 from semalign_ds.method.targets import TargetRecipe, recipe_target
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.capture import capture_states
@@ -70,6 +74,109 @@ def _leaf_output(module, args, output):
     return output.detach().requires_grad_(True)
 
 
+def _align_dtype(M: torch.Tensor, states: dict, target_dtype: torch.dtype) -> torch.dtype:
+    """bf16 targets from bf16 states are mapped in bf16 (fp32 accumulation, ~13x the fp32 matmul rate on a GPU);
+    otherwise in M's own dtype."""
+    state_dtype = next(iter(states.values())).dtype if states else M.dtype
+    return torch.bfloat16 if target_dtype == state_dtype == torch.bfloat16 else M.dtype
+
+
+def topk_tail(logits_BTV: torch.Tensor, k: int, tau: float, logit_ids_T: torch.Tensor | None = None,
+              chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """objectives.teacher_topk(logits.float()[..., logit_ids_T], k, tau), lean: float32 copies of `chunk` tokens
+    at a time (bounded temporaries), and the tail mass from two logsumexps instead of a V-wide log-softmax."""
+    V = logits_BTV.shape[-1] if logit_ids_T is None else logit_ids_T.numel()
+    if not 1 <= k <= V:
+        raise ValueError(f"objectives.topk must be in 1..V={V}, got {k}")
+    ids = None if logit_ids_T is None else logit_ids_T.to(logits_BTV.device)
+    flat = logits_BTV.reshape(-1, logits_BTV.shape[-1])
+    chunk = chunk or rows_per_chunk(flat.shape[-1], flat.device)
+    parts = [_topk_rows(flat[i:i + chunk], k, tau, ids) for i in range(0, flat.shape[0], chunk)]
+    values, idx, tail = (torch.cat(p) for p in zip(*parts))
+    lead = logits_BTV.shape[:-1]
+    return values.reshape(*lead, k), idx.reshape(*lead, k), tail.reshape(lead)
+
+
+def _topk_rows(z_NV: torch.Tensor, k: int, tau: float, ids: torch.Tensor | None):
+    z = z_NV.float()
+    if ids is not None:
+        z = z.index_select(-1, ids)
+    values, idx = z.topk(k, dim=-1)
+    scaled = z if tau == 1.0 else z / tau
+    lse_top = (torch.logsumexp(values / tau, dim=-1) - torch.logsumexp(scaled, dim=-1)).clamp_max(0.0)
+    return values, idx, (-torch.expm1(lse_top)).clamp_min(0.0)
+
+
+class GroupMPU:
+    """Megatron-style parallel-state object pinning DeepSpeed's data-parallel group to a subgroup of the world.
+
+    `single` is a one-rank group of this rank (no model parallelism): DeepSpeed all-reduces gradient norms over the
+    model-parallel group, so it must not be the data-parallel group or the world."""
+
+    def __init__(self, group, single):
+        self.group, self.single = group, single
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank(self.group)
+
+    def get_data_parallel_world_size(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.group)
+
+    def get_model_parallel_group(self):
+        return self.single
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+
+def _skip_trace_check(ints) -> None:
+    return None
+
+
+def allow_subgroup_zero3(deepspeed) -> None:
+    """ZeRO-3 on a subgroup: its trace check broadcasts on the world group and hangs; it is a sanity check only."""
+    import deepspeed.runtime.zero.partition_parameters as pp
+    import deepspeed.runtime.zero.partitioned_param_coordinator as ppc
+
+    ppc.assert_ints_same_as_other_ranks = _skip_trace_check
+    pp.assert_ints_same_as_other_ranks = _skip_trace_check
+
+
+@contextmanager
+def _partition_over(deepspeed, mpu: GroupMPU | None):
+    """While loading: zero.Init (which HF's from_pretrained enters) partitions over mpu's group (None: the world)."""
+    if mpu is None:
+        yield
+        return
+    original = deepspeed.zero.Init
+
+    class SubgroupInit(original):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("data_parallel_group", mpu.group)
+            kwargs.setdefault("mpu", mpu)  # the config's batch check counts the group's ranks, not the world's
+            super().__init__(*args, **kwargs)
+
+    deepspeed.zero.Init = SubgroupInit
+    try:
+        yield
+    finally:
+        deepspeed.zero.Init = original
+
+
 class TeacherEngine:
     """A frozen teacher under a ZeRO-3 inference engine; build with from_pretrained or wrap."""
 
@@ -85,8 +192,9 @@ class TeacherEngine:
 
     @classmethod
     def from_pretrained(cls, path, *, ds_config: dict, dtype: torch.dtype, device: str,
-                        trust_remote_code: bool = False) -> "TeacherEngine":
-        """Load a local HF checkpoint partitioned at load time (never whole on one rank) and wrap it."""
+                        trust_remote_code: bool = False, mpu: GroupMPU | None = None) -> "TeacherEngine":
+        """Load a local HF checkpoint partitioned at load time (never whole on one rank) and wrap it; with `mpu`
+        over its data-parallel subgroup."""
         from semalign_ds.models.loading import load_config
 
         _check_dtype(ds_config, dtype)
@@ -99,27 +207,33 @@ class TeacherEngine:
 
         hf_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained: zero.Init at load
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True, use_safetensors=True)
-            return cls._initialize(deepspeed, model, ds_config)
+            if mpu is not None:
+                allow_subgroup_zero3(deepspeed)
+            with _partition_over(deepspeed, mpu):
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True,
+                    use_safetensors=True)
+            return cls._initialize(deepspeed, model, ds_config, mpu)
         finally:
             # Later from_pretrained calls in this process (e.g. the student) must not be partitioned.
             del hf_config
             unset_hf_deepspeed_config()
 
     @classmethod
-    def wrap(cls, model: nn.Module, ds_config: dict) -> "TeacherEngine":
+    def wrap(cls, model: nn.Module, ds_config: dict, mpu: GroupMPU | None = None) -> "TeacherEngine":
         """Wrap an in-memory model (partitioned by deepspeed.initialize; tests and small teachers)."""
         deepspeed = import_deepspeed(model_device_kind(model))
-        return cls._initialize(deepspeed, model, ds_config)
+        return cls._initialize(deepspeed, model, ds_config, mpu)
 
     @classmethod
-    def _initialize(cls, deepspeed, model: nn.Module, ds_config: dict) -> "TeacherEngine":
+    def _initialize(cls, deepspeed, model: nn.Module, ds_config: dict, mpu: GroupMPU | None = None):
         if ds_config.get("zero_optimization", {}).get("stage") != 3:
             raise ValueError("the teacher's DeepSpeed config must use zero_optimization.stage 3; build it with "
                              "teacher_ds_config")
+        if mpu is not None:
+            allow_subgroup_zero3(deepspeed)
         model.requires_grad_(False)
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu)
         engine.eval()
         return cls(engine)
 
@@ -157,12 +271,13 @@ class TeacherEngine:
         return dict(states), (out.logits if need_logits else None)
 
     def emit(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, sample_ids_B: torch.Tensor,
-             recipes: Mapping[int, TargetRecipe], M_DsDt: torch.Tensor, *, top_k: int, tau: float,
+             recipes: Mapping[int, TargetRecipe], M_DsDt: torch.Tensor | None, *, top_k: int, tau: float,
              need_logits: bool, target_dtype: torch.dtype, logit_ids_T: torch.Tensor | None = None,
              logit_ids_S: torch.Tensor | None = None) -> SupervisionPacket:
         """One teacher pass -> a packet (tensors stay on the engine device; the transport moves them).
 
-        targets[k] = align(M, recipe_target(states, recipes[k])) in target_dtype (student space, D_S wide).
+        targets[k] = align(M, recipe_target(states, recipes[k])) in target_dtype (student space, D_S wide);
+        with M_DsDt None the unaligned teacher targets (D_T wide; the hidden_mse baseline).
         With need_logits: top_k > 0 gives top-k values/ids/tail at tau (ids in student vocabulary), top_k = 0
         the full logits (only without a vocabulary map).
         """
@@ -170,8 +285,11 @@ class TeacherEngine:
             raise ValueError("pass both logit_ids_T and logit_ids_S (the shared vocabulary map) or neither")
         layers = set().union(*(r.teacher_layers for r in recipes.values())) if recipes else set()
         states, logits = self.forward_states(ids_BT, mask_BT, layers, need_logits)
-        M = M_DsDt.to(self.device)
-        targets = {k: align(M, recipe_target(states, r), out_dtype=target_dtype) for k, r in recipes.items()}
+        if M_DsDt is None:  # hidden_mse baseline: the raw teacher residuals (D_T wide), no alignment
+            targets = {k: recipe_target(states, r).to(target_dtype) for k, r in recipes.items()}
+        else:
+            M = M_DsDt.to(self.device, _align_dtype(M_DsDt, states, target_dtype))
+            targets = {k: align(M, recipe_target(states, r), out_dtype=target_dtype) for k, r in recipes.items()}
         packet = SupervisionPacket(ids_BT=ids_BT.to(self.device), mask_BT=mask_BT.to(self.device),
                                    sample_ids_B=sample_ids_B.to(self.device), targets=targets)
         if logits is not None:
@@ -180,16 +298,13 @@ class TeacherEngine:
 
     def _attach_logits(self, packet: SupervisionPacket, logits_BTV: torch.Tensor, top_k: int, tau: float,
                        logit_ids_T: torch.Tensor | None, logit_ids_S: torch.Tensor | None) -> None:
-        z = logits_BTV.float()
-        if logit_ids_T is not None:
-            z = z.index_select(-1, logit_ids_T.to(z.device))
         if top_k <= 0:
             if logit_ids_T is not None:
                 raise ValueError("full teacher logits (objectives.topk=0) need the same vocabulary in teacher and "
                                  "student; with a shared vocabulary map set objectives.topk > 0")
-            packet.full_logits_BTV = z
+            packet.full_logits_BTV = logits_BTV.float()
             return
-        values, idx, tail = teacher_topk(z, top_k, tau)
+        values, idx, tail = topk_tail(logits_BTV, top_k, tau, logit_ids_T)
         if logit_ids_S is not None:
             idx = logit_ids_S.to(idx.device)[idx]
         packet.top_values_BTK, packet.top_idx_BTK, packet.tail_BT = values, idx, tail

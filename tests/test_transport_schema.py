@@ -1,0 +1,111 @@
+"""Packet schema, binding hashes, stream header and routing (pure functions, no process group)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from semalign_ds.transport import schema, stream
+from semalign_ds.transport.packet import SupervisionPacket
+
+
+def packet(full_logits: bool = False) -> SupervisionPacket:
+    g = torch.Generator().manual_seed(0)
+    p = SupervisionPacket(ids_BT=torch.randint(0, 50, (2, 5), generator=g),
+                          mask_BT=torch.rand(2, 5, generator=g) > 0.2, sample_ids_B=torch.tensor([7, 3]),
+                          targets={2: torch.randn(2, 5, 4, generator=g).bfloat16(),
+                                   1: torch.randn(2, 5, 4, generator=g)})
+    if full_logits:
+        p.full_logits_BTV = torch.randn(2, 5, 50, generator=g)
+    else:
+        p.top_values_BTK = torch.randn(2, 5, 3, generator=g)
+        p.top_idx_BTK = torch.randint(0, 50, (2, 5, 3), generator=g)
+        p.tail_BT = torch.rand(2, 5, generator=g)
+    return p
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_packet_round_trips_through_flat_tensors(full_logits):
+    p = packet(full_logits)
+    flat = schema.packet_to_flat(p)
+    assert set(flat) == ({"ids", "mask", "sample_ids", "target.1", "target.2"}
+                         | ({"full_logits"} if full_logits else {"top_values", "top_idx", "tail"}))
+    if not full_logits:
+        assert flat["top_idx"].dtype == torch.int32  # narrowed for the wire and the disk
+    back = schema.packet_from_flat(flat)
+    for name in ("ids_BT", "mask_BT", "sample_ids_B", "top_values_BTK", "top_idx_BTK", "tail_BT", "full_logits_BTV"):
+        a, b = getattr(p, name), getattr(back, name)
+        assert (a is None and b is None) or (torch.equal(a, b) and a.dtype == b.dtype), name
+    assert back.targets.keys() == {1, 2} and back.targets[2].dtype == torch.bfloat16
+    assert all(torch.equal(back.targets[k], p.targets[k]) for k in (1, 2))
+    layout = schema.layout_of(flat)
+    assert [row[0] for row in layout] == sorted(flat)
+    empty = schema.alloc_layout(layout, "cpu")
+    spec = lambda d: {n: (t.dtype, list(t.shape)) for n, t in d.items()}  # noqa: E731
+    assert spec(empty) == spec(flat)
+
+
+def test_a_flat_dict_without_the_core_tensors_is_refused():
+    with pytest.raises(ValueError, match="lacks the tensors"):
+        schema.packet_from_flat({"ids": torch.zeros(1, 1, dtype=torch.long)})
+
+
+def test_binding_check_names_every_differing_key():
+    ours = {"schema": "1", "teacher": "a", "data": "b", "method": "c"}
+    schema.check_binding(ours, {**ours, "map": "only-theirs"}, "spool X", "fix it")  # keys in one side only: fine
+    with pytest.raises(ValueError) as err:
+        schema.check_binding(ours, {**ours, "data": "B", "method": "C"}, "spool X", "fix it")
+    text = str(err.value)
+    assert "spool X was produced for a different configuration" in text and "fix it" in text
+    assert "data (data.*" in text and "method (method.*" in text and "teacher (" not in text
+    with pytest.raises(ValueError, match="packet schema 99"):
+        schema.check_binding(ours, {**ours, "schema": "99"}, "spool X", "fix it")
+
+
+def test_digests_follow_content_and_dtype(tmp_path):
+    x = torch.arange(6.0)
+    assert schema.tensor_digest(x) == schema.tensor_digest(x.clone())
+    assert schema.tensor_digest(x) != schema.tensor_digest(x.double())
+    assert schema.digest({"a": 1, "b": 2}) == schema.digest({"b": 2, "a": 1})
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1, "b": 2}')
+    (model / "model.safetensors").write_bytes(b"x" * 3000)
+    first = schema.model_fingerprint(model, "float32")
+    other = tmp_path / "m2"
+    shutil.copytree(model, other)
+    (other / "config.json").write_text('{"b": 2,  "a": 1}')  # same JSON, other formatting
+    assert schema.model_fingerprint(other, "float32") == first
+    assert schema.model_fingerprint(model, "bfloat16") != first
+    (other / "model.safetensors").write_bytes(b"x" * 2999 + b"y")
+    assert schema.model_fingerprint(other, "float32") != first
+
+
+def test_bytes_per_token_reference():
+    assert schema.bytes_per_token_model(L=24, D_S=2048, top_k=64) == 24 * 2048 * 2 + 64 * 8
+
+
+def test_stream_header_round_trip_and_guard():
+    buf = stream.encode_header(stream.DATA, {"stage": 3, "layout": [["ids", "int64", [2, 5]]]}, "cpu")
+    assert buf.dtype == torch.uint8 and buf.numel() == stream.HEADER_BYTES
+    assert stream.decode_header(buf, 0) == (stream.DATA, {"stage": 3, "layout": [["ids", "int64", [2, 5]]]})
+    with pytest.raises(stream.StreamError, match="out of step"):
+        stream.decode_header(torch.zeros(stream.HEADER_BYTES, dtype=torch.uint8), 4)
+    with pytest.raises(stream.StreamError, match="exceeds"):
+        stream.encode_header(stream.DATA, {"x": "y" * stream.HEADER_BYTES}, "cpu")
+
+
+@pytest.mark.parametrize("T, S", [(1, 1), (2, 1), (1, 3), (3, 2), (4, 3)])
+def test_routing_gives_every_micro_batch_to_one_teacher_in_lockstep_rounds(T, S):
+    first, count = 5, 7
+    jobs = {}
+    for j in range(stream.rounds(T, S, count)):
+        for t in range(T):
+            job = stream.round_job(j, t, T, S, first, count)
+            if job is not None:
+                assert job not in jobs
+                jobs[job] = t
+    assert sorted(jobs) == [(i, s) for i in range(first, first + count) for s in range(S)]
+    # the student knows its source without the teacher's plan
+    assert all(stream.source_of(i, s, S, T, first) == t for (i, s), t in jobs.items())
