@@ -1,0 +1,330 @@
+"""`semalign plan --config X --nodes N --gpus-per-node G`: predict a run before a cluster week is spent on it.
+
+Reads both models' config.json only (no weights) and applies the cost model in throughput.py: per-rank device
+memory (teacher working set and activations, the packet, student weights, the frontier layer's gradients and
+optimizer state, student activations and logits), host memory per node (the offloaded teacher shards), teacher
+tokens/s and tokens per weight pass, wall time of attribution + all stages, and the spool size on disk. It says
+plainly when the run will not fit and which setting to change. `--device-profile` picks the ceilings (h200 by
+default; cpu for runtime.device=cpu); exit status 0 when it fits, 1 when it does not.
+Legend: n tokens per rank per micro-step (micro_batch_size x seq_len), W ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from semalign_ds import throughput as tp
+from semalign_ds.throughput import DTYPE_BYTES, GiB, ModelShape, get_profile
+
+@dataclass
+class Plan:
+    """Everything `semalign plan` predicts for one config and cluster shape; render() prints it."""
+
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+    figures: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def add(self, label: str, value: str, key: str | None = None, number: float | None = None) -> None:
+        self.lines.append((label, value))
+        if key is not None:
+            self.figures[key] = number
+
+    def render(self) -> str:
+        width = max(len(label) for label, _ in self.lines)
+        out = [f"{label:<{width}}  {value}" for label, value in self.lines]
+        verdict = "FITS" if self.fits else "WILL NOT FIT"
+        out += ["", f"verdict: {verdict}"] + [f"  - {p}" for p in self.problems]
+        out += [f"  * {a}" for a in self.advice]
+        return "\n".join(out)
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:,.1f} GiB"
+
+
+def rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.1f} days"
+
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The run's numbers the cost model needs, read from the config and the cluster shape."""
+
+    teacher: ModelShape
+    student: ModelShape
+    nodes: int
+    gpus: int
+    t_world: int
+    s_world: int
+    B: int
+    T: int
+    stages: tuple[int, ...]
+    steps: int
+    accum: int
+    tb: int
+    sb: int
+    target_b: int
+    top_k: int
+    need_logits: bool
+    offload: str
+    dtype: str
+    full: bool
+    topology: str = "colocated"
+
+    @property
+    def n(self) -> int:
+        return self.B * self.T
+
+
+def _layout(cfg, world: int) -> tuple[int, int]:
+    """(teacher ranks, student ranks) of the topology."""
+    if cfg.runtime.topology != "disaggregated":
+        return world, world
+    t = cfg.transport.teacher_ranks
+    if t is None or not 1 <= t < world:
+        raise ValueError(f"transport.teacher_ranks={t} must be in 1..{world - 1} for runtime.topology=disaggregated "
+                         f"on {world} ranks; set it (e.g. transport.teacher_ranks={max(1, world // 2)})")
+    return t, world - t
+
+
+def make_setup(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: int) -> Setup:
+    if nodes < 1 or gpus < 1:
+        raise ValueError(f"--nodes ({nodes}) and --gpus-per-node ({gpus}) must be >= 1")
+    t_world, s_world = _layout(cfg, nodes * gpus)
+    stages = tuple(cfg.schedule.stages or range(1, student.layers + 1))
+    if any(not 1 <= k <= student.layers for k in stages):
+        raise ValueError(f"schedule.stages {list(stages)} out of range: the student has layers 1..{student.layers}")
+    full = cfg.schedule.mode == "full"
+    s, d = cfg.schedule, cfg.data
+    steps = s.steps_per_stage if s.tokens_per_stage is None else \
+        max(1, math.ceil(s.tokens_per_stage / (d.micro_batch_size * s.grad_accum * s_world * d.seq_len)))
+    m = cfg.method
+    return Setup(teacher, student, nodes, gpus, t_world, s_world, d.micro_batch_size, d.seq_len,
+                 (1,) if full else stages, steps, s.grad_accum, DTYPE_BYTES[cfg.teacher.dtype],
+                 DTYPE_BYTES[cfg.student.dtype], 2 if m.target_dtype == "bfloat16" else 4, m.top_k,
+                 m.output_objective == "kl" and m.w_out > 0, cfg.teacher_engine.offload, cfg.teacher.dtype, full,
+                 cfg.runtime.topology)
+
+
+def captured_layers(L_T: int, L_S: int, residual: str) -> int:
+    """Distinct teacher states one emission captures (default pairing; attribution may move one pair)."""
+    from semalign_ds.method.pairing import default_pairing
+    from semalign_ds.method.targets import target_recipes
+
+    recipes = target_recipes(default_pairing(L_T, L_S), residual)
+    return len(set().union(*(r.teacher_layers for r in recipes.values())))
+
+
+# ---- the parts ----
+
+def device_peak(su: Setup, prof, B: int, captured: int, bpt: int) -> dict[str, float]:
+    """Peak device bytes of one rank (colocated: the teacher pass and the student step share the device)."""
+    n = B * su.T
+    teacher = tp.teacher_memory(su.teacher, n, su.tb, su.t_world, su.offload, captured, su.need_logits,
+                                su.student.layers * n * su.student.hidden * su.target_b)
+    student = tp.student_memory(su.student, B, su.T, min(su.stages), su.sb, su.s_world, su.top_k, prof, su.full)
+    resident = student["weights"] + student["gradients"] + student["optimizer_state"]
+    phase_student = student["activations"] + student["logits_and_loss"] + n * bpt
+    out = {"teacher_pass": teacher["total"], "student_resident": resident, "student_step": phase_student,
+           "overhead": prof.rank_overhead_gib * GiB, "host_shard": teacher["host_shard"]}
+    out["teacher_rank"] = teacher["total"] + out["overhead"]
+    out["student_rank"] = resident + phase_student + out["overhead"]
+    out["colocated_rank"] = resident + max(teacher["total"], phase_student) + out["overhead"]
+    return out
+
+
+def host_per_node(su: Setup, prof, host_shard: float) -> float:
+    ranks = min(su.gpus, su.t_world)
+    return host_shard * ranks + prof.host_overhead_gib * GiB * su.gpus
+
+
+def rank_device(su: Setup, parts: dict) -> float:
+    """Colocated ranks hold both engines; split (disaggregated) and spool (teach, then train) ranks one of them."""
+    if su.topology == "colocated":
+        return parts["colocated_rank"]
+    return max(parts["teacher_rank"], parts["student_rank"])
+
+
+def largest_fitting_batch(su: Setup, prof, captured: int, bpt: int, cap: float) -> int:
+    for B in range(su.B, 0, -1):
+        if rank_device(su, device_peak(su, prof, B, captured, bpt)) <= cap:
+            return B
+    return 0
+
+
+def timings(cfg, su: Setup, prof) -> dict[str, float]:
+    """Seconds per teacher pass and student step, attribution, and the whole run for the topology."""
+    t = tp.teacher_pass_seconds(su.teacher, su.B, su.T, su.tb, prof, world=su.t_world, nodes=su.nodes,
+                                offload=su.offload, dtype=su.dtype)
+    student = sum(tp.student_step_seconds(su.student, su.B, su.T, k, prof, cfg.student.dtype, su.full)
+                  for k in su.stages) / len(su.stages)
+    attribution = 0.0
+    if cfg.pairing.critical_layer and cfg.pairing.manual is None:
+        batches = min(cfg.pairing.attribution_batches, max(1, cfg.data.max_sequences // su.B))
+        attribution = batches * max(3 * t["compute_s"], 2 * t["fetch_s"], 2 * t["gather_s"])
+    micro_steps = len(su.stages) * su.steps * su.accum
+    teach = math.ceil(cfg.data.max_sequences / (su.t_world * su.B)) * t["pass_s"]
+    topo = cfg.runtime.topology
+    if topo == "colocated":
+        train = micro_steps * (t["pass_s"] + student)
+    elif topo == "disaggregated":
+        train = micro_steps * max(student, t["pass_s"] * su.s_world / su.t_world)
+    else:
+        train = teach + micro_steps * student
+    return {**t, "student_s": student, "attribution_s": attribution, "teach_once_s": teach,
+            "wall_s": attribution + train, "micro_steps": micro_steps}
+
+
+# ---- the plan ----
+
+def build_plan(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: int, prof) -> Plan:
+    su = make_setup(cfg, teacher, student, nodes, gpus)
+    captured = captured_layers(teacher.layers, student.layers, cfg.method.residual)
+    bpt = tp.bytes_per_token(student.layers, student.hidden, su.top_k, student.vocab, su.target_b)
+    plan = Plan()
+    _describe(plan, cfg, su, prof, bpt)
+    t = timings(cfg, su, prof)
+    _speed(plan, cfg, su, t)
+    _memory(plan, su, prof, captured, bpt)
+    _attribution(plan, cfg, su, prof)
+    _spool_and_wall(plan, cfg, su, t, bpt)
+    return plan
+
+
+def _describe(plan: Plan, cfg, su: Setup, prof, bpt: int) -> None:
+    plan.add("run", f"{cfg.name}: teacher {su.teacher.total_params / 1e9:.2f}B params ({cfg.teacher.dtype}, "
+                    f"offload {su.offload}), student {su.student.total_params / 1e9:.3f}B ({cfg.student.dtype}), "
+                    f"{cfg.runtime.topology}, {su.nodes} node(s) x {su.gpus} = {su.nodes * su.gpus} ranks")
+    plan.add("device profile", f"{prof.name}: {prof.source}")
+    plan.add("tokens per weight pass", f"{su.n:,} per teacher rank (data.micro_batch_size {su.B} x data.seq_len "
+                                       f"{su.T})", "tokens_per_pass", su.n)
+    plan.add("bytes per token moved", f"{bpt:,} (targets {su.student.layers} x {su.student.hidden} x "
+                                      f"{su.target_b} B, top-k {su.top_k}, ids, mask)", "bytes_per_token", bpt)
+
+
+def _speed(plan: Plan, cfg, su: Setup, t: dict) -> None:
+    bound = max(("compute", t["compute_s"]), ("host->device", t["fetch_s"]), ("all-gather", t["gather_s"]),
+                key=lambda x: x[1])[0]
+    plan.add("teacher pass", f"{t['pass_s']:.3f} s per rank: compute {t['compute_s']:.3f}, host->device "
+                             f"{t['fetch_s']:.3f}, all-gather {t['gather_s']:.3f} -> {bound} bound",
+             "teacher_pass_s", t["pass_s"])
+    tps = su.t_world * su.n / t["pass_s"]
+    plan.add("teacher tokens/s", f"{rate(tps)} over {su.t_world} teacher ranks", "teacher_tokens_per_s", tps)
+    plan.add("student step", f"{t['student_s']:.3f} s per micro-step (mean over {len(su.stages)} stages); "
+                             f"{rate(su.s_world * su.n / t['student_s'])} tokens/s", "student_step_s", t["student_s"])
+    if t["fetch_s"] > t["compute_s"]:
+        need = math.ceil(su.B * t["fetch_s"] / t["compute_s"])
+        plan.advice.append(f"the teacher waits on host->device copies ({t['fetch_s']:.2f} s vs {t['compute_s']:.2f} s "
+                           f"compute per pass): raise data.micro_batch_size to >= {need} ({need * su.T:,} tokens "
+                           "per weight pass) if memory allows, or spread the teacher over more GPUs")
+
+
+def _memory(plan: Plan, su: Setup, prof, captured: int, bpt: int) -> None:
+    parts = device_peak(su, prof, su.B, captured, bpt)
+    per_rank = rank_device(su, parts)
+    host = host_per_node(su, prof, parts["host_shard"])
+    cap = prof.device_mem_gib * GiB
+    plan.add("device memory per rank", f"{gib(per_rank)} of {prof.device_mem_gib:.0f} GiB: teacher pass "
+                                       f"{gib(parts['teacher_pass'])}, student resident "
+                                       f"{gib(parts['student_resident'])}, student step {gib(parts['student_step'])}, "
+                                       f"runtime {gib(parts['overhead'])}", "device_gib", per_rank / GiB)
+    if prof.unified:
+        used, host_cap = (per_rank + parts["host_shard"]) * su.gpus, cap
+        plan.add("memory per node (unified)", f"{gib(used)} of {prof.device_mem_gib:.0f} GiB", "host_gib",
+                 used / GiB)
+    else:
+        used, host_cap = host, prof.host_mem_gib_per_device * su.gpus * GiB
+        plan.add("host memory per node", f"{gib(host)} of {host_cap / GiB:.0f} GiB: teacher shards "
+                                         f"{gib(parts['host_shard'] * min(su.gpus, su.t_world))} (pinned), runtime "
+                                         f"{gib(prof.host_overhead_gib * GiB * su.gpus)}", "host_gib", host / GiB)
+    if per_rank > cap:
+        _device_advice(plan, su, prof, captured, bpt, per_rank, cap)
+    if used > host_cap:
+        _host_advice(plan, su, prof, used, host_cap)
+
+
+def _device_advice(plan: Plan, su: Setup, prof, captured: int, bpt: int, per_rank: float, cap: float) -> None:
+    plan.problems.append(f"device memory per rank {gib(per_rank)} exceeds the {prof.device_mem_gib:.0f} GiB of "
+                         f"one {prof.name}")
+    B = largest_fitting_batch(su, prof, captured, bpt, cap)
+    if B:
+        plan.advice.append(f"set data.micro_batch_size={B} (the largest that fits; raise "
+                           f"schedule.grad_accum to keep the batch)")
+    else:
+        plan.advice.append("even data.micro_batch_size=1 does not fit: shorten data.seq_len, use "
+                           "teacher_engine.offload=cpu, more GPUs (ZeRO-2 splits the optimizer state) or a smaller "
+                           "student")
+
+
+def _host_advice(plan: Plan, su: Setup, prof, used: float, cap: float) -> None:
+    plan.problems.append(f"host memory per node {gib(used)} exceeds {gib(cap)}: the offloaded teacher does not fit "
+                         "in host RAM")
+    per_node_cap = prof.host_mem_gib_per_device * su.gpus * GiB - prof.host_overhead_gib * GiB * su.gpus
+    weights = su.teacher.total_params * su.tb
+    nodes = math.ceil(weights / per_node_cap) if per_node_cap > 0 else 0
+    hint = f"use >= {nodes} nodes (the shards split over nodes) or " if nodes else ""
+    plan.advice.append(f"{hint}set teacher_engine.offload=nvme (shards on node-local NVMe: "
+                       f"{gib(weights / max(1, su.nodes))} per node)")
+
+
+def _attribution(plan: Plan, cfg, su: Setup, prof) -> None:
+    if not cfg.pairing.critical_layer or cfg.pairing.manual is not None:
+        plan.add("attribution", "off (pairing.critical_layer false or pairing.manual set)")
+        return
+    def peak(B: int) -> float:
+        work = tp.teacher_memory(su.teacher, B * su.T, su.tb, su.t_world, su.offload, 0, False, 0)
+        return (tp.attribution_memory(su.teacher, B * su.T, su.tb) + work["total"] + su.student.total_params * su.sb
+                + prof.rank_overhead_gib * GiB)
+    need, cap = peak(su.B), prof.device_mem_gib * GiB
+    plan.add("attribution peak per rank", f"{gib(need)} (teacher forward+backward on {su.B} sequences)",
+             "attribution_gib", need / GiB)
+    if need > cap:
+        fit = next((B for B in range(su.B, 0, -1) if peak(B) <= cap), 0)
+        plan.problems.append(f"layer attribution needs {gib(need)} per rank, more than {prof.device_mem_gib:.0f} GiB")
+        how = f"lower data.micro_batch_size to {fit}" if fit else "shorten data.seq_len"
+        plan.advice.append(f"attribution runs on the training micro batch: {how}, or skip it with "
+                           "pairing.critical_layer=false (or a pairing.manual table)")
+
+
+def _spool_and_wall(plan: Plan, cfg, su: Setup, t: dict, bpt: int) -> None:
+    tokens = cfg.data.max_sequences * su.T
+    plan.add("spool size on disk", f"{gib(tokens * bpt)} ({tokens:,} tokens x {bpt:,} B)", "spool_gib",
+             tokens * bpt / GiB)
+    global_seqs = t["micro_steps"] * su.B * su.s_world
+    passes = global_seqs / cfg.data.max_sequences if cfg.runtime.topology != "spool" else 1.0
+    plan.add("teacher passes per sample", f"{passes:.1f}", "teacher_passes_per_sample", passes)
+    plan.add("wall time", f"{duration(t['wall_s'])} (attribution {duration(t['attribution_s'])}, "
+                          f"{t['micro_steps']:,} micro-steps over {len(su.stages)} stages)", "wall_s", t["wall_s"])
+    spool_wall = t["attribution_s"] + t["teach_once_s"] + t["micro_steps"] * t["student_s"]
+    if cfg.runtime.topology == "colocated" and spool_wall < 0.8 * t["wall_s"]:
+        plan.advice.append(f"runtime.topology=spool runs the teacher once per sample ({passes:.1f} now): about "
+                           f"{duration(spool_wall)} instead of {duration(t['wall_s'])}, with "
+                           f"{gib(tokens * bpt)} of disk")
+
+
+def main(args) -> int:
+    """The `semalign plan` command (args: config, nodes, gpus_per_node, overrides, device_profile)."""
+    from semalign_ds import config as cfgmod
+    from semalign_ds.models.loading import load_config
+
+    cfg = cfgmod.load_config(args.config, args.overrides)
+    teacher = ModelShape.from_config(load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code))
+    student = ModelShape.from_config(load_config(cfg.student.path, "student.path", cfg.student.trust_remote_code))
+    name = getattr(args, "device_profile", None) or ("cpu" if cfg.runtime.device == "cpu" else "h200")
+    plan = build_plan(cfg, teacher, student, args.nodes, args.gpus_per_node, get_profile(name))
+    print(plan.render())
+    return 0 if plan.fits else 1
