@@ -27,6 +27,8 @@ TINY_CONFIGS = {
         vocab_size=VOCAB, max_position_embeddings=POSITIONS),
     "gpt2": lambda: transformers.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB,
                                             n_positions=POSITIONS),
+    "mamba": lambda: transformers.MambaConfig(hidden_size=HIDDEN, state_size=4, num_hidden_layers=LAYERS,
+                                              vocab_size=VOCAB, expand=2, conv_kernel=2),
 }
 
 
@@ -119,7 +121,7 @@ def test_unsupported_causal_family_lists_supported(tmp_path):
                                     ffn_dim=64, vocab_size=VOCAB, word_embed_proj_dim=HIDDEN,
                                     max_position_embeddings=POSITIONS)
     transformers.OPTForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"'opt' is not supported.*gpt2, gpt_neox, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"'opt' is not supported.*gpt2, gpt_neox, llama, mamba, mistral, qwen2, qwen3"):
         load_causal_lm(tmp_path, dtype=torch.float32, device="cpu", key="student.path")
     with pytest.raises(ValueError, match=r"'opt' is not supported"):
         load_config(tmp_path, key="student.path")
