@@ -2,6 +2,8 @@
 on the CPU, tiny shapes) and the CPU benchmark in --quick mode. Checks shape and sign, never timings."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import math
 import os
@@ -51,6 +53,7 @@ def test_gpu_bench_dry_run_writes_every_ratio(tmp_path):
     assert "| 8b | 64 |" in proc.stdout and "70B extrapolated" in proc.stdout
 
 
+@pytest.mark.slow  # ~50 s of benchmark processes: `pytest -m slow` runs it
 def test_cpu_bench_quick_writes_student_and_teacher_ratios(tmp_path):
     out = tmp_path / "cpu.json"
     proc = _run([str(BENCH / "cpu_bench.py"), "--quick", "--repeats", "1", "--objectives", "default",
