@@ -1,5 +1,8 @@
 """The student's frontier stage: a fresh DeepSpeed ZeRO-2 engine in which only decoder layer k is trainable.
 
+Baselines (schedule.mode full) use the same class with `train_layers`: every listed layer trainable in one stage,
+the layer objective averaged over those layers.
+
 METHOD.md §4-6. Per stage k: everything is frozen (requires_grad False) except layer k's parameters, or LoRA
 weights added to layer k only. Layers below k then build no autograd graph (their inputs and parameters need
 no grad); frozen layers above k still pass gradients back to layer k for the output (KL) term. The optimizer is
@@ -10,6 +13,9 @@ the engine and leaves every parameter frozen; the same student model object is r
 Loss per micro-batch: w_layer * layer + w_out * output + w_label * label, where
 - layer: relation_geometry | cosine between R_S = h^(k) - h^(k-1) (target kind 'residual') or h^(k) ('state')
   and packet.targets[k]; fisher_logits compares the student's head on h^(k) and on the target ('state');
+  hidden_mse (baseline layer KD): mean squared error between R_S and P_k R_T, where packet.targets[k] is the
+  UNaligned teacher residual (D_T wide) and P_k a learned D_T -> D_S linear map (zero-initialised) trained with
+  the stage and dropped at finish();
 - output: kl (teacher top-k + tail bucket, or full logits) | label_cosine | ce on the final logits;
 - label: next-token cross-entropy (when w_label > 0).
 Legend: B batch, T tokens, D_S student hidden, V vocabulary, K top-k; ids_BT, mask_BT, hidden_BTD, logits_BTV.
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from semalign_ds.engines.kl_lean import kl_topk_lean
 from semalign_ds.engines.teacher import import_deepspeed, model_device_kind
 from semalign_ds.method import objectives as obj
 from semalign_ds.method.lora import add_lora, merge_lora
@@ -29,7 +36,7 @@ from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.capture import capture_states
 from semalign_ds.transport.packet import SupervisionPacket
 
-LAYER_OBJECTIVES = ("relation_geometry", "cosine", "fisher_logits", "none")
+LAYER_OBJECTIVES = ("relation_geometry", "cosine", "fisher_logits", "hidden_mse", "none")
 OUTPUT_OBJECTIVES = ("kl", "label_cosine", "ce", "none")
 
 
@@ -90,9 +97,35 @@ def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]
     return [g for g in groups if g["params"]]
 
 
+def _hidden_mse(x_BTD: torch.Tensor, projected_BTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of the per-channel mean squared error (padding excluded exactly)."""
+    err_BT = (x_BTD.float() - projected_BTD.float()).pow(2).mean(-1)
+    keep_BT = mask_BT.to(err_BT.device, torch.bool)
+    return err_BT[keep_BT].mean() if bool(keep_BT.any()) else err_BT.sum() * 0.0
+
+
+class _WithProjections(nn.Module):
+    """The student plus the hidden_mse projections, so one ZeRO-2 engine trains both; forward is the student's."""
+
+    def __init__(self, student: nn.Module, projections: nn.ModuleDict):
+        super().__init__()
+        self.student, self.projections = student, projections
+
+    def forward(self, **kwargs):
+        return self.student(**kwargs)
+
+
 def _next_token(ids_BT: torch.Tensor, mask_BT: torch.Tensor, logits_BTV: torch.Tensor):
     """(logits at t, label ids_{t+1}, mask where both t and t+1 are real)."""
     return logits_BTV[:, :-1], ids_BT[:, 1:], mask_BT[:, :-1] & mask_BT[:, 1:]
+
+
+class _FrontierReached(Exception):
+    """Raised by a forward hook on the deepest trained layer to end a forward that needs nothing above it."""
+
+
+def _stop_at_frontier(module, args, output):
+    raise _FrontierReached
 
 
 class StudentStage:
@@ -100,23 +133,33 @@ class StudentStage:
 
     def __init__(self, model: nn.Module, stage_k: int, *, ds_config: dict, lr: float, warmup_steps: int,
                  total_steps: int, weight_decay: float, objective: ObjectiveSpec, adapter_kind: str = "full",
-                 lora_rank: int = 16, lora_alpha: float = 32.0, lora_targets=None, mpu=None):
+                 lora_rank: int = 16, lora_alpha: float = 32.0, lora_targets=None, mpu=None,
+                 train_layers=None, teacher_hidden: int | None = None):
+        """train_layers: the layers trainable in this stage (default [stage_k]; schedule.mode full lists all);
+        teacher_hidden: D_T, needed by the hidden_mse layer objective for its projections."""
         if adapter_kind not in ("full", "lora"):
             raise ValueError(f"schedule.adapter must be 'full' or 'lora', got {adapter_kind!r}")
         if ds_config.get("zero_optimization", {}).get("stage") != 2:
             raise ValueError("the student's DeepSpeed config must use zero_optimization.stage 2; build it with "
                              "student_ds_config")
         self.model, self.adapter, self.k = model, get_adapter(model, key="student"), int(stage_k)
-        self.adapter.layer(self.k)  # range check
+        self.layers = sorted({int(l) for l in train_layers}) if train_layers else [self.k]
+        for l in {self.k, *self.layers}:
+            self.adapter.layer(l)  # range check
         self.objective, self.adapter_kind = objective, adapter_kind
+        self.projections = self._make_projections(teacher_hidden)
         self.lr, self.warmup_steps, self.total_steps = float(lr), int(warmup_steps), int(total_steps)
         self.steps = 0  # optimizer steps taken in this stage
         self.engine = self.optimizer = None
         params = self._make_trainable(lora_rank, lora_alpha, lora_targets)
+        module = model
+        if self.projections is not None:
+            params += list(self.projections.parameters())
+            module = _WithProjections(model, self.projections)
         optimizer = torch.optim.AdamW(_param_groups(params, weight_decay), lr=self.current_lr())
         try:
             deepspeed = import_deepspeed(model_device_kind(model))
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                      config=ds_config, mpu=mpu)
         except BaseException:
             self.finish()  # leave the shared student model as it was: no LoRA wrappers, all frozen
@@ -125,12 +168,30 @@ class StudentStage:
 
     def _make_trainable(self, lora_rank: int, lora_alpha: float, lora_targets) -> list[nn.Parameter]:
         self.model.requires_grad_(False)
-        layer = self.adapter.layer(self.k)
-        if self.adapter_kind == "lora":
-            targets = tuple(lora_targets) if lora_targets else self.adapter.family.lora_targets
-            return add_lora(layer, targets, lora_rank, lora_alpha)
-        layer.requires_grad_(True)
-        return list(layer.parameters())
+        params: list[nn.Parameter] = []
+        for l in self.layers:
+            layer = self.adapter.layer(l)
+            if self.adapter_kind == "lora":
+                targets = tuple(lora_targets) if lora_targets else self.adapter.family.lora_targets
+                params += add_lora(layer, targets, lora_rank, lora_alpha)
+            else:
+                layer.requires_grad_(True)
+                params += list(layer.parameters())
+        return params
+
+    def _make_projections(self, teacher_hidden: int | None) -> nn.ModuleDict | None:
+        """hidden_mse: one zero-initialised D_T -> D_S linear map per trained layer (else None)."""
+        if self.objective.layer_objective != "hidden_mse" or "layer" not in self.objective.active_terms():
+            return None
+        if not teacher_hidden:
+            raise ValueError("method.layer_objective 'hidden_mse' needs the teacher's hidden size (teacher_hidden) "
+                             "for its learned projection")
+        ref = next(self.model.parameters())
+        projections = nn.ModuleDict({str(l): nn.Linear(int(teacher_hidden), self.adapter.hidden_size, bias=False)
+                                     for l in self.layers}).to(device=ref.device, dtype=ref.dtype)
+        for proj in projections.values():
+            nn.init.zeros_(proj.weight)
+        return projections
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -149,9 +210,9 @@ class StudentStage:
         lr = self.current_lr()
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        with capture_states(self.adapter, {self.k - 1, self.k}) as states:
-            out = self.engine(input_ids=packet.ids_BT, attention_mask=packet.mask_BT.long(), use_cache=False)
-        terms = self._losses(states, out.logits, packet)
+        states, logits = self._forward(packet)
+        terms = self._losses(states, logits, packet)
+        del logits  # the loss holds what backward needs; the B x T x V logits need not live through it
         total = sum(getattr(self.objective, f"w_{name}") * value for name, value in terms.items())
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(total)
@@ -162,7 +223,24 @@ class StudentStage:
             metrics[f"{name}_loss"] = float(terms[name].detach()) if name in terms else 0.0
         return metrics
 
-    def _losses(self, states: dict, logits_BTV: torch.Tensor, packet: SupervisionPacket) -> dict:
+    def _forward(self, packet: SupervisionPacket) -> tuple[dict, torch.Tensor | None]:
+        """(captured states, logits_BTV or None). Without an output or label term the forward stops after the
+        deepest trained layer: the layers above it and the head would only cost time."""
+        inputs = dict(input_ids=packet.ids_BT, attention_mask=packet.mask_BT.long(), use_cache=False)
+        with capture_states(self.adapter, {l - d for l in self.layers for d in (0, 1)}) as states:
+            if {"out", "label"} & set(self.objective.active_terms()):
+                return states, self.engine(**inputs).logits
+            top = self.adapter.layer(max(self.layers))
+            handle = top.register_forward_hook(_stop_at_frontier)  # registered after the capture hook: runs after it
+            try:
+                self.engine(**inputs)
+            except _FrontierReached:
+                pass
+            finally:
+                handle.remove()
+        return states, None
+
+    def _losses(self, states: dict, logits_BTV: torch.Tensor | None, packet: SupervisionPacket) -> dict:
         active, terms = self.objective.active_terms(), {}
         if "layer" in active:
             terms["layer"] = self._layer_loss(states, packet)
@@ -173,17 +251,24 @@ class StudentStage:
         return terms
 
     def _layer_loss(self, states: dict, packet: SupervisionPacket) -> torch.Tensor:
-        if self.k not in packet.targets:
-            raise ValueError(f"the packet has no target for student layer {self.k} (it has "
+        """The layer objective, averaged over the stage's trained layers (one for the frontier schedule)."""
+        missing = [l for l in self.layers if l not in packet.targets]
+        if missing:
+            raise ValueError(f"the packet has no target for student layer(s) {missing} (it has "
                              f"{sorted(packet.targets)}); the teacher must emit this stage's recipe")
-        target, mask = packet.targets[self.k], packet.mask_BT
-        h = states[self.k]
-        x = h - states[self.k - 1] if self.objective.target_kind == "residual" else h
+        losses = [self._one_layer_loss(l, states, packet.targets[l], packet.mask_BT) for l in self.layers]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+    def _one_layer_loss(self, l: int, states: dict, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = states[l]
+        x = h - states[l - 1] if self.objective.target_kind == "residual" else h
         kind = self.objective.layer_objective
         if kind == "relation_geometry":
             return obj.relation_geometry(x, target, mask)
         if kind == "cosine":
             return obj.cosine_layer(x, target, mask)
+        if kind == "hidden_mse":
+            return _hidden_mse(x, self.projections[str(l)](target.to(x.dtype)), mask)
         with torch.no_grad():
             zt = self.adapter.logits(target.to(h.dtype))
         return obj.fisher_logits(self.adapter.logits(x), zt, mask)
@@ -192,7 +277,7 @@ class StudentStage:
         kind, mask, tau = self.objective.output_objective, packet.mask_BT, self.objective.tau
         if kind == "kl":
             if packet.top_idx_BTK is not None:
-                return obj.kl_topk(logits_BTV, packet.top_values_BTK, packet.top_idx_BTK, packet.tail_BT, mask, tau)
+                return kl_topk_lean(logits_BTV, packet.top_values_BTK, packet.top_idx_BTK, packet.tail_BT, mask, tau)
             if packet.full_logits_BTV is not None:
                 return obj.kl_full(logits_BTV, packet.full_logits_BTV, mask, tau)
             raise ValueError("method.output_objective is 'kl' but the packet carries no teacher logits; let the "
@@ -208,6 +293,8 @@ class StudentStage:
             self.engine.destroy()
             self.engine = self.optimizer = None
         if self.adapter_kind == "lora":
-            merge_lora(self.adapter.layer(self.k))
+            for l in self.layers:
+                merge_lora(self.adapter.layer(l))
+        self.projections = None  # hidden_mse projections live only as long as their stage
         self.model.requires_grad_(False)
         return self.model

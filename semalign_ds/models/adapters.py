@@ -38,6 +38,11 @@ ADAPTERS: dict[str, FamilyAdapter] = {
         layers="gpt_neox.layers", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
         lm_head="lm_head", lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     ),
+    # State-space family: MambaBlock returns the residual stream itself (h + mixer(norm(h))), not a tuple.
+    "mamba": FamilyAdapter(
+        layers="backbone.layers", embed="backbone.embeddings", final_norm="backbone.norm_f", lm_head="lm_head",
+        lora_targets=("in_proj", "x_proj", "dt_proj", "out_proj"),
+    ),
     "gpt2": FamilyAdapter(
         layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
         lora_targets=("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"), max_positions_attr="n_positions",

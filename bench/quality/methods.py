@@ -1,0 +1,119 @@
+"""What the quality benchmark runs: methods as config overrides, model pairs, and the sizes (budgets).
+
+Every method is a set of dotted overrides of configs/demo.yaml run through `semalign_ds.pipeline.run`, so the
+baselines use the project's own code paths (schedule.mode full, method.layer_objective hidden_mse, ...).
+Equal budget: within a pair every trained method sees the same transfer set, the same micro-batch size and the
+same number of optimizer steps (frontier: steps_per_stage per student layer; full: the same total in one stage),
+hence the same number of tokens. The learning rate is chosen per method on the target validation split over the
+same grid (`Size.lr_grid`); ablations keep SemAlign v2's chosen rate (one change at a time), and the other pairs
+reuse the main pair's choice per method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FULL = ("schedule.mode=full",)
+NO_LAYER = ("method.layer_objective=none",)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    group: str  # reference | baseline | semalign | ablation
+    overrides: tuple[str, ...] = ()
+    train: bool = True
+    lr_from: str | None = None  # None: searched on validation; else the chosen rate of that method
+    note: str = ""
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("no_transfer", "no transfer (student as pretrained)", "reference", train=False),
+    Method("sft", "SFT (CE, all layers)", "baseline", FULL + NO_LAYER + ("method.output_objective=ce",)),
+    Method("logit_kd", "logit KD (KL, all layers)", "baseline", FULL + NO_LAYER),
+    Method("kd_labels", "KD + labels (KL + CE, all layers)", "baseline", FULL + NO_LAYER + ("method.w_label=1.0",)),
+    Method("hidden_mse_kd", "hidden MSE KD + KL (learned proj., all layers)", "baseline",
+           FULL + ("method.layer_objective=hidden_mse",)),
+    Method("sft_frontier", "SFT, frontier schedule", "baseline", NO_LAYER + ("method.output_objective=ce",)),
+    Method("semalign_v2", "SemAlign v2 (geometry + KL, frontier)", "semalign"),
+    Method("semalign_v2_labels", "SemAlign v2 + labels", "semalign", ("method.w_label=1.0",)),
+    Method("semalign_v1", "SemAlign v1 (cosine + label cosine)", "semalign",
+           ("method.layer_objective=cosine", "method.output_objective=label_cosine")),
+    Method("abl_random_basis", "v2, random basis (no recomposition)", "ablation", ("method.random_basis=true",),
+           lr_from="semalign_v2"),
+    Method("abl_no_kl", "v2 without KL (layer objective only)", "ablation", ("method.output_objective=none",),
+           lr_from="semalign_v2"),
+    Method("abl_no_layer", "v2 without layer objective (= KL, frontier)", "ablation", NO_LAYER,
+           lr_from="semalign_v2"),
+    Method("abl_residual_span", "v2, residual span", "ablation", ("method.residual=span",), lr_from="semalign_v2"),
+    Method("abl_default_pairing", "v2, default pairing (no attribution re-pairing)", "ablation",
+           ("pairing.critical_layer=false",), lr_from="semalign_v2"),
+    Method("abl_w_layer_0.1", "v2, layer weight 0.1 (KL weight 1)", "ablation", ("method.w_layer=0.1",),
+           lr_from="semalign_v2"),
+]}
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    name: str
+    label: str
+    methods: tuple[str, ...]
+
+
+PAIRS: dict[str, PairPlan] = {p.name: p for p in [
+    PairPlan("main", "Llama teacher -> smaller Llama student (same tokenizer)", tuple(METHODS)),
+    PairPlan("cross_family", "GPT-NeoX teacher -> Llama student (cross-family)",
+             ("no_transfer", "sft", "logit_kd", "hidden_mse_kd", "semalign_v2")),
+    PairPlan("cross_tokenizer", "Llama teacher with a larger BPE vocabulary -> Llama student (cross-tokenizer)",
+             ("no_transfer", "sft", "logit_kd", "semalign_v2")),
+    PairPlan("mamba", "GPT-NeoX teacher -> Mamba student (transformer -> state-space)",
+             ("no_transfer", "sft", "logit_kd", "semalign_v2", "abl_random_basis")),
+]}
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    demo_scale: str
+    lr_grid: tuple[float, ...]
+    seeds: int
+    overrides: tuple[str, ...]
+    eval_sequences: int
+    device: str = "cpu"
+    workers: int = 2
+    extra: dict = field(default_factory=dict)  # recipe of the extra models (assets.py)
+
+
+_COMMON = ("runtime.progress=false", "runtime.resume=false", "runtime.checkpoint_every=100000",
+           "pairing.attribution_batches=2", "schedule.warmup_steps=3")
+
+SIZES: dict[str, Size] = {s.name: s for s in [
+    Size("tiny", "tiny", (3e-3,), 1,
+         _COMMON + ("data.seq_len=32", "data.max_sequences=48", "data.micro_batch_size=4",
+                    "schedule.steps_per_stage=2", "schedule.warmup_steps=1", "method.min_shared_tokens=100",
+                    "method.top_k=16"),
+         eval_sequences=8, workers=1,
+         extra={"cross_vocab": 448, "mamba_layers": 1, "mamba_state": 4}),
+    Size("small", "default", (1e-3, 3e-3, 1e-2), 3,
+         _COMMON + ("data.micro_batch_size=8", "schedule.steps_per_stage=62"),
+         eval_sequences=64, workers=2,
+         extra={"cross_vocab": 6144, "mamba_layers": 2, "mamba_state": 16}),
+    Size("medium", "quality-medium", (1e-3, 3e-3, 1e-2), 3,
+         _COMMON + ("data.micro_batch_size=16", "schedule.steps_per_stage=30", "runtime.device=cuda",
+                    "teacher_engine.offload=none", "pairing.attribution_batches=4"),
+         eval_sequences=256, device="cuda", workers=8,
+         extra={"cross_vocab": 12288, "mamba_layers": 2, "mamba_state": 16}),
+]}
+
+# The demo recipe `quality-medium` registers into semalign_ds.demo.RECIPES at run time (assets.py): a bigger pair
+# (teacher 8 x 512, student 4 x 256, 8k vocabulary, 256 tokens) pretrained on one GPU; the target domain is small
+# (~550 sequences of 256 tokens), so the teacher sees it ~4 times and the transfer runs ~3.5 epochs of it.
+MEDIUM_RECIPE_CHANGES = dict(vocab_size=8192, seq_len=256, batch=16, teacher_steps=400,
+                             teacher=dict(layers=8, hidden=512, heads=8, intermediate=1376, lr=1e-3),
+                             student=dict(layers=4, hidden=256, heads=4, intermediate=688, lr=2e-3),
+                             transfer_sequences=1000, general_test_max_seqs=256)
+
+
+def lr_of_run(method: Method, chosen: dict[str, float]) -> float | None:
+    """The learning rate a final run of `method` uses, given the rates chosen on the main pair."""
+    return chosen.get(method.lr_from or method.name)
