@@ -9,7 +9,8 @@ TORCH_SPEC=${SEMALIGN_TORCH:-torch==2.13.0}
 if nvidia-smi >/dev/null 2>&1; then
   .venv/bin/pip install -q "$TORCH_SPEC"
 else
-  .venv/bin/pip install -q "$TORCH_SPEC" --extra-index-url https://download.pytorch.org/whl/cpu
+  # the CPU wheel index; --retries 0 so a machine that cannot reach it falls back to its own indexes at once
+  .venv/bin/pip install -q --retries 0 "$TORCH_SPEC" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 .venv/bin/pip install -q -e ".[dev]"
 # DeepSpeed JIT-compiles its shared-memory comm op on first use (~40 s on 2 cores): do it once, here.
