@@ -20,7 +20,7 @@ def test_defaults_follow_method_md():
     cfg = cfgmod.RunConfig()
     m = cfg.method
     assert (m.basis, m.residual, m.layer_objective, m.output_objective) == ("output", "layer", "relation_geometry", "kl")
-    assert (m.top_k, m.tau, m.w_layer, m.w_out, m.w_label) == (64, 1.0, 1.0, 1.0, 0.0)
+    assert (m.top_k, m.tau, m.w_layer, m.w_out, m.w_label) == (64, 1.0, 1.0, 1.0, 1.0)  # w_label: docs/RESULTS.md
     assert cfg.teacher.trust_remote_code is False and cfg.teacher_engine.offload == "cpu"
 
 
