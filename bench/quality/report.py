@@ -2,7 +2,8 @@
 
 Gap closed (per seed, on a held-out set) = (ln ppl_student - ln ppl_after) / (ln ppl_student - ln ppl_teacher):
 the share of the teacher-student gap in nats per token that the transfer closed (1 = as good as the teacher,
-negative = worse than before). Spread = sample standard deviation over seeds.
+negative = worse than before). Forgetting: general perplexity after / before - 1. Spread = sample standard
+deviation over seeds.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def method_row(pair: str, method: str, runs: list[dict], gate_ppl: dict, lr) -> 
         ppls = [r["ppl"][name] for r in ok] if m.train else [before]
         row[f"{name}_ppl"], row[f"{name}_ppl_sd"] = _mean_sd(ppls)
         row[f"{name}_gap"], row[f"{name}_gap_sd"] = _mean_sd([gap_closed(before, p, teacher) for p in ppls])
+        row[f"{name}_change"], row[f"{name}_change_sd"] = _mean_sd([p / before - 1.0 for p in ppls])
     row["wall_s"] = _mean_sd([r["wall_s"] for r in ok])[0] if ok else 0.0
     row["steps"] = ok[0]["steps"] if ok else 0
     row["tokens"] = ok[0]["tokens"] if ok else 0
@@ -49,16 +51,17 @@ def method_row(pair: str, method: str, runs: list[dict], gate_ppl: dict, lr) -> 
 def _pm(mean: float, sd: float, fmt: str) -> str:
     if not math.isfinite(mean):
         return "n/a"
-    return f"{mean:{fmt}} ± {sd:{fmt}}" if sd else f"{mean:{fmt}}"
+    return f"{mean:{fmt}} ± {sd:{fmt.lstrip('+')}}" if sd else f"{mean:{fmt}}"
 
 
 def pair_table(rows: list[dict], gate_ppl: dict) -> str:
-    head = ("| method | lr | target ppl | general ppl | target gap closed | general gap closed | seeds | "
+    head = ("| method | lr | target ppl | general ppl | target gap closed | general ppl vs student | seeds | "
             "steps / tokens | wall s |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     t = gate_ppl
+    general_t = t["general_test"]["teacher"] / t["general_test"]["student"] - 1.0
     lines.append(f"| teacher | | {t['target_test']['teacher']:.1f} | {t['general_test']['teacher']:.1f} | 100% | "
-                 f"100% | | | |")
+                 f"{100 * general_t:+.1f}% | | | |")
     for r in rows:
         lr = f"{r['lr']:g}" if r["lr"] else ""
         seeds = (f"{r['seeds']}" + (f" ({r['failed']} failed)" if r["failed"] else "")) if r["lr"] else ""
@@ -67,8 +70,8 @@ def pair_table(rows: list[dict], gate_ppl: dict) -> str:
             f"| {r['label']} | {lr} | {_pm(r['target_test_ppl'], r['target_test_ppl_sd'], '.1f')} | "
             f"{_pm(r['general_test_ppl'], r['general_test_ppl_sd'], '.1f')} | "
             f"{_pm(100 * r['target_test_gap'], 100 * r['target_test_gap_sd'], '.1f')}% | "
-            f"{_pm(100 * r['general_test_gap'], 100 * r['general_test_gap_sd'], '.1f')}% | {seeds} | {budget} | "
-            f"{r['wall_s']:.0f} |" if r["lr"] else
+            f"{_pm(100 * r['general_test_change'], 100 * r['general_test_change_sd'], '+.1f')}% | {seeds} | "
+            f"{budget} | {r['wall_s']:.0f} |" if r["lr"] else
             f"| {r['label']} | | {r['target_test_ppl']:.1f} | {r['general_test_ppl']:.1f} | 0% | 0% | | | |")
     return "\n".join(lines)
 
@@ -94,17 +97,20 @@ def _pyplot():
 
 
 def plot_pair(rows: list[dict], title: str, path: Path) -> Path:
-    """Two panels: target and general gap closed (mean ± sd over seeds) per method."""
+    """Two panels per method (mean ± sd over seeds): target gap closed, general perplexity change vs the student."""
     plt = _pyplot()
     labels = [r["label"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True)
-    for ax, name, heading in zip(axes, ("target_test", "general_test"), ("target (held out)", "general (forgetting)")):
-        means = [100 * r[f"{name}_gap"] for r in rows]
-        sds = [100 * r[f"{name}_gap_sd"] for r in rows]
+    panels = (("target_test_gap", "target (held out): % of teacher-student gap closed", 100),
+              ("general_test_change", "general (held out): % perplexity change vs student", None))
+    for ax, (key, heading, ref) in zip(axes, panels):
+        means = [100 * r[key] for r in rows]
+        sds = [100 * r[f"{key}_sd"] for r in rows]
         ax.barh(range(len(rows)), means, xerr=sds, color=[GROUP_COLORS[r["group"]] for r in rows])
         ax.axvline(0, color="black", lw=0.8)
-        ax.axvline(100, color="gray", lw=0.8, ls="--")
-        ax.set_title(f"{heading}: % of teacher-student gap closed")
+        if ref is not None:
+            ax.axvline(ref, color="gray", lw=0.8, ls="--")
+        ax.set_title(heading, fontsize=9)
     axes[0].set_yticks(range(len(rows)), labels)
     axes[0].invert_yaxis()
     fig.suptitle(title)

@@ -245,7 +245,8 @@ def finish(out, args, size, rows, tables, histories, search, chosen, ppl, second
     gate_md = "\n".join(line for p in ppl for line in gatemod.gate_lines(p, ppl[p], args.min_margin))
     when = datetime.date.today().isoformat()
     header = (f"# Quality benchmark, size `{args.size}`{' (DRY: tiny models, numbers meaningless)' if args.dry else ''}"
-              f"\n\n{when}; {seconds:.0f} s wall in total; budgets: {' '.join(size.overrides)}")
+              f"\n\n{when}; {seconds:.0f} s wall in this invocation (runs finished earlier are reused); budgets: "
+              f"{' '.join(size.overrides)}")
     table_path = report.write_outputs(out, tables, report.search_table(search, chosen), gate_md, header)
     report.dump(out / "results.json", {"rows": rows, "search": search, "chosen": chosen, "gate": ppl,
                                        "size": args.size, "dry": args.dry, "seconds": seconds})
