@@ -26,10 +26,6 @@ from semalign_ds.config import RunConfig
 from semalign_ds.method.pairing import PairingTable, build_pairing
 from semalign_ds.method.targets import target_recipes
 from semalign_ds.models.adapters import get_adapter
-
-
-def get_adapter_config_vocab(config) -> int:
-    return int(config.get_text_config().vocab_size)
 from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer
 from semalign_ds.progress import bar
 from semalign_ds.tracking import make_tracker
@@ -214,7 +210,7 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     student = _load_student(cfg, info, out, progress)
     teacher_config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     blocks = _load_blocks(cfg, tok_S, [student.config, teacher_config])
-    vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, blocks, get_adapter_config_vocab(teacher_config))
+    vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, blocks, int(teacher_config.get_text_config().vocab_size))
     _check_layers(cfg, teacher_config, student)
     hidden_T = int(teacher_config.get_text_config().hidden_size)
     teacher = None if role == "student" else _build_teacher(cfg, info, hidden_T, mpu)

@@ -46,11 +46,3 @@ def loss_curves(history: dict[int, list[dict]], path: Path) -> Path:
     plt.close(fig)
     return path
 
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
