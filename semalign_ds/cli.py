@@ -12,7 +12,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="transfer from the teacher into the student as the config says")
     run.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. schedule.steps_per_stage=200")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. schedule.epochs_per_stage=3")
     show = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     show.add_argument("--config", default=None)
     show.add_argument("overrides", nargs="*")

@@ -79,7 +79,10 @@ class PairingConfig:
     manual: Optional[list[int]] = None
     """Explicit source layer per student layer (overrides the formula)."""
     attribution_batches: int = 4
-    """Batches of transfer data used for layer attribution."""
+    """Micro-batches of transfer data (per rank) used for layer attribution."""
+    attribution_micro_batch: Optional[int] = None
+    """Sequences per attribution forward+backward (null = data.micro_batch_size); attribution keeps every layer's
+    activations for the backward, so it needs a smaller micro-batch than the teacher's inference."""
 
 
 @dataclass
@@ -88,9 +91,11 @@ class ScheduleConfig:
     """frontier: one trainable layer per stage (SemAlign); full: every layer trainable in one stage (baselines)."""
     stages: Optional[list[int]] = None
     """Student layers to train, shallow to deep (1-indexed); null = all."""
-    steps_per_stage: int = 100
+    epochs_per_stage: float = 1.0
+    """Passes over the transfer set per stage (fractions allowed); the same work on 1 rank or 128: steps =
+    ceil(epochs * micro-batches per rank per epoch / grad_accum). Printed and logged at the start of every run."""
     tokens_per_stage: Optional[int] = None
-    """If set, a stage runs until this many tokens (overrides steps_per_stage)."""
+    """If set, a stage trains on this many token positions (over all ranks) instead of epochs_per_stage."""
     adapter: Literal["full", "lora"] = "full"
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -130,9 +135,17 @@ class TransportConfig:
     spool_dir: str = ""
     """spool: the directory of shards + manifest (`semalign teach --out` / `semalign train --from-spool`)."""
     shard_sequences: int = 256
-    """spool: sequences per shard."""
-    epochs: int = 1
-    """spool: passes over the spool per stage budget (the stage still stops at steps_per_stage)."""
+    """spool and local packet store: sequences per shard."""
+    store: Literal["auto", "memory", "disk"] = "auto"
+    """Where colocated and disaggregated runs keep the teacher's packets (one teacher pass per sample, every stage
+    trains from them): host memory, or a local spool per rank (store_dir); auto: memory when this rank's share
+    fits in transport.store_memory_fraction of the node's RAM, else disk."""
+    store_dir: str = ""
+    """Local spool of the disk store; empty = <output_dir>/packets. Point it at node-local scratch on clusters."""
+    store_memory_fraction: float = 0.25
+    """auto store: the share of the node's RAM (split over its local ranks) the memory store may take."""
+    keep_spool: bool = False
+    """Keep the disk store after the run (removed at the end by default)."""
 
 
 @dataclass
@@ -188,7 +201,8 @@ class RunConfig:
 # Fields that change how a run is watched, not what it computes (left out of the resume hash).
 _NON_RESULT_KEYS = ("name", "output_dir", "runtime.progress", "runtime.resume", "runtime.checkpoint_every",
                     "runtime.dist_timeout_s", "runtime.topology", "transport.teacher_ranks", "transport.window",
-                    "transport.timeout_s", "transport.spool_dir", "tracking", "eval")
+                    "transport.timeout_s", "transport.spool_dir", "transport.store", "transport.store_dir",
+                    "transport.store_memory_fraction", "transport.keep_spool", "tracking", "eval")
 
 
 def _type_name(tp) -> str:
@@ -229,6 +243,13 @@ def _coerce(value: Any, tp, key: str) -> Any:
     return value
 
 
+_REPLACED = {
+    "schedule.steps_per_stage": "schedule.epochs_per_stage (a stage budget in passes over the transfer set, the same "
+                                "on any number of ranks) or schedule.tokens_per_stage",
+    "transport.epochs": "schedule.epochs_per_stage (every topology trains the same budget; nothing is capped)",
+}
+
+
 def _build(cls, raw: Any, prefix: str = ""):
     if raw is None:
         raw = {}
@@ -237,8 +258,11 @@ def _build(cls, raw: Any, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    where = f"{prefix}." if prefix else ""
+    for key in unknown:
+        if f"{where}{key}" in _REPLACED:
+            raise ValueError(f"config key '{where}{key}' was replaced by {_REPLACED[where + key]}")
     if unknown:
-        where = f"{prefix}." if prefix else ""
         raise ValueError(
             f"unknown config key '{where}{unknown[0]}'; valid keys under {prefix or 'the root'}: "
             f"{', '.join(sorted(names))}"
@@ -259,7 +283,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.key=value (e.g. schedule.steps_per_stage=200)")
+        raise ValueError(f"override {text!r} must look like section.key=value (e.g. schedule.epochs_per_stage=3)")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
@@ -293,14 +317,18 @@ def _positive(value, key: str, allow_zero: bool = False) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no files; checks against the models (layer ranges, seq_len, top_k) run at load."""
-    for key in ("data.seq_len", "data.max_sequences", "data.micro_batch_size", "schedule.steps_per_stage",
+    for key in ("data.seq_len", "data.max_sequences", "data.micro_batch_size", "schedule.epochs_per_stage",
                 "schedule.grad_accum", "schedule.lora_rank", "runtime.checkpoint_every", "method.tau",
                 "pairing.attribution_batches", "eval.batch_size"):
         _positive(get_dotted(cfg, key), key)
     for key in ("method.top_k", "method.min_shared_tokens", "data.val_sequences", "schedule.warmup_steps"):
         _positive(get_dotted(cfg, key), key, allow_zero=True)
-    if cfg.schedule.tokens_per_stage is not None:
-        _positive(cfg.schedule.tokens_per_stage, "schedule.tokens_per_stage")
+    for key in ("schedule.tokens_per_stage", "pairing.attribution_micro_batch"):
+        if get_dotted(cfg, key) is not None:
+            _positive(get_dotted(cfg, key), key)
+    if not 0 < cfg.transport.store_memory_fraction <= 1:
+        raise ValueError(f"config key 'transport.store_memory_fraction' must be in (0, 1], got "
+                         f"{cfg.transport.store_memory_fraction}")
     if cfg.schedule.stages is not None and not cfg.schedule.stages:
         raise ValueError("config key 'schedule.stages' is empty; list student layers (1-indexed) or use null for all")
     if cfg.data.val_sequences >= cfg.data.max_sequences:

@@ -4,17 +4,16 @@ fixed-length blocks, and served as deterministic batches that a resumed run can 
 Shapes: N packed sequences, T = seq_len tokens, B batch rows, R data-parallel ranks.
     ids_NT (int64), mask_NT (bool, True = real token), sample_ids_N (int64, 0..N-1)
     Batch: sample_ids_B, ids_BT, mask_BT
-Batching: each epoch is a fresh permutation of the N blocks drawn from (seed, epoch); an epoch has
-N // B full batches (the remainder is skipped for that epoch; the next permutation covers it).
-Global optimizer step s maps to epoch s // steps_per_epoch and position s % steps_per_epoch, so
-`batch_at` needs no state. With R ranks the global batch is B = micro_batch * R and rank r takes rows
-[r*micro_batch, (r+1)*micro_batch) of it (`shard_for_rank`).
+Batching (rank-partitioned, so a rank only ever needs the teacher packets of its own samples): rank r of R
+owns the samples i with i % R == r; each epoch is a fresh permutation of them drawn from (seed, epoch, r), cut
+into (N // R) // B micro-batches of B. Micro-batch m of a rank maps to epoch m // per_epoch, so
+`micro_batch_ids` needs no state and a resumed run recomputes any batch from its index.
 """
 from __future__ import annotations
 
 import glob
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -242,51 +241,44 @@ def check_seq_len(seq_len: int, *configs, key: str = "data.seq_len") -> None:
 # ---------------------------------------------------------------- batching
 
 
-def steps_per_epoch(num_sequences: int, batch_size: int) -> int:
-    """Full batches per epoch; ValueError if there is not even one."""
-    if batch_size < 1:
-        raise ValueError(f"batch size {batch_size} must be positive")
-    if num_sequences < batch_size:
-        raise ValueError(f"the data has {num_sequences} sequences, fewer than one global batch of {batch_size}; "
-                         "add data (or raise data.max_sequences) or lower the batch size")
-    return num_sequences // batch_size
+def owned_samples(num_sequences: int, rank: int, world: int) -> torch.Tensor:
+    """The sample ids rank `rank` of `world` trains on: i with i % world == rank (counts differ by at most 1).
+    Each rank keeps the teacher packets of its own samples only (memory or a local spool), never another's."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside 0..{world - 1}")
+    return torch.arange(rank, num_sequences, world, dtype=torch.int64)
 
 
-def _epoch_order(num_sequences: int, seed: int, epoch: int) -> torch.Tensor:
-    """The permutation of block indices for (seed, epoch), the same on every platform."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_sequences)
+def micro_batches_per_epoch(num_sequences: int, micro_batch: int, world: int) -> int:
+    """Full micro-batches per rank per epoch: every rank draws the same number, (N // world) // micro_batch."""
+    per_rank = num_sequences // world
+    if micro_batch < 1 or per_rank < micro_batch:
+        raise ValueError(f"the transfer data has {num_sequences} sequences: {per_rank} per rank over {world} "
+                         f"rank(s), fewer than one micro-batch of {micro_batch}; add data (data.max_sequences) or "
+                         f"lower data.micro_batch_size")
+    return per_rank // micro_batch
+
+
+def _epoch_order(count: int, seed: int, epoch: int, rank: int) -> torch.Tensor:
+    """A permutation of 0..count-1 for (seed, epoch, rank), the same on every platform."""
+    order = np.random.default_rng([seed, epoch, rank]).permutation(count)
     return torch.from_numpy(order).to(torch.int64)
 
 
-def _take(blocks: TokenBlocks, index_B: torch.Tensor) -> Batch:
-    return Batch(blocks.sample_ids_N[index_B], blocks.ids_NT[index_B], blocks.mask_NT[index_B])
+def micro_batch_ids(num_sequences: int, micro_batch: int, world: int, rank: int, seed: int,
+                    index: int) -> torch.Tensor:
+    """Sample ids of rank `rank`'s micro-batch `index` (0-based, epochs wrap) under `seed`, computed without state.
+
+    Epoch e is a fresh (seed, e, rank) permutation of the rank's own samples, cut into
+    micro_batches_per_epoch micro-batches (a rank's few extra samples fall at other positions in other epochs)."""
+    if index < 0:
+        raise ValueError(f"micro-batch index {index} must be >= 0")
+    per_epoch = micro_batches_per_epoch(num_sequences, micro_batch, world)
+    epoch, i = divmod(index, per_epoch)
+    own = owned_samples(num_sequences, rank, world)
+    return own[_epoch_order(len(own), seed, epoch, rank)[i * micro_batch:(i + 1) * micro_batch]]
 
 
-def batches(blocks: TokenBlocks, batch_size: int, seed: int, epoch: int) -> Iterator[Batch]:
-    """The full batches of one epoch, in the (seed, epoch) shuffled order."""
-    steps = steps_per_epoch(len(blocks), batch_size)
-    order = _epoch_order(len(blocks), seed, epoch)
-    for i in range(steps):
-        yield _take(blocks, order[i * batch_size:(i + 1) * batch_size])
-
-
-def batch_at(blocks: TokenBlocks, batch_size: int, seed: int, step: int) -> Batch:
-    """The global batch of optimizer step `step` (0-based; epochs wrap), computed without state."""
-    if step < 0:
-        raise ValueError(f"step {step} must be >= 0")
-    steps = steps_per_epoch(len(blocks), batch_size)
-    epoch, i = divmod(step, steps)
-    order = _epoch_order(len(blocks), seed, epoch)
-    return _take(blocks, order[i * batch_size:(i + 1) * batch_size])
-
-
-def shard_for_rank(batch: Batch, rank: int, world_size: int) -> Batch:
-    """Rank `rank`'s contiguous slice of a global batch of micro_batch * world_size rows."""
-    rows = int(batch.ids_BT.shape[0])
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    if rows % world_size:
-        raise ValueError(f"a global batch of {rows} rows does not split over {world_size} ranks; "
-                         "the global batch must be micro_batch * world_size")
-    micro = rows // world_size
-    return Batch(*(t[rank * micro:(rank + 1) * micro] for t in batch))
+def take(blocks: TokenBlocks, sample_ids_B: torch.Tensor) -> Batch:
+    """The rows of these sample ids, in the given order."""
+    return Batch(blocks.sample_ids_N[sample_ids_B], blocks.ids_NT[sample_ids_B], blocks.mask_NT[sample_ids_B])

@@ -16,7 +16,7 @@ from semalign_ds import config as cfgmod
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 TINY_OVERRIDES = ["data.max_sequences=64", "data.seq_len=64", "data.micro_batch_size=8",
-                  "schedule.steps_per_stage=4", "runtime.checkpoint_every=2", "eval.max_sequences=16",
+                  "schedule.epochs_per_stage=0.5", "runtime.checkpoint_every=2", "eval.max_sequences=16",
                   "method.min_shared_tokens=100", "method.top_k=16", "pairing.attribution_batches=1"]
 
 

@@ -27,6 +27,29 @@ class DistInfo:
         return self.rank == 0
 
 
+def barrier(group=None) -> None:
+    """A barrier over `group` (None: the world); nothing outside a process group."""
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def broadcast_from_first(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """`tensor` of the group's first rank, on every rank of the group (in place; returned)."""
+    if dist.is_initialized():
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def all_reduce(values: list[float], device, group=None, op: str = "sum") -> list[float]:
+    """Element-wise sums (op "sum") or maxima ("max") of `values` over the group (float64)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,63 +1,39 @@
-"""The SemAlign run: attribution -> pairing -> map -> stages -> checkpoint -> export -> evaluation.
+"""The SemAlign run: attribution -> pairing -> map -> one teacher pass -> stages -> checkpoint -> export -> evaluation.
 
-runtime.topology picks what feeds the student loop (topology.py): colocated (every rank holds a ZeRO-3 shard of
-the teacher and a ZeRO-2 student; packets pass in memory), disaggregated (teacher ranks stream packets to student
-ranks of the same job) or spool (`teach` writes packets to disk once; `run` with topology spool trains from them;
-no teacher engine on the student side, so evaluation leaves out the teacher's columns). A killed run
-restarts from the output directory's last checkpoint (stage boundary, or every `runtime.checkpoint_every` steps
-inside a stage) and ends with the same weights as an uninterrupted run: data order is a pure function of
-(seed, stage, step), the teacher is deterministic, and the student trains with dropout off.
+Every topology runs the teacher once per transfer sample (topology.py): colocated ranks teach their own samples
+into a packet store (memory or a local spool) and train every stage from it; disaggregated teacher ranks stream
+each sample once to the student rank that keeps it; `teach` writes a spool that `train --from-spool` reads. The
+stage budget is in epochs or tokens (budget.py), printed and logged at the start with the rest of the plan.
+A killed run restarts from the output directory's last checkpoint (stage boundary, or every
+`runtime.checkpoint_every` steps inside a stage) and ends with the same weights as an uninterrupted run: the data
+order is a pure function of (seed, stage, rank, micro-batch), the teacher is deterministic, the student trains
+with dropout off. A disk store keeps its committed shards, so a restart teaches only what is missing.
 Legend: ids_BT, mask_BT, M_DsDt (alignment map, student x teacher hidden).
 """
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from semalign_ds import budget as budgetmod
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
-from semalign_ds import distributed, report, throughput
+from semalign_ds import distributed, evaluate, report, resume, supervision, throughput, topology
 from semalign_ds.config import RunConfig
+from semalign_ds.context import RunContext
 from semalign_ds.method.pairing import PairingTable, build_pairing
 from semalign_ds.method.targets import target_recipes
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer
 from semalign_ds.progress import bar
+from semalign_ds.resume import Progress
 from semalign_ds.tracking import make_tracker
-from semalign_ds import evaluate, resume, supervision, topology
+from semalign_ds.transport import schema
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Run:
-    """Everything the phases share; built once by `prepare`."""
-
-    cfg: RunConfig
-    info: distributed.DistInfo
-    out: Path
-    tracker: object
-    tok_T: object
-    tok_S: object
-    student: torch.nn.Module
-    teacher: object
-    blocks: datamod.TokenBlocks
-    vocab: supervision.VocabMap
-    progress: dict = field(default_factory=dict)
-    history: dict = field(default_factory=dict)
-    role: str = "colocated"  # colocated | writer (teach) | teacher / student (disaggregated; student: spool too)
-    group: object = None  # this role's process group (None: the world)
-    mpu: object = None  # engines.teacher.GroupMPU over `group` (None: the world)
-
-    @property
-    def writes(self) -> bool:
-        """The rank that writes the run's files and logs to MLflow (teacher ranks of a split job never do)."""
-        return self.info.is_main and self.role != "teacher"
 
 
 def run(cfg: RunConfig) -> dict:
@@ -66,9 +42,13 @@ def run(cfg: RunConfig) -> dict:
     if cfg.runtime.topology == "disaggregated":
         return _run_disaggregated(cfg, info)
     if cfg.runtime.topology == "spool":
-        return _run_from_spool(cfg, info)
-    r = prepare(cfg, info)
-    return _guarded(r, lambda: _run_colocated(r))
+        if not cfg.transport.spool_dir:
+            raise ValueError("runtime.topology=spool needs transport.spool_dir (`semalign train --from-spool DIR`); "
+                             "write one with `semalign teach --config X --out DIR`")
+        ctx, progress = prepare(cfg, info, role="student")
+        return _guarded(ctx, lambda: _run_from_spool(ctx, progress))
+    ctx, progress = prepare(cfg, info)
+    return _guarded(ctx, lambda: _run_colocated(ctx, progress))
 
 
 def _init(cfg: RunConfig) -> distributed.DistInfo:
@@ -77,43 +57,57 @@ def _init(cfg: RunConfig) -> distributed.DistInfo:
     return distributed.init(device, cfg.runtime.dist_timeout_s)
 
 
-def _guarded(r: Run, body):
+def _guarded(ctx: RunContext, body):
     try:
         result = body()
-        r.tracker.finish("FINISHED")
+        ctx.tracker.finish("FINISHED")
         return result
     except BaseException:
-        r.tracker.finish("FAILED")
+        ctx.tracker.finish("FAILED")
         raise
 
 
-def _run_colocated(r: Run) -> dict:
-    table = pair_layers(r)
-    M_DsDt = supervision.build_map(r, table)
-    train_stages(r, topology.ColocatedFeed(r, _recipes(r, table), M_DsDt))
-    return _finish(r)
+def _say(ctx: RunContext, line: str) -> None:
+    if ctx.writes:
+        print(line, flush=True)
 
 
-def _finish(r: Run) -> dict:
-    export_dir = export_student(r)
-    return evaluate.evaluate_run(r, export_dir)
+# ---------------------------------------------------------------- the three topologies
 
 
-def _run_from_spool(cfg: RunConfig, info) -> dict:
+def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
+    table = pair_layers(ctx, progress)
+    M_DsDt = supervision.build_map(ctx, table)
+    binding = supervision.binding(ctx, table, M_DsDt)
+    plan = run_budget(ctx)
+    kind = _store_kind(ctx, plan)
+    announce(ctx, plan, kind)
+    store = topology.open_store(ctx, binding, kind)
+    resume.check_packets(ctx, progress, schema.digest(binding))
+    t0 = time.perf_counter()
+    counts = topology.teach_local(ctx, store, _recipes(ctx, table, _trained_layers(plan)), M_DsDt)
+    seconds = time.perf_counter() - t0
+    samples, tokens = distributed.all_reduce([counts["samples"], counts["tokens"]], ctx.info.device, ctx.group)
+    progress.teacher_samples += int(samples)
+    _log_teach(ctx, progress, store, {**counts, "tokens": tokens, "seconds": seconds})
+    train_stages(ctx, progress, plan, topology.Feed(ctx, store, store.kind))
+    if not ctx.cfg.transport.keep_spool:
+        store.remove()
+    return _finish(ctx, progress)
+
+
+def _run_from_spool(ctx: RunContext, progress: Progress) -> dict:
     """Topology spool: train from `transport.spool_dir` (`semalign train --from-spool DIR`); no teacher engine."""
-    if not cfg.transport.spool_dir:
-        raise ValueError("runtime.topology=spool needs transport.spool_dir (`semalign train --from-spool DIR`); "
-                         "write one with `semalign teach --config X --out DIR`")
-    r = prepare(cfg, info, role="student")
+    from semalign_ds.transport.spool import SpoolReader
 
-    def body():
-        from semalign_ds.transport.spool import SpoolReader
-
-        feed = topology.SpoolFeed(r, SpoolReader(cfg.transport.spool_dir, supervision.binding(r)))
-        record_pairing(r, feed.table)
-        train_stages(r, feed)
-        return _finish(r)
-    return _guarded(r, body)
+    reader = SpoolReader(ctx.cfg.transport.spool_dir, supervision.binding(ctx))
+    record_pairing(ctx, progress, topology.spool_pairing(ctx, reader))
+    resume.check_packets(ctx, progress, reader.manifest["binding_digest"])
+    progress.teacher_samples = round(reader.manifest.get("teacher_passes_per_sample", 1.0) * reader.num_samples)
+    plan = run_budget(ctx)
+    announce(ctx, plan, "spool", spool_bytes=reader.manifest["bytes"])
+    train_stages(ctx, progress, plan, topology.Feed(ctx, reader, "spool_read", check_tokens=True))
+    return _finish(ctx, progress)
 
 
 def _run_disaggregated(cfg: RunConfig, world: distributed.DistInfo) -> dict:
@@ -126,33 +120,50 @@ def _run_disaggregated(cfg: RunConfig, world: distributed.DistInfo) -> dict:
     info = topology.role_info(world, layout.teacher_ranks if teacher else layout.student_ranks)
     if teacher:
         with topology.tell_students_on_error(cfg, layout, info.device):
-            r = prepare(cfg, info, role="teacher", group=group, mpu=GroupMPU(group, single))
-            return _guarded(r, lambda: _serve_stream(r, layout))
-    r = prepare(cfg, info, role="student", group=group, mpu=GroupMPU(group, single))
+            ctx, progress = prepare(cfg, info, role="teacher", group=group, mpu=GroupMPU(group, single))
+            return _guarded(ctx, lambda: _serve_stream(ctx, progress, layout))
+    ctx, progress = prepare(cfg, info, role="student", group=group, mpu=GroupMPU(group, single))
     # transformers' save_pretrained writes only on global rank 0 (a teacher rank here): the student's first rank
     # writes its checkpoints and export instead (the callers already restrict writing to it)
-    r.student.should_save_on_this_rank = lambda is_main_process: is_main_process
-    return _guarded(r, lambda: _train_from_stream(r, layout))
+    ctx.student.should_save_on_this_rank = lambda is_main_process: is_main_process
+    return _guarded(ctx, lambda: _train_from_stream(ctx, progress, layout))
 
 
-def _serve_stream(r: Run, layout) -> dict:
-    table = pair_layers(r)
-    M_DsDt = supervision.build_map(r, table)
-    schedule = stage_schedule(r, len(layout.student_ranks))
-    stats = topology.serve_stream(r, layout, _recipes(r, table), M_DsDt, supervision.binding(r, table, M_DsDt),
-                                  table, schedule)
-    return {"table": f"teacher rank {r.info.rank}: streamed {stats['packets']} packets, "
-                     f"{stats['bytes'] / 2**20:.1f} MiB, idle {stats['idle_s']:.1f} of {stats['wall_s']:.1f} s"}
+def _serve_stream(ctx: RunContext, progress: Progress, layout) -> dict:
+    table = pair_layers(ctx, progress)
+    M_DsDt = supervision.build_map(ctx, table)
+    plan = run_budget(ctx, len(layout.student_ranks))
+    stats = topology.serve_stream(ctx, layout, _recipes(ctx, table, _trained_layers(plan)), M_DsDt,
+                                  supervision.binding(ctx, table, M_DsDt), table, plan.stages[0].k)
+    return {"table": f"teacher rank {ctx.info.rank}: streamed {stats['packets']} packets ({stats['samples']} "
+                     f"samples), {stats['bytes'] / 2**20:.1f} MiB, idle {stats['idle_s']:.1f} of "
+                     f"{stats['wall_s']:.1f} s"}
 
 
-def _train_from_stream(r: Run, layout) -> dict:
-    feed = topology.StreamFeed(r, layout)
-    record_pairing(r, feed.hello())
-    train_stages(r, feed)
-    stats = feed.finish()
-    if r.writes:
-        r.tracker.log_metrics(stats)
-    return _finish(r)
+def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
+    plan = run_budget(ctx)
+    kind = _store_kind(ctx, plan)
+    feed_store = topology.StreamStore(ctx, layout, None, plan.stages[0].k)
+    record_pairing(ctx, progress, feed_store.hello())
+    feed_store.inner = topology.open_store(ctx, feed_store.binding, kind)
+    resume.check_packets(ctx, progress, schema.digest(feed_store.binding))
+    announce(ctx, plan, kind)
+    train_stages(ctx, progress, plan, topology.Feed(ctx, feed_store, "wire"))
+    feed_store.drain()
+    stats = feed_store.stats()
+    progress.teacher_samples += int(stats.pop("teacher_samples"))
+    if ctx.writes:
+        ctx.tracker.log_metrics(stats)
+    if not ctx.cfg.transport.keep_spool:
+        feed_store.inner.remove()
+    return _finish(ctx, progress)
+
+
+def _finish(ctx: RunContext, progress: Progress) -> dict:
+    export_dir = export_student(ctx)
+    if ctx.writes:
+        ctx.tracker.log_metrics({"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks)})
+    return evaluate.evaluate_run(ctx, export_dir)
 
 
 def teach(cfg: RunConfig) -> dict:
@@ -163,43 +174,46 @@ def teach(cfg: RunConfig) -> dict:
     info = _init(cfg)
     out = Path(cfg.transport.spool_dir)
     state = out / "teach.json"
-    progress = json.loads(state.read_text()) if state.is_file() else {}
-    if progress.get("config_hash") != cfgmod.result_hash(cfg):
-        progress = {}
-    r = prepare(cfg, info, role="writer", out=out, progress=progress)
+    earlier = json.loads(state.read_text()) if state.is_file() else {}
+    same = earlier.get("config_hash") == cfgmod.result_hash(cfg)
+    progress = Progress(config_hash=cfgmod.result_hash(cfg), mlflow_run_id=earlier.get("mlflow_run_id") if same else None,
+                        pairing_done=bool(same and earlier.get("pairing")))
+    ctx, progress = prepare(cfg, info, role="writer", out=out, progress=progress)
 
     def body():
-        table = pair_layers(r)
-        if r.writes:
-            state.write_text(json.dumps({"config_hash": cfgmod.result_hash(cfg), "pairing": True,
-                                         "mlflow_run_id": r.progress.get("mlflow_run_id")}))
-        M_DsDt = supervision.build_map(r, table)
-        recipes = _recipes(r, table)
-        stages = stage_list(cfg, get_adapter(r.student).num_layers)
-        layers = sorted({l for _, ls, _ in supervision.stage_plan(cfg, stages, 1) for l in ls})
-        manifest = topology.write_spool(r, {l: recipes[l] for l in layers}, M_DsDt,
-                                        supervision.binding(r, table, M_DsDt), layers)
-        if r.writes:
-            r.tracker.log_metrics({"teacher_passes_per_sample": manifest["teacher_passes_per_sample"],
-                                   "transport/spool_bytes_per_token": manifest["bytes_per_token"],
-                                   "transport/spool_bytes": float(manifest["bytes"]),
-                                   "transport/spool_write_s": r.progress["spool_write_s"]})
+        table = pair_layers(ctx, progress)
+        if ctx.writes:
+            state.write_text(json.dumps({"config_hash": progress.config_hash, "pairing": True,
+                                         "mlflow_run_id": progress.mlflow_run_id}))
+        M_DsDt = supervision.build_map(ctx, table)
+        layers = sorted({l for s in run_budget(ctx).stages for l in s.layers})
+        manifest = topology.write_spool(ctx, _recipes(ctx, table, layers), M_DsDt,
+                                        supervision.binding(ctx, table, M_DsDt), layers)
+        if ctx.writes:
+            ctx.tracker.log_metrics({"teacher_passes_per_sample": manifest["teacher_passes_per_sample"],
+                                     "teach/emitted_samples": float(manifest["emitted_samples"]),
+                                     "transport/spool_bytes_per_token": manifest["bytes_per_token"],
+                                     "transport/spool_bytes": float(manifest["bytes"]),
+                                     "transport/spool_write_s": manifest["spool_write_s"]})
         return manifest
-    return _guarded(r, body)
+    return _guarded(ctx, body)
+
+
+# ---------------------------------------------------------------- setting up
 
 
 def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated", out: Path | None = None,
-            progress: dict | None = None, group=None, mpu=None) -> Run:
+            progress: Progress | None = None, group=None, mpu=None) -> tuple[RunContext, Progress]:
     out = cfgmod.resolved_output_dir(cfg) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if progress is None:
-        progress = resume.read_progress(out, cfg) if cfg.runtime.resume else {}
+        progress = resume.read_progress(out, cfg) if cfg.runtime.resume else Progress(cfgmod.result_hash(cfg))
     main = info.is_main and role != "teacher"
     (out / "config.yaml").write_text(cfgmod.to_yaml(cfg)) if main else None
     torch.manual_seed(cfg.seed)
     tracker = make_tracker(cfg.tracking.enabled, main, cfg.tracking.uri, cfg.tracking.experiment,
-                           cfg.name, out, run_id=progress.get("mlflow_run_id"))
-    progress["mlflow_run_id"] = tracker.run_id
+                           cfg.name, out, run_id=progress.mlflow_run_id)
+    progress.mlflow_run_id = tracker.run_id
     tracker.log_params(cfgmod.flatten(cfg))
     tracker.set_tags({"config_hash": cfgmod.result_hash(cfg), "world_size": info.world_size,
                       "topology": cfg.runtime.topology, "role": role})
@@ -207,21 +221,21 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
         tracker.log_artifact(out / "config.yaml")
     tok_T = load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     tok_S = load_tokenizer(cfg.student.path, "student.path", cfg.student.trust_remote_code)
-    student = _load_student(cfg, info, out, progress)
+    student = _load_student(cfg, info, progress)
     teacher_config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     blocks = _load_blocks(cfg, tok_S, [student.config, teacher_config])
     vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, blocks, int(teacher_config.get_text_config().vocab_size))
     _check_layers(cfg, teacher_config, student)
     hidden_T = int(teacher_config.get_text_config().hidden_size)
     teacher = None if role == "student" else _build_teacher(cfg, info, hidden_T, mpu)
-    return Run(cfg, info, out, tracker, tok_T, tok_S, student, teacher, blocks, vocab, progress, role=role,
-               group=group, mpu=mpu)
+    ctx = RunContext(cfg, info, out, role, tracker, tok_T, tok_S, student, teacher, blocks, vocab, group, mpu)
+    return ctx, progress
 
 
 def _check_layers(cfg: RunConfig, teacher_config, student) -> None:
     """Layer indices in the config against both models, before the teacher is loaded."""
     L_S = get_adapter(student).num_layers
-    stage_list(cfg, L_S)
+    budgetmod.stage_list(cfg, L_S)
     L_T = int(teacher_config.get_text_config().num_hidden_layers)
     manual = cfg.pairing.manual
     if manual is not None and (len(manual) != L_S or not all(1 <= l <= L_T for l in manual)):
@@ -229,8 +243,8 @@ def _check_layers(cfg: RunConfig, teacher_config, student) -> None:
                          f"each in 1..{L_T}")
 
 
-def _load_student(cfg: RunConfig, info, out: Path, progress: dict) -> torch.nn.Module:
-    path = progress.get("model_dir") or cfg.student.path  # resume: the checkpoint's weights
+def _load_student(cfg: RunConfig, info, progress: Progress) -> torch.nn.Module:
+    path = progress.model_dir or cfg.student.path  # resume: the checkpoint's weights
     student = load_causal_lm(path, DTYPES[cfg.student.dtype], info.device,
                              cfg.student.trust_remote_code, key="student.path")
     student.eval()  # dropout off: targets are matched deterministically and resume is exact
@@ -258,101 +272,164 @@ def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):
                                          mpu=mpu)
 
 
-def pair_layers(r: Run) -> PairingTable:
+# ---------------------------------------------------------------- the plan of the run
+
+
+def run_budget(ctx: RunContext, world: int | None = None) -> budgetmod.Budget:
+    """The stages of this run over its `world` student ranks (default: this role's ranks)."""
+    return budgetmod.budget(ctx.cfg, get_adapter(ctx.student).num_layers, len(ctx.blocks),
+                            ctx.info.world_size if world is None else world)
+
+
+def _trained_layers(plan: budgetmod.Budget) -> list[int]:
+    return sorted({l for s in plan.stages for l in s.layers})
+
+
+def _bytes_per_sample(ctx: RunContext, plan: budgetmod.Budget) -> int:
+    cfg, adapter = ctx.cfg, get_adapter(ctx.student)
+    width = adapter.hidden_size
+    if cfg.method.layer_objective == "hidden_mse":
+        width = int(load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
+                    .get_text_config().hidden_size)
+    return supervision.packet_bytes_per_sample(cfg, ctx.blocks.seq_len, len(_trained_layers(plan)), width,
+                                               adapter.vocab_size)
+
+
+def _store_kind(ctx: RunContext, plan: budgetmod.Budget) -> str:
+    import os
+
+    capacity = len(datamod.owned_samples(len(ctx.blocks), ctx.info.rank, ctx.info.world_size))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return topology.store_kind(ctx.cfg, capacity, _bytes_per_sample(ctx, plan), local)
+
+
+def announce(ctx: RunContext, plan: budgetmod.Budget, store: str, spool_bytes: int | None = None) -> None:
+    """Print and log the run's plan: stages, steps and tokens per stage, teacher passes per sample, packet bytes."""
+    per_rank = len(datamod.owned_samples(len(ctx.blocks), ctx.info.rank, ctx.info.world_size))
+    store_bytes = spool_bytes if spool_bytes is not None else per_rank * _bytes_per_sample(ctx, plan)
+    where = {"memory": "host memory of each rank", "disk": f"a local spool per rank in "
+             f"{topology.store_dir(ctx.cfg, ctx.out)}", "spool": f"the spool {ctx.cfg.transport.spool_dir}"}[store]
+    lines = plan.describe() + [f"teacher passes per sample: 1 (one teacher forward per transfer sample; "
+                               f"{len(plan.stages)} stage(s) train from its packets)",
+                               f"packets: {store_bytes / 2**20:,.1f} MiB{' per rank' if store != 'spool' else ''} "
+                               f"in {where}"]
+    for line in lines:
+        _say(ctx, f"plan: {line}")
+    first = plan.stages[0]
+    ctx.tracker.log_params({"plan.stages": [s.k for s in plan.stages], "plan.steps_per_stage": first.steps,
+                            "plan.tokens_per_stage": first.tokens, "plan.epochs_per_stage": round(first.epochs, 4),
+                            "plan.teacher_passes_per_sample": 1.0, "plan.store": store,
+                            "plan.store_bytes": store_bytes})
+
+
+def _log_teach(ctx: RunContext, progress: Progress, store, counts: dict) -> None:
+    """The teach phase's metrics: passes per sample, teacher tokens/s (all ranks), token positions per weight pass
+    and the effective host->device rate of an offloaded teacher (this rank), what the store holds."""
+    if not ctx.writes:
+        return
+    seconds = max(counts["seconds"], 1e-9)
+    metrics = {"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks), "teach/seconds": seconds,
+               "store/host_bytes": float(store.nbytes if store.kind == "memory" else 0),
+               "store/disk_bytes": float(store.nbytes if store.kind == "disk" else 0)}
+    if counts["passes"]:
+        metrics.update(teacher_tokens_per_s=counts["tokens"] / seconds,
+                       tokens_per_weight_pass=float(ctx.cfg.data.micro_batch_size * ctx.blocks.seq_len))
+        if ctx.cfg.teacher_engine.offload != "none":
+            param_bytes = throughput.teacher_param_bytes(ctx.teacher.model)
+            metrics["h2d_gbps_effective"] = param_bytes * counts["passes"] / seconds / 1e9
+    ctx.tracker.log_metrics(metrics)
+
+
+# ---------------------------------------------------------------- pairing
+
+
+def pair_layers(ctx: RunContext, progress: Progress) -> PairingTable:
     """Attribution on the teacher over the transfer data, then the pairing table (saved; reused on resume)."""
-    path = r.out / "pairing.json"
-    if r.progress.get("pairing") and path.is_file():
+    path = ctx.out / "pairing.json"
+    if progress.pairing_done and path.is_file():
         return PairingTable.from_json(path.read_text())
-    cfg = r.cfg
-    L_T, L_S = r.teacher.adapter.num_layers, get_adapter(r.student).num_layers
+    cfg = ctx.cfg
+    L_T, L_S = ctx.teacher.adapter.num_layers, get_adapter(ctx.student).num_layers
     scores_abs = scores_signed = None
     if cfg.pairing.manual is None and cfg.pairing.critical_layer:
-        n = min(cfg.pairing.attribution_batches, max(1, len(r.blocks) // r.cfg.data.micro_batch_size))
-        batches = [supervision.rank_batch(r, cfg.seed + 7919, i) for i in range(n)]
-        teacher_batches = [(r.vocab.to_teacher(b.ids_BT), b.mask_BT) for b in batches]
-        scores_abs, scores_signed = r.teacher.attribute(bar(teacher_batches, "attribution", r), range(1, L_T + 1))
-        scores_abs, scores_signed = scores_abs.tolist(), scores_signed.tolist()  # all-reduced over ranks
+        scores_abs, scores_signed = _attribute(ctx, L_T)
     table = build_pairing(L_T, L_S, scores_abs, cfg.pairing.critical_layer, cfg.pairing.interpolate,
                           cfg.pairing.manual, scores_signed)
-    record_pairing(r, table)
+    record_pairing(ctx, progress, table)
     return table
 
 
-def record_pairing(r: Run, table: PairingTable) -> None:
+def _attribute(ctx: RunContext, L_T: int) -> tuple[list[float], list[float]]:
+    """Layer grad x activation on pairing.attribution_batches micro-batches of pairing.attribution_micro_batch
+    sequences per rank (forward + backward through the teacher, activations kept: hence its own micro-batch)."""
+    cfg, info, N = ctx.cfg, ctx.info, len(ctx.blocks)
+    micro = cfg.pairing.attribution_micro_batch or cfg.data.micro_batch_size
+    n = min(cfg.pairing.attribution_batches, datamod.micro_batches_per_epoch(N, micro, info.world_size))
+    batches = [datamod.take(ctx.blocks, datamod.micro_batch_ids(N, micro, info.world_size, info.rank,
+                                                                cfg.seed + 7919, i)) for i in range(n)]
+    teacher_batches = [(ctx.vocab.to_teacher(b.ids_BT), b.mask_BT) for b in batches]
+    scores_abs, scores_signed = ctx.teacher.attribute(bar(teacher_batches, "attribution", ctx), range(1, L_T + 1))
+    if ctx.writes:
+        ctx.tracker.log_metrics({"teacher_attribution_passes_per_sample": n * micro * info.world_size / N})
+    return scores_abs.tolist(), scores_signed.tolist()  # all-reduced over ranks
+
+
+def record_pairing(ctx: RunContext, progress: Progress, table: PairingTable) -> None:
     """Save the pairing table (and its chart) with the run; a student of a split run gets it from the teacher."""
-    path = r.out / "pairing.json"
-    if r.writes:
+    path = ctx.out / "pairing.json"
+    if ctx.writes:
         path.write_text(table.to_json())
-        r.tracker.log_artifact(path)
+        ctx.tracker.log_artifact(path)
         if table.scores_abs:
-            r.tracker.log_artifact(report.attribution_chart(table.scores_abs, _sources(table),
-                                                            r.out / "attribution.png"))
-    r.progress["pairing"] = True
+            ctx.tracker.log_artifact(report.attribution_chart(table.scores_abs, _sources(table),
+                                                              ctx.out / "attribution.png"))
+    progress.pairing_done = True
 
 
-def _recipes(r: Run, table: PairingTable) -> dict:
-    return target_recipes(_sources(table), r.cfg.method.residual, supervision.target_kind(r.cfg))
+def _recipes(ctx: RunContext, table: PairingTable, layers: list[int]) -> dict:
+    recipes = target_recipes(_sources(table), ctx.cfg.method.residual, supervision.target_kind(ctx.cfg))
+    return {l: recipes[l] for l in layers}
 
 
 def _sources(table: PairingTable) -> list:
     return [row.interp if row.interp else row.source_layer for row in table.rows]
 
 
-def stage_list(cfg: RunConfig, L_S: int) -> list[int]:
-    stages = cfg.schedule.stages or list(range(1, L_S + 1))
-    bad = [k for k in stages if not 1 <= k <= L_S]
-    if bad:
-        raise ValueError(f"schedule.stages {bad} out of range: the student has layers 1..{L_S}")
-    if stages != sorted(set(stages)):
-        raise ValueError(f"schedule.stages {stages} must be increasing (shallow to deep) without repeats")
-    return stages
+# ---------------------------------------------------------------- training
 
 
-def steps_for_stage(cfg: RunConfig, world_size: int) -> int:
-    if cfg.schedule.tokens_per_stage is None:
-        return cfg.schedule.steps_per_stage
-    per_step = cfg.data.micro_batch_size * cfg.schedule.grad_accum * world_size * cfg.data.seq_len
-    return max(1, math.ceil(cfg.schedule.tokens_per_stage / per_step))
-
-
-def stage_schedule(r: Run, world: int) -> list[tuple[int, list[int], int, int]]:
-    """(stage id, trainable layers, resume step, optimizer steps) of the stages still to train, `world` student
-    ranks (a pure function of the config and the checkpoint: the teacher ranks of a split run compute it too)."""
-    cfg = r.cfg
-    stages = stage_list(cfg, get_adapter(r.student).num_layers)
-    done = set(r.progress.get("stages_done", []))
-    plan = supervision.stage_plan(cfg, stages, steps_for_stage(cfg, world))  # schedule.mode full: one stage
-    return [(k, layers, resume.resume_step(r.progress, k), steps) for k, layers, steps in plan if k not in done]
-
-
-def train_stages(r: Run, feed) -> None:
-    """Every stage still to train, its packets from `feed` (topology.py); checkpoints inside and between."""
+def train_stages(ctx: RunContext, progress: Progress, plan: budgetmod.Budget, feed) -> None:
+    """Every stage still to train, its packets from `feed` (topology.py); checkpoints inside and between.
+    Metrics go to MLflow on the run's global optimizer step (stage offsets from the plan)."""
     from semalign_ds.engines.student import StudentStage
 
-    done = set(r.progress.get("stages_done", []))
-    for k, layers, _, steps in stage_schedule(r, r.info.world_size):
-        steps = feed.capped_steps(steps)
-        stage = StudentStage(r.student, k, **supervision.stage_kwargs(r, steps, layers))
-        start = resume.resume_stage(r, stage, k)
-        _run_stage(r, stage, k, start, steps, feed.source(k, layers, start, steps))
-        stage.finish()
-        r.progress["stages_done"] = sorted(done | {k})
-        done.add(k)
-        r.progress.pop("stage", None), r.progress.pop("step", None)
-        resume.save_boundary(r)
-        if r.info.is_main:
-            summary = {f"stage{k}/final_{m}": v for m, v in r.history[k][-1].items() if m != "step"}
-            r.tracker.log_metrics({**summary, **feed.stats()}, step=len(done))
-    if r.info.is_main and r.history:
-        r.tracker.log_artifact(report.loss_curves(r.history, r.out / "loss_curves.png"))
+    offset, history = 0, []
+    for stage in plan.stages:
+        if stage.k not in progress.stages_done:
+            student = StudentStage(ctx.student, stage.k,
+                                   **supervision.stage_kwargs(ctx, stage.steps, list(stage.layers)))
+            start = resume.resume_stage(ctx, progress, student, stage.k)
+            source = feed.source(stage.k, list(stage.layers), start, stage.steps)
+            _run_stage(ctx, progress, student, stage, start, offset, source, history)
+            student.finish()
+            progress.stages_done = sorted(set(progress.stages_done) | {stage.k})
+            resume.save_boundary(ctx, progress)
+            if ctx.writes:
+                ctx.tracker.log_metrics(feed.stats(), step=offset + stage.steps)
+        offset += stage.steps
+    if ctx.writes and history:
+        by_stage: dict[int, list[dict]] = {}
+        for row in history:
+            by_stage.setdefault(row["stage"], []).append({**row, "step": row["stage_step"]})
+        ctx.tracker.log_artifact(report.loss_curves(by_stage, ctx.out / "loss_curves.png"))
 
 
-def _run_stage(r: Run, stage, k: int, start: int, total: int, source) -> None:
-    cfg = r.cfg
-    history = r.history.setdefault(k, [])
+def _run_stage(ctx: RunContext, progress: Progress, stage, plan_stage: budgetmod.Stage, start: int, offset: int,
+               source, history: list) -> None:
+    cfg, k, total = ctx.cfg, plan_stage.k, plan_stage.steps
     packets = iter(source)
-    meter = throughput.RunMeter.for_run(r)  # teacher/student tokens/s, tokens per pass, H2D GB/s, bytes/token
-    for step in bar(range(start, total), f"stage {k} (student layer {k})", r, initial=start, total=total):
+    meter = throughput.RunMeter.for_run(ctx)  # source/student tokens/s, bytes per token
+    for step in bar(range(start, total), f"stage {k} (student layer {k})", ctx, initial=start, total=total):
         t0 = time.perf_counter()
         metrics = {}
         for micro in range(cfg.schedule.grad_accum):
@@ -361,25 +438,22 @@ def _run_stage(r: Run, stage, k: int, start: int, total: int, source) -> None:
                 raise RuntimeError(f"the packet source of stage {k} ended before step {step + 1} of {total}")
             metrics = meter.student(stage.step, packet)
         seconds = time.perf_counter() - t0
-        tokens = metrics["tokens"] * cfg.schedule.grad_accum * r.info.world_size
-        metrics.update(step=step + 1, tokens_per_s=tokens / seconds, **meter.flush())
-        history.append(metrics)
-        if r.info.is_main:
-            r.tracker.log_metrics({f"stage{k}/{m}": v for m, v in metrics.items() if m != "step"},
-                                  step=step + 1)
+        tokens = metrics["tokens"] * cfg.schedule.grad_accum * ctx.info.world_size
+        metrics.update(stage=k, tokens_per_s=tokens / seconds, **meter.flush())
+        history.append({**metrics, "step": offset + step + 1, "stage_step": step + 1})
+        if ctx.writes:
+            ctx.tracker.log_metrics(metrics, step=offset + step + 1)
         if (step + 1) % cfg.runtime.checkpoint_every == 0 and step + 1 < total:
-            resume.save_inside(r, stage, step + 1)
+            resume.save_inside(ctx, progress, stage, step + 1)
 
 
-def export_student(r: Run) -> Path:
+def export_student(ctx: RunContext) -> Path:
     """The result: a plain Hugging Face checkpoint of the student (safetensors + tokenizer)."""
-    export = r.out / "student"
-    if r.info.is_main:
-        tmp = r.out / "student.tmp"
-        r.student.save_pretrained(tmp, safe_serialization=True)
-        r.tok_S.save_pretrained(tmp)
+    export = ctx.out / "student"
+    if ctx.writes:
+        tmp = ctx.out / "student.tmp"
+        ctx.student.save_pretrained(tmp, safe_serialization=True)
+        ctx.tok_S.save_pretrained(tmp)
         resume.replace_dir(tmp, export)
-        r.tracker.log_metrics({"teacher_passes_per_sample": r.progress.get("teacher_passes", 0)})
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier(group=r.group)
+    distributed.barrier(ctx.group)
     return export

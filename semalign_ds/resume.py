@@ -1,29 +1,55 @@
-"""Run-level checkpoints and resume.
+"""Run-level checkpoints and resume: the typed progress of a run and where it is saved.
 
 <output_dir>/checkpoint/ holds `model/` (the student, a HF folder), inside a stage each rank's ZeRO-2 optimizer
-partition (engines/checkpoint.py), and run.json (stages done, the stage and step to resume, the MLflow run id,
-the config hash; for a student reading a spool, its reader position). A checkpoint is written whole into
+partition (engines/checkpoint.py), and run.json (the Progress below). A checkpoint is written whole into
 checkpoint.tmp/ and renamed into place, so a kill at any moment leaves the previous checkpoint intact. No pickle.
-Barriers run over the run's role group (`r.group`: the student ranks of a disaggregated run; None = the world).
+Barriers run over the run's role group (`ctx.group`: the student ranks of a disaggregated run; None = the world).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from semalign_ds import config as cfgmod
+from semalign_ds.distributed import barrier
 
 CKPT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 RUN_FILE = "run.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _barrier(group=None) -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier(group=group)
+@dataclass
+class Progress:
+    """Where a run stands; saved as run.json with every checkpoint. Only the training loop changes it."""
+
+    config_hash: str = ""
+    mlflow_run_id: str | None = None
+    world_size: int = 1
+    pairing_done: bool = False
+    stages_done: list[int] = field(default_factory=list)
+    stage: int | None = None  # the stage a mid-stage checkpoint is inside (None at a boundary)
+    step: int | None = None  # its optimizer steps done
+    teacher_samples: int = 0  # samples the teacher emitted for this run, over all its attempts
+    packets: str | None = None  # binding digest of the packets trained on (a resume must read the same)
+    model_dir: str | None = None  # the checkpoint's student weights (not saved; set when read)
+
+    def resume_step(self, k: int) -> int:
+        """The step stage k resumes at (pure: teacher ranks of a split run compute it too)."""
+        return int(self.step or 0) if self.stage == k else 0
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "model_dir"}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Progress":
+        raw = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
 
 
 def _current(out: Path) -> Path | None:
@@ -33,46 +59,44 @@ def _current(out: Path) -> Path | None:
     return None
 
 
-def read_progress(out: Path, cfg) -> dict:
-    """The last checkpoint's run state, or {} for a fresh run; refuses a directory of another config."""
+def read_progress(out: Path, cfg) -> Progress:
+    """The last checkpoint's progress, or a fresh one; refuses a directory of another config."""
+    want = cfgmod.result_hash(cfg)
     ckpt = _current(out)
     if ckpt is None:
-        return {}
-    progress = json.loads((ckpt / RUN_FILE).read_text())
-    want = cfgmod.result_hash(cfg)
-    if progress.get("config_hash") != want:
+        return Progress(config_hash=want)
+    progress = Progress.from_json((ckpt / RUN_FILE).read_text())
+    if progress.config_hash != want:
         raise ValueError(
             f"output_dir {str(out)!r} holds a checkpoint of a different configuration (config hash "
-            f"{progress.get('config_hash')} != {want}; its config is in {out / 'config.yaml'}); use another "
+            f"{progress.config_hash} != {want}; its config is in {out / 'config.yaml'}); use another "
             f"output_dir, or set runtime.resume=false to start over and overwrite it")
-    _barrier()
+    barrier()
     if ckpt.name == OLD and torch.distributed.get_rank() == 0:
         ckpt.rename(out / CKPT)
-    _barrier()
-    progress["model_dir"] = str(out / CKPT / "model")
+    barrier()
+    progress.model_dir = str(out / CKPT / "model")
     return progress
 
 
-def _write(r, stage=None, step: int | None = None) -> None:
+def _write(ctx, progress: Progress, stage=None, step: int | None = None) -> None:
     from semalign_ds.engines.checkpoint import save_stage_state
 
-    tmp = r.out / TMP
-    group = getattr(r, "group", None)
-    if r.info.is_main:
+    tmp = ctx.out / TMP
+    if ctx.info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(group)
+    barrier(ctx.group)
     if stage is not None:
         save_stage_state(tmp, stage, step)
-    elif r.info.is_main:
-        r.student.save_pretrained(tmp / "model")
-    if r.info.is_main:
-        meta = {k: v for k, v in r.progress.items() if k != "model_dir"}
-        meta.update(config_hash=cfgmod.result_hash(r.cfg), world_size=r.info.world_size,
-                    stage=stage.k if stage is not None else None, step=step)
-        (tmp / RUN_FILE).write_text(json.dumps(meta, indent=2))
-        _commit(r.out)
-    _barrier(group)
+    elif ctx.info.is_main:
+        ctx.student.save_pretrained(tmp / "model")
+    if ctx.info.is_main:
+        progress.world_size = ctx.info.world_size
+        progress.stage, progress.step = (stage.k, step) if stage is not None else (None, None)
+        (tmp / RUN_FILE).write_text(progress.to_json())
+        _commit(ctx.out)
+    barrier(ctx.group)
 
 
 def _commit(out: Path) -> None:
@@ -83,52 +107,36 @@ def _commit(out: Path) -> None:
     shutil.rmtree(out / OLD, ignore_errors=True)
 
 
-def save_inside(r, stage, step: int) -> None:
+def save_inside(ctx, progress: Progress, stage, step: int) -> None:
     """Mid-stage checkpoint: weights, optimizer partitions and the step to resume from."""
-    _write(r, stage, step)
+    _write(ctx, progress, stage, step)
 
 
-def save_boundary(r) -> None:
+def save_boundary(ctx, progress: Progress) -> None:
     """Stage-boundary checkpoint: the next stage starts with a fresh engine, so weights suffice."""
-    _write(r)
+    _write(ctx, progress)
 
 
-def resume_stage(r, stage, k: int) -> int:
+def resume_stage(ctx, progress: Progress, stage, k: int) -> int:
     """The step to start stage k at: 0, or the saved step when the checkpoint is inside this stage."""
-    p = r.progress
-    if not resume_step(p, k):
+    if not progress.resume_step(k):
         return 0
-    if p.get("world_size") != r.info.world_size:
-        raise ValueError(f"the checkpoint in {r.out / CKPT} was written by {p.get('world_size')} ranks inside "
+    if progress.world_size != ctx.info.world_size:
+        raise ValueError(f"the checkpoint in {ctx.out / CKPT} was written by {progress.world_size} ranks inside "
                          f"stage {k}; resume it with the same number of ranks")
     from semalign_ds.engines.checkpoint import load_stage_state
 
-    load_stage_state(r.out / CKPT, stage)
-    return int(p["step"])
+    load_stage_state(ctx.out / CKPT, stage)
+    return int(progress.step)
 
 
-def resume_step(progress: dict, k: int) -> int:
-    """The step stage k resumes at according to the checkpoint's progress (pure: teacher ranks use it too)."""
-    return int(progress.get("step") or 0) if progress.get("stage") == k else 0
-
-
-def record_spool_position(r, k: int, next_micro: int, spool_id: str) -> None:
-    """After each packet read from a spool: the next micro-batch index of stage k (saved with the checkpoint)."""
-    r.progress["spool"] = {"stage": k, "next_micro_batch": next_micro, "spool": spool_id}
-
-
-def check_spool_position(r, k: int, first_micro: int, spool_id: str) -> None:
-    """A resumed student reads from exactly where the checkpoint left off, in the same spool."""
-    p = r.progress.get("spool")
-    if not p or p.get("stage") != k:
-        return
-    if p.get("spool") != spool_id:
-        raise ValueError(f"the checkpoint in {r.out / CKPT} was trained from another spool (binding {p.get('spool')}, "
-                         f"this one {spool_id}); resume with the same --from-spool, or set runtime.resume=false")
-    if p.get("next_micro_batch") != first_micro:
-        raise ValueError(f"the checkpoint in {r.out / CKPT} read the spool up to micro-batch "
-                         f"{p.get('next_micro_batch')} of stage {k} but resumes at {first_micro}; it is inconsistent: "
-                         f"set runtime.resume=false to start over")
+def check_packets(ctx, progress: Progress, digest: str) -> None:
+    """A resumed run trains on packets of the same binding as before (e.g. the same --from-spool)."""
+    if progress.packets not in (None, digest):
+        raise ValueError(f"the checkpoint in {ctx.out / CKPT} was trained on other teacher packets (binding "
+                         f"{progress.packets}, now {digest}); resume with the same --from-spool and config, or set "
+                         f"runtime.resume=false")
+    progress.packets = digest
 
 
 def find_template(path: str, key: str) -> Path:

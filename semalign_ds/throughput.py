@@ -222,31 +222,25 @@ def teacher_param_bytes(model) -> int:
 
 
 class RunMeter:
-    """Times the packet source (colocated: the teacher's emission) and the student's step inside a stage.
+    """Times the packet source (a store, spool or stream read) and the student's step inside a stage.
 
     Rank-local timings (the device is synchronised after each call so GPU work is charged to the right side);
     rates are scaled by the world size. `flush()` returns the step's metrics and starts afresh:
-    - teacher_tokens_per_s (colocated; other topologies: source_tokens_per_s, the read or receive rate),
-    - tokens_per_weight_pass: token positions per teacher forward on one rank (colocated),
-    - h2d_gbps_effective: teacher parameter bytes per pass / pass time, when its parameters are offloaded,
-    - student_tokens_per_s, and bytes_per_token_moved (packet bytes / real token).
+    source_tokens_per_s (the read or receive rate), student_tokens_per_s, bytes_per_token_moved (packet bytes per
+    real token). The teacher's own rates are measured in the teach phase (pipeline._log_teach).
     """
 
-    def __init__(self, teacher_model, offloaded: bool, in_process: bool, device, world_size: int):
-        self.param_bytes = teacher_param_bytes(teacher_model) if (offloaded and teacher_model is not None) else 0
-        self.in_process, self.device, self.world_size = in_process, device, int(world_size)
+    def __init__(self, device, world_size: int):
+        self.device, self.world_size = device, int(world_size)
         self.reset()
 
     @classmethod
-    def for_run(cls, r) -> "RunMeter":
-        """The meter of a pipeline Run (r.teacher is None where this rank holds no teacher)."""
-        teacher = getattr(r, "teacher", None)
-        return cls(getattr(teacher, "model", None), r.cfg.teacher_engine.offload != "none",
-                   r.cfg.runtime.topology == "colocated" and teacher is not None, r.info.device, r.info.world_size)
+    def for_run(cls, ctx) -> "RunMeter":
+        return cls(ctx.info.device, ctx.info.world_size)
 
     def reset(self) -> None:
         self.t_source = self.t_student = 0.0
-        self.passes = self.positions = self.tokens = self.packet_bytes = 0
+        self.reads = self.tokens = self.packet_bytes = 0
 
     def _sync(self) -> None:
         if getattr(self.device, "type", str(self.device)) == "cuda":
@@ -261,8 +255,7 @@ class RunMeter:
         self._sync()
         if packet is not None:
             self.t_source += time.perf_counter() - t0
-            self.passes += 1
-            self.positions += packet.ids_BT.numel()
+            self.reads += 1
             self.packet_bytes += packet.nbytes()
         return packet
 
@@ -277,14 +270,8 @@ class RunMeter:
 
     def flush(self) -> dict[str, float]:
         tokens, out = max(self.tokens, 1), {}
-        if self.passes and self.t_source > 0:
-            rate = self.world_size * tokens / self.t_source
-            if self.in_process:
-                out.update(teacher_tokens_per_s=rate, tokens_per_weight_pass=self.positions / self.passes)
-                if self.param_bytes:
-                    out["h2d_gbps_effective"] = self.param_bytes * self.passes / self.t_source / 1e9
-            else:
-                out["source_tokens_per_s"] = rate
+        if self.reads and self.t_source > 0:
+            out["source_tokens_per_s"] = self.world_size * tokens / self.t_source
             out["bytes_per_token_moved"] = self.packet_bytes / tokens
         if self.t_student > 0:
             out["student_tokens_per_s"] = self.world_size * tokens / self.t_student

@@ -1,153 +1,143 @@
-"""The three topologies: what feeds the student loop its packets, and the teacher-side loops that make them.
+"""Where the student's packets come from: one teacher pass per transfer sample in every topology.
 
-colocated      ColocatedFeed: the teacher engine on every rank emits each micro-batch's packet in memory.
-disaggregated  teacher ranks run `serve_stream` (ZeRO-3 over the teacher group, lockstep rounds, PacketSender);
-               student ranks read a StreamFeed (PacketReceiver; ZeRO-2 over the student group).
-spool          `write_spool` (`semalign teach`): one teacher pass per sample emits every stage's targets into
-               shards; SpoolFeed (`semalign train --from-spool`) reads rows by sample id.
-Every feed has `source(k, layers, start, steps)`: the PacketSource of this rank's micro-batches start*GA ..
-steps*GA - 1 of stage k, in the colocated data order (so a stage trained from any feed sees the same batches),
-and `stats()` (bytes per token of what travelled, for MLflow). The student loop is the same for all three.
-Legend: GA gradient accumulation steps, S student ranks, T teacher ranks, N transfer samples.
+colocated      `teach_local`: every rank runs its ZeRO-3 teacher shard once over its own samples (data.owned_samples;
+               lockstep, a spare forward where a rank has one micro-batch fewer) into its packet store (memory or a
+               local spool, transport/store.py); every stage then trains from the store.
+disaggregated  teacher ranks (`serve_stream`) emit every sample once, in the order the first stage's first epoch
+               consumes them, to the student rank that owns it; a student rank's StreamStore keeps each packet as it
+               arrives, trains on it at once when it is the micro-batch due (so teacher and student overlap), and
+               reads later epochs and stages back from its store. A restarted job streams again (counted).
+spool          `write_spool` (`semalign teach`): one pass over all samples into shards; a student job reads rows
+               by sample id (SpoolReader is its store).
+The student loop sees one interface, `Feed.source(k, layers, start, steps)`: this rank's micro-batches
+start*GA .. steps*GA-1 of stage k in the rank-partitioned order (data.micro_batch_ids), the same in every
+topology, so the three end with the same weights.
+Legend: GA gradient accumulation steps, B micro-batch, S student ranks, T teacher ranks, N transfer samples.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from semalign_ds import resume, supervision
-from semalign_ds.distributed import DistInfo, RankLayout
+from semalign_ds import data as datamod
+from semalign_ds import supervision
+from semalign_ds.budget import stage_seed
+from semalign_ds.distributed import DistInfo, RankLayout, all_reduce, barrier
 from semalign_ds.method.pairing import PairingTable
-from semalign_ds.transport import schema, spool, stream
-from semalign_ds.transport.packet import InProcessSource, SupervisionPacket
+from semalign_ds.progress import bar
+from semalign_ds.transport import schema, spool, store as storemod, stream
+from semalign_ds.transport.packet import SupervisionPacket
 
 
-class _Feed:
-    """Counts what the student received: bytes of the packets' wire/disk form and real tokens."""
+class Feed:
+    """A stage's packets for this rank from a store; counts the bytes and tokens the student received."""
 
-    kind = "memory"
+    def __init__(self, ctx, store, kind: str, check_tokens: bool = False):
+        self.ctx, self.store, self.kind, self.check_tokens = ctx, store, kind, check_tokens
+        self.bytes = self.tokens = 0
 
-    def __init__(self, r):
-        self.r, self.bytes, self.tokens = r, 0, 0
-
-    def count(self, packet: SupervisionPacket, nbytes: int | None = None) -> SupervisionPacket:
-        self.bytes += schema.flat_nbytes(schema.packet_to_flat(packet)) if nbytes is None else nbytes
-        self.tokens += packet.num_tokens
-        return packet
+    def source(self, k: int, layers: list[int], start: int, steps: int):
+        cfg, info, ga = self.ctx.cfg, self.ctx.info, self.ctx.cfg.schedule.grad_accum
+        N, B = len(self.ctx.blocks), cfg.data.micro_batch_size
+        for index in range(start * ga, steps * ga):
+            ids = datamod.micro_batch_ids(N, B, info.world_size, info.rank, stage_seed(cfg, k), index)
+            packet = self.store.packet(ids, layers)
+            if self.check_tokens and not torch.equal(packet.ids_BT.cpu(), self.ctx.blocks.ids_NT[ids]):
+                raise ValueError(f"the spool's tokens for samples {ids.tolist()} differ from this run's data; "
+                                 f"the spool was written from other data")
+            self.bytes += schema.flat_nbytes(schema.packet_to_flat(packet))
+            self.tokens += packet.num_tokens
+            yield packet
 
     def stats(self) -> dict:
         return {f"transport/{self.kind}_bytes_per_token": self.bytes / max(self.tokens, 1),
                 f"transport/{self.kind}_bytes": float(self.bytes)}
 
-    def capped_steps(self, steps: int) -> int:
-        return steps
+
+# ---------------------------------------------------------------- the local store (colocated, disaggregated)
 
 
-class ColocatedFeed(_Feed):
-    def __init__(self, r, recipes: dict, M_DsDt):
-        super().__init__(r)
-        self.recipes, self.M = recipes, M_DsDt
+def store_kind(cfg, capacity: int, bytes_per_sample: int, local_ranks: int) -> str:
+    """memory or disk: transport.store, or for auto, memory when this rank's packets fit in its share of
+    transport.store_memory_fraction of the node's RAM."""
+    if cfg.transport.store != "auto":
+        return cfg.transport.store
+    import os
 
-    def source(self, k: int, layers: list[int], start: int, steps: int) -> InProcessSource:
-        r, ga = self.r, self.r.cfg.schedule.grad_accum
-        recipes = {l: self.recipes[l] for l in layers}
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    share = cfg.transport.store_memory_fraction * ram / max(local_ranks, 1)
+    return "memory" if capacity * bytes_per_sample <= share else "disk"
 
-        def produce():
-            for index in range(start * ga, steps * ga):
-                batch = supervision.rank_batch(r, r.cfg.seed + k, index)
-                yield self.count(supervision.emit(r, batch, recipes, self.M))
-        return InProcessSource(produce())
+
+def store_dir(cfg, out: Path) -> Path:
+    return Path(cfg.transport.store_dir) if cfg.transport.store_dir else Path(out) / "packets"
+
+
+def open_store(ctx, binding: dict, kind: str):
+    """This rank's store for its own samples (a disk store resumes what an interrupted run committed)."""
+    N, info = len(ctx.blocks), ctx.info
+    capacity = len(datamod.owned_samples(N, info.rank, info.world_size))
+    if kind == "memory":
+        return storemod.MemoryStore(N, capacity)
+    directory = store_dir(ctx.cfg, ctx.out) / f"rank-{info.rank:05d}"
+    return storemod.DiskStore(directory, binding, N, capacity, ctx.cfg.transport.shard_sequences)
+
+
+def teach_local(ctx, store, recipes: dict, M_DsDt) -> dict:
+    """Colocated teach phase: this rank's samples not yet in its store, through the teacher once. Returns this
+    rank's counts: samples, real tokens and forwards (spares included)."""
+    info, B = ctx.info, ctx.cfg.data.micro_batch_size
+    own = datamod.owned_samples(len(ctx.blocks), info.rank, info.world_size)
+    todo = store.missing(own)
+    rounds = int(all_reduce([-(-len(todo) // B)], info.device, ctx.group, op="max")[0])
+    for i in bar(range(rounds), "teacher pass (once per sample)", ctx):
+        ids = todo[i * B:(i + 1) * B]
+        if len(ids):
+            store.put(supervision.emit(ctx, datamod.take(ctx.blocks, ids), recipes, M_DsDt))
+        else:  # keep ZeRO-3's lockstep with ranks that have one micro-batch more
+            supervision.emit(ctx, datamod.take(ctx.blocks, own[:1]), recipes, M_DsDt)
+    store.finish()
+    return {"samples": len(todo), "tokens": int(ctx.blocks.mask_NT[todo].sum()), "passes": rounds}
 
 
 # ---------------------------------------------------------------- spool
 
 
-class SpoolFeed(_Feed):
-    """Rows of a spool in the colocated order; the reader position goes into the student's checkpoint."""
-
-    kind = "spool_read"
-
-    def __init__(self, r, reader: spool.SpoolReader):
-        super().__init__(r)
-        self.reader = reader
-        self.spool_id = reader.manifest["binding_digest"]
-        r.progress["teacher_passes"] = reader.manifest.get("teacher_passes_per_sample", 1.0)
-        self.table = self._pairing()
-
-    def _pairing(self) -> PairingTable:
-        """The spool's pairing table, checked against the hash its manifest binds the targets to."""
-        path = self.reader.directory / spool.PAIRING
-        if not path.is_file():
-            raise ValueError(f"the spool in {str(self.reader.directory)!r} lacks {spool.PAIRING}; rerun "
-                             f"`semalign teach`")
-        table = PairingTable.from_json(path.read_text())
-        kind = supervision.target_kind(self.r.cfg)
-        if schema.digest([table.to_json(), self.r.cfg.method.residual, kind]) != self.reader.manifest["binding"].get(
-                "pairing"):
-            raise ValueError(f"{path} is not the pairing table the spool's targets were made with (edited?); "
-                             f"rerun `semalign teach` into a new directory")
-        return table
-
-    def capped_steps(self, steps: int) -> int:
-        """A stage's optimizer steps: at most transport.epochs passes over the spool."""
-        cfg, world = self.r.cfg, self.r.info.world_size
-        per_epoch = self.reader.num_samples // (cfg.data.micro_batch_size * world)
-        cap = cfg.transport.epochs * per_epoch // cfg.schedule.grad_accum
-        if cap < 1:
-            raise ValueError(f"the spool holds {self.reader.num_samples} samples: not one optimizer step of "
-                             f"{cfg.data.micro_batch_size} x {world} ranks x {cfg.schedule.grad_accum} accumulation "
-                             f"per transport.epochs={cfg.transport.epochs}; raise transport.epochs or use fewer ranks")
-        return min(steps, cap)
-
-    def source(self, k: int, layers: list[int], start: int, steps: int) -> InProcessSource:
-        r, ga = self.r, self.r.cfg.schedule.grad_accum
-        resume.check_spool_position(r, k, start * ga, self.spool_id)
-
-        def produce():
-            for index in range(start * ga, steps * ga):
-                batch = supervision.rank_batch(r, r.cfg.seed + k, index)
-                before = self.reader.bytes_read
-                packet = self.reader.packet(batch.sample_ids_B, layers)
-                if not torch.equal(packet.ids_BT, batch.ids_BT):
-                    raise ValueError(f"the spool's tokens for samples {batch.sample_ids_B.tolist()} differ from this "
-                                     f"run's data; the spool was written from other data")
-                resume.record_spool_position(r, k, index + 1, self.spool_id)
-                yield self.count(packet, self.reader.bytes_read - before)
-        return InProcessSource(produce())
-
-
-def write_spool(r, recipes: dict, M_DsDt, binding: dict, stages: list[int]) -> dict:
+def write_spool(ctx, recipes: dict, M_DsDt, binding: dict, stages: list[int]) -> dict:
     """Every teacher rank writes whole shards (pending shards dealt round-robin; ZeRO-3 lockstep kept by spare
-    forwards); rank 0 writes the manifest once all are committed. Resumes an interrupted spool."""
-    cfg = r.cfg
-    plan = spool.open_plan(Path(cfg.transport.spool_dir), binding, len(r.blocks), cfg.transport.shard_sequences,
+    forwards); rank 0 writes the manifest once all are committed. Resumes an interrupted spool. Returns the
+    manifest (rank 0) with this run's counts: samples emitted, seconds."""
+    cfg = ctx.cfg
+    plan = spool.open_plan(Path(cfg.transport.spool_dir), binding, len(ctx.blocks), cfg.transport.shard_sequences,
                            stages)
-    _barrier(r.group)
+    barrier(ctx.group)
     pending = plan.pending()
-    _barrier(r.group)  # every rank saw the same committed shards before anyone writes
-    world, rank = r.info.world_size, r.info.rank
+    barrier(ctx.group)  # every rank saw the same committed shards before anyone writes
+    world, rank = ctx.info.world_size, ctx.info.rank
     per_shard = -(-plan.shard_rows // cfg.data.micro_batch_size)
-    t0, spares = time.perf_counter(), 0
-    for first in range(0, len(pending), world):
+    t0, emitted = time.perf_counter(), 0
+    for first in bar(range(0, len(pending), world), "spool shards", ctx):
         j = pending[first + rank] if first + rank < len(pending) else None
-        spares += _write_shard(r, plan, j, per_shard, recipes, M_DsDt, spare=world > 1)
-    _barrier(r.group)
-    extra = {"teacher_passes_per_sample": 1.0, "seq_len": r.blocks.seq_len, "top_k": cfg.method.top_k,
+        emitted += _write_shard(ctx, plan, j, per_shard, recipes, M_DsDt, spare=world > 1)
+    barrier(ctx.group)
+    extra = {"teacher_passes_per_sample": 1.0, "seq_len": ctx.blocks.seq_len, "top_k": cfg.method.top_k,
              "target_dtype": cfg.method.target_dtype,
-             "reference_bytes_per_token": schema.bytes_per_token_model(len(stages), _student_hidden(r),
+             "reference_bytes_per_token": schema.bytes_per_token_model(len(stages), _student_hidden(ctx),
                                                                         cfg.method.top_k)}
-    manifest = spool.write_manifest(plan, extra) if r.info.is_main else {}
-    _barrier(r.group)
-    r.progress.update(spool_write_s=time.perf_counter() - t0, spare_forwards=spares, shards_written=len(pending))
-    return manifest
+    manifest = spool.write_manifest(plan, extra) if ctx.info.is_main else {}
+    barrier(ctx.group)
+    emitted = int(all_reduce([emitted], ctx.info.device, ctx.group)[0])
+    return {**manifest, "emitted_samples": emitted, "spool_write_s": time.perf_counter() - t0,
+            "shards_written": len(pending)}
 
 
-def _write_shard(r, plan: spool.SpoolPlan, j: int | None, per_shard: int, recipes: dict, M, spare: bool) -> int:
-    micro, spares = r.cfg.data.micro_batch_size, 0
+def _write_shard(ctx, plan: spool.SpoolPlan, j: int | None, per_shard: int, recipes: dict, M, spare: bool) -> int:
+    micro, emitted = ctx.cfg.data.micro_batch_size, 0
     first, n = plan.rows_of(j) if j is not None else (0, 0)
     shard = None
     try:
@@ -155,11 +145,11 @@ def _write_shard(r, plan: spool.SpoolPlan, j: int | None, per_shard: int, recipe
             a = m * micro
             if a >= n:
                 if spare:  # keep ZeRO-3's lockstep with the ranks still writing
-                    supervision.emit(r, supervision.rows_batch(r, 0, 1), recipes, M)
-                    spares += 1
+                    supervision.emit(ctx, datamod.take(ctx.blocks, torch.arange(1)), recipes, M)
                 continue
-            flat = schema.packet_to_flat(supervision.emit(r, supervision.rows_batch(r, first + a, min(micro, n - a)),
-                                                          recipes, M))
+            ids = torch.arange(first + a, first + min(n, a + micro))
+            flat = schema.packet_to_flat(supervision.emit(ctx, datamod.take(ctx.blocks, ids), recipes, M))
+            emitted += len(ids)
             if shard is None:
                 layout = [[name, dtype, [n] + shape[1:]] for name, dtype, shape in schema.layout_of(flat)]
                 shard = spool.ShardFile(plan.directory, j, layout, plan.metadata(j))
@@ -170,21 +160,44 @@ def _write_shard(r, plan: spool.SpoolPlan, j: int | None, per_shard: int, recipe
         raise
     if shard is not None:
         shard.commit(first)
-    return spares
+    return emitted
 
 
-def _student_hidden(r) -> int:
+def _student_hidden(ctx) -> int:
     from semalign_ds.models.adapters import get_adapter
 
-    return get_adapter(r.student).hidden_size
+    return get_adapter(ctx.student).hidden_size
 
 
-def _barrier(group) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
+def spool_pairing(ctx, reader: spool.SpoolReader) -> PairingTable:
+    """The spool's pairing table, checked against the hash its manifest binds the targets to."""
+    path = reader.directory / spool.PAIRING
+    if not path.is_file():
+        raise ValueError(f"the spool in {str(reader.directory)!r} lacks {spool.PAIRING}; rerun `semalign teach`")
+    table = PairingTable.from_json(path.read_text())
+    kind = supervision.target_kind(ctx.cfg)
+    if schema.digest([table.to_json(), ctx.cfg.method.residual, kind]) != reader.manifest["binding"].get("pairing"):
+        raise ValueError(f"{path} is not the pairing table the spool's targets were made with (edited?); "
+                         f"rerun `semalign teach` into a new directory")
+    return table
 
 
 # ---------------------------------------------------------------- stream
+
+
+def stream_jobs(N: int, micro: int, S: int, seed: int) -> list[tuple[int, torch.Tensor]]:
+    """Every sample once, as (student rank, sample ids) micro-batches in emission order: each student's samples in
+    the order its first stage's first epoch draws them (then the few that epoch leaves out), interleaved over the
+    students. Job p goes to teacher p % T."""
+    per_student = []
+    for s in range(S):
+        first = [datamod.micro_batch_ids(N, micro, S, s, seed, m)
+                 for m in range(datamod.micro_batches_per_epoch(N, micro, S))]
+        used = set(torch.cat(first).tolist())
+        rest = torch.tensor([i for i in datamod.owned_samples(N, s, S).tolist() if i not in used], dtype=torch.int64)
+        per_student.append(first + list(rest.split(micro)))
+    return [(s, per_student[s][m]) for m in range(max(map(len, per_student))) for s in range(S)
+            if m < len(per_student[s])]
 
 
 def role_groups(layout: RankLayout, rank: int):
@@ -196,7 +209,7 @@ def role_groups(layout: RankLayout, rank: int):
 
 
 def role_info(info: DistInfo, ranks: tuple[int, ...]) -> DistInfo:
-    """This rank's place among the ranks of its role (rank_batch, checkpoints and logging use it)."""
+    """This rank's place among the ranks of its role (data order, checkpoints and logging use it)."""
     return DistInfo(ranks.index(info.rank), len(ranks), info.local_rank, info.backend, info.device)
 
 
@@ -212,21 +225,30 @@ def tell_students_on_error(cfg, layout: RankLayout, device):
         raise
 
 
-def serve_stream(r, layout: RankLayout, recipes: dict, M_DsDt, binding: dict, table: PairingTable,
-                 schedule: list[tuple[int, list[int], int, int]]) -> dict:
-    """Teacher rank: HELLO (binding + pairing) from the first teacher, then each stage's packets in lockstep
-    rounds, then END on every link (errors reach the students through tell_students_on_error)."""
-    cfg = r.cfg
-    sender = stream.PacketSender(cfg.transport.window, cfg.transport.timeout_s, r.info.device)
-    students = list(layout.student_ranks)
-    digest, t0, spares = schema.digest(binding), time.perf_counter(), 0
-    if r.info.is_main:
+def serve_stream(ctx, layout: RankLayout, recipes: dict, M_DsDt, binding: dict, table: PairingTable,
+                 first_stage: int) -> dict:
+    """Teacher rank: HELLO (binding + pairing) from the first teacher, then its share of stream_jobs in lockstep
+    rounds of T (a spare forward where a round has no job for it), then END on every link."""
+    cfg = ctx.cfg
+    sender = stream.PacketSender(cfg.transport.window, cfg.transport.timeout_s, ctx.info.device)
+    students, T = list(layout.student_ranks), len(layout.teacher_ranks)
+    jobs = stream_jobs(len(ctx.blocks), cfg.data.micro_batch_size, len(students), stage_seed(cfg, first_stage))
+    digest, t0, spares, samples = schema.digest(binding), time.perf_counter(), 0, 0
+    if ctx.info.is_main:
         text = torch.frombuffer(bytearray(table.to_json().encode()), dtype=torch.uint8)
         for dst in students:
             sender.send(dst, stream.HELLO, {"binding": binding}, {"pairing": text})
-    for k, layers, start, steps in schedule:
-        spares += _stream_stage(r, sender, layout, k, {l: recipes[l] for l in layers}, M_DsDt, start, steps, digest)
-    stats = {"packets": sender.packets, "bytes": sender.bytes_sent, "idle_s": sender.idle_s,
+    for j in bar(range(-(-len(jobs) // T)), "teacher pass (once per sample)", ctx):
+        p = j * T + ctx.info.rank
+        if p >= len(jobs):
+            supervision.emit(ctx, datamod.take(ctx.blocks, jobs[0][1]), recipes, M_DsDt)
+            spares += 1
+            continue
+        s, ids = jobs[p]
+        packet = supervision.emit(ctx, datamod.take(ctx.blocks, ids), recipes, M_DsDt)
+        sender.send(students[s], stream.DATA, {"job": p, "binding": digest}, schema.packet_to_flat(packet))
+        samples += len(ids)
+    stats = {"packets": sender.packets, "bytes": sender.bytes_sent, "idle_s": sender.idle_s, "samples": samples,
              "wall_s": time.perf_counter() - t0, "spare_forwards": spares}
     for dst in students:
         sender.send(dst, stream.END, {"stats": stats})
@@ -234,71 +256,72 @@ def serve_stream(r, layout: RankLayout, recipes: dict, M_DsDt, binding: dict, ta
     return stats
 
 
-def _stream_stage(r, sender, layout: RankLayout, k: int, recipes: dict, M, start: int, steps: int,
-                  digest: str) -> int:
-    ga = r.cfg.schedule.grad_accum
-    S, T = len(layout.student_ranks), len(layout.teacher_ranks)
-    first, count = start * ga, (steps - start) * ga
-    spares = 0
-    for j in range(stream.rounds(T, S, count)):
-        job = stream.round_job(j, r.info.rank, T, S, first, count)
-        if job is None:  # keep ZeRO-3's lockstep: every teacher rank takes part in every forward
-            supervision.emit(r, supervision.rank_batch(r, r.cfg.seed + k, first, 0, S), recipes, M)
-            spares += 1
-            continue
-        i, s = job
-        packet = supervision.emit(r, supervision.rank_batch(r, r.cfg.seed + k, i, s, S), recipes, M)
-        sender.send(layout.student_ranks[s], stream.DATA, {"stage": k, "index": i, "binding": digest},
-                    schema.packet_to_flat(packet))
-    return spares
+class StreamStore:
+    """A student rank's store fed by the teacher ranks: each packet is kept (inner store) as it arrives; the
+    micro-batch due next is trained on straight from the wire when it is the next to arrive (the first stage's
+    first epoch, on a fresh start), anything else waits until the whole stream is in the store."""
 
-
-class StreamFeed(_Feed):
-    """Student rank: packets from the teacher ranks, each micro-batch from the teacher the routing names."""
-
-    kind = "wire"
-
-    def __init__(self, r, layout: RankLayout):
-        super().__init__(r)
-        cfg = r.cfg
-        self.layout = layout
-        self.receiver = stream.PacketReceiver(cfg.transport.timeout_s, r.info.device)
-        self.binding: dict = {}
-        self.teacher_stats: list[dict] = []
+    def __init__(self, ctx, layout: RankLayout, inner, first_stage: int):
+        cfg = ctx.cfg
+        self.ctx, self.layout, self.inner = ctx, layout, inner
+        self.receiver = stream.PacketReceiver(cfg.transport.timeout_s, ctx.info.device)
+        S, T = len(layout.student_ranks), len(layout.teacher_ranks)
+        jobs = stream_jobs(len(ctx.blocks), cfg.data.micro_batch_size, S, stage_seed(cfg, first_stage))
+        self.pending = deque((p, ids) for p, (s, ids) in enumerate(jobs) if s == ctx.info.rank)
+        self.T, self.binding, self.teacher_stats = T, {}, []
 
     def hello(self) -> PairingTable:
         """The first teacher's HELLO: its binding (checked against this config) and the pairing table."""
         meta, flat = self.receiver.expect(self.layout.teacher_ranks[0], stream.HELLO)
-        schema.check_binding(supervision.binding(self.r), meta["binding"], "the teacher ranks' stream",
+        schema.check_binding(supervision.binding(self.ctx), meta["binding"], "the teacher ranks' stream",
                              "start every rank with the same config and the same files at teacher.path, "
                              "student.path and data.path")
         table = PairingTable.from_json(bytes(flat["pairing"].cpu().numpy()).decode())
-        kind = supervision.target_kind(self.r.cfg)
-        if schema.digest([table.to_json(), self.r.cfg.method.residual, kind]) != meta["binding"].get("pairing"):
+        kind = supervision.target_kind(self.ctx.cfg)
+        if schema.digest([table.to_json(), self.ctx.cfg.method.residual, kind]) != meta["binding"].get("pairing"):
             raise stream.StreamError("the pairing table in the teacher's HELLO does not match its binding")
         self.binding = meta["binding"]
         return table
 
-    def source(self, k: int, layers: list[int], start: int, steps: int):
-        r, ga = self.r, self.r.cfg.schedule.grad_accum
-        S, T, s = len(self.layout.student_ranks), len(self.layout.teacher_ranks), r.info.rank
-        first = start * ga
-        route = lambda i: self.layout.teacher_ranks[stream.source_of(i, s, S, T, first)]  # noqa: E731
-        src = stream.StreamSource(self.receiver, k, first, (steps - start) * ga, route, schema.digest(self.binding))
-        return InProcessSource(self._counted(src))
+    def _source(self, p: int) -> int:
+        return self.layout.teacher_ranks[p % self.T]
 
-    def _counted(self, src):
-        n = max(len(self.r.blocks), 1)
-        for packet in src:
-            self.r.progress["teacher_passes"] = self.r.progress.get("teacher_passes", 0) + packet.ids_BT.shape[0] / n
-            wire = schema.flat_nbytes(schema.packet_to_flat(packet)) + stream.HEADER_BYTES
-            yield self.count(packet, wire)
+    def _next(self) -> SupervisionPacket:
+        p, ids = self.pending.popleft()
+        prefetch = self._source(self.pending[0][0]) if self.pending else None
+        meta, flat = self.receiver.expect(self._source(p), stream.DATA, prefetch)
+        if meta.get("job") != p or meta.get("binding") != schema.digest(self.binding):
+            raise stream.StreamError(f"expected job {p} of the stream from teacher rank {self._source(p)}, got job "
+                                     f"{meta.get('job')} (binding {meta.get('binding')}): the ranks run different "
+                                     f"configurations or code")
+        packet = schema.packet_from_flat(flat)
+        if not torch.equal(packet.sample_ids_B.cpu(), ids):
+            raise stream.StreamError(f"job {p} carries samples {packet.sample_ids_B.tolist()}, not {ids.tolist()}")
+        self.inner.put(packet)
+        if not self.pending:
+            self._end()
+        return packet
 
-    def finish(self) -> dict:
-        """Every teacher's END (its counters); the stream closed cleanly."""
+    def _end(self) -> None:
         self.teacher_stats = [self.receiver.expect(t, stream.END)[0]["stats"] for t in self.layout.teacher_ranks]
+        self.inner.finish()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._next()
+
+    def packet(self, sample_ids_B: torch.Tensor, layers) -> SupervisionPacket:
+        if self.pending and torch.equal(self.pending[0][1], sample_ids_B):
+            packet = self._next()
+            packet.targets = {k: v for k, v in packet.targets.items() if k in layers}
+            return packet
+        self.drain()
+        return self.inner.packet(sample_ids_B, layers)
+
+    def stats(self) -> dict:
         wall = max(s["wall_s"] for s in self.teacher_stats)
         return {"transport/teacher_idle_fraction": max(s["idle_s"] / max(s["wall_s"], 1e-9)
                                                        for s in self.teacher_stats),
                 "transport/teacher_wall_s": wall,
-                "transport/spare_forwards": float(sum(s["spare_forwards"] for s in self.teacher_stats))}
+                "transport/spare_forwards": float(sum(s["spare_forwards"] for s in self.teacher_stats)),
+                "teacher_samples": float(sum(s["samples"] for s in self.teacher_stats))}

@@ -13,8 +13,8 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from semalign_ds.data import (TokenBlocks, batch_at, batches, check_seq_len, load_texts, pack_sequences,
-                              shard_for_rank, steps_per_epoch)
+from semalign_ds.data import (TokenBlocks, check_seq_len, load_texts, micro_batch_ids, micro_batches_per_epoch,
+                              owned_samples, pack_sequences, take)
 
 WORDS = ["<unk>", "<eos>", "<pad>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far"]
 DOCS = ["the cat sat on a mat", "a dog ran far", "the dog sat", "cat", "the mat ran on a far dog cat"]
@@ -162,46 +162,34 @@ def test_seq_len_over_a_model_limit_names_key_and_model():
 # ---------------------------------------------------------------- batching
 
 
-def test_epoch_batches_are_a_deterministic_permutation():
-    blocks = blocks_of(10)
-    epoch0 = list(batches(blocks, batch_size=3, seed=7, epoch=0))
-    assert len(epoch0) == steps_per_epoch(10, 3) == 3
-    seen = torch.cat([b.sample_ids_B for b in epoch0])
-    assert len(set(seen.tolist())) == 9  # no repeats; one block is left for another epoch
-    for b in epoch0:
-        assert torch.equal(b.ids_BT, blocks.ids_NT[b.sample_ids_B]) and b.mask_BT.shape == (3, 3)
-    assert all(torch.equal(a.sample_ids_B, b.sample_ids_B)
-               for a, b in zip(epoch0, batches(blocks, batch_size=3, seed=7, epoch=0)))
-    epoch1 = torch.cat([b.sample_ids_B for b in batches(blocks, batch_size=3, seed=7, epoch=1)])
-    other_seed = torch.cat([b.sample_ids_B for b in batches(blocks, batch_size=3, seed=8, epoch=0)])
-    assert not torch.equal(seen, epoch1) and not torch.equal(seen, other_seed)
+def test_each_rank_draws_only_its_own_samples_and_covers_them_in_an_epoch():
+    N, micro, world = 23, 3, 2
+    per_epoch = micro_batches_per_epoch(N, micro, world)
+    assert per_epoch == 3  # 11 per rank -> 3 micro-batches of 3
+    for rank in range(world):
+        epoch0 = torch.cat([micro_batch_ids(N, micro, world, rank, 5, i) for i in range(per_epoch)])
+        assert len(set(epoch0.tolist())) == 9 and all(i % world == rank for i in epoch0.tolist())
+        again = torch.cat([micro_batch_ids(N, micro, world, rank, 5, i) for i in range(per_epoch)])
+        assert torch.equal(epoch0, again)  # a pure function of (seed, index): resume recomputes it
+        epoch1 = torch.cat([micro_batch_ids(N, micro, world, rank, 5, per_epoch + i) for i in range(per_epoch)])
+        assert not torch.equal(epoch0, epoch1)  # a fresh permutation each epoch
+    ranks = [set(owned_samples(N, r, world).tolist()) for r in range(world)]
+    assert ranks[0] | ranks[1] == set(range(N)) and not ranks[0] & ranks[1]
 
 
-def test_batch_at_equals_iterating_across_epochs():
-    blocks = blocks_of(10)
-    iterated = [b for epoch in range(3) for b in batches(blocks, batch_size=3, seed=5, epoch=epoch)]
-    for step, expected in enumerate(iterated):
-        got = batch_at(blocks, batch_size=3, seed=5, step=step)
-        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+def test_other_seeds_give_other_orders_and_take_keeps_the_order():
+    a = micro_batch_ids(40, 4, 1, 0, seed=1, index=0)
+    b = micro_batch_ids(40, 4, 1, 0, seed=2, index=0)
+    assert not torch.equal(a, b)
+    blocks = blocks_of(40)
+    batch = take(blocks, a)
+    assert torch.equal(batch.sample_ids_B, a) and torch.equal(batch.ids_BT, blocks.ids_NT[a])
 
 
 def test_batching_errors():
-    with pytest.raises(ValueError, match=r"fewer than one global batch of 4"):
-        batch_at(blocks_of(3), batch_size=4, seed=0, step=0)
-    with pytest.raises(ValueError, match=r"step -1"):
-        batch_at(blocks_of(3), batch_size=1, seed=0, step=-1)
-
-
-def test_two_ranks_cover_the_global_batch_exactly_once():
-    blocks, micro, ranks = blocks_of(12), 2, 2
-    for step in range(5):
-        global_batch = batch_at(blocks, batch_size=micro * ranks, seed=3, step=step)
-        shards = [shard_for_rank(global_batch, r, ranks) for r in range(ranks)]
-        assert all(s.ids_BT.shape == (micro, 3) for s in shards)
-        joined = torch.cat([s.sample_ids_B for s in shards])
-        assert torch.equal(joined, global_batch.sample_ids_B) and len(set(joined.tolist())) == micro * ranks
-        assert torch.equal(torch.cat([s.ids_BT for s in shards]), global_batch.ids_BT)
-    with pytest.raises(ValueError, match=r"does not split over 3 ranks"):
-        shard_for_rank(global_batch, 0, 3)
-    with pytest.raises(ValueError, match=r"rank 2 is outside"):
-        shard_for_rank(global_batch, 2, 2)
+    with pytest.raises(ValueError, match="fewer than one micro-batch of 4"):
+        micro_batches_per_epoch(7, 4, 2)
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        owned_samples(10, 2, 2)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        micro_batch_ids(10, 2, 1, 0, 0, -1)

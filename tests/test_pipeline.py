@@ -25,7 +25,7 @@ def write_config(tmp: Path, pair: dict, **sections) -> Path:
         "student": {"path": str(pair["student"]), "dtype": "float32"},
         "data": {"path": str(pair["train"]), "seq_len": 64, "max_sequences": 48, "micro_batch_size": 4},
         "method": {"top_k": 8, "min_shared_tokens": 100, "target_dtype": "float32"},
-        "schedule": {"steps_per_stage": 6, "warmup_steps": 1, "lr": 3.0e-3},
+        "schedule": {"epochs_per_stage": 0.5, "warmup_steps": 1, "lr": 3.0e-3},  # 6 steps of 4 of 48
         "runtime": {"device": "cpu", "checkpoint_every": 3, "progress": False},
         "eval": {"sets": {"heldout": str(pair["test"])}, "max_sequences": 8, "batch_size": 4},
     }
@@ -57,7 +57,7 @@ def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_run_produces_checkpoint_mlflow_and_eval(tmp_path, tiny_pair):
     cfg = write_config(tmp_path, tiny_pair)
-    proc = semalign("run", "--config", cfg, "schedule.steps_per_stage=4")
+    proc = semalign("run", "--config", cfg, "schedule.epochs_per_stage=0.3")  # ceil(0.3 * 12) = 4 steps
     run = tmp_path / "run"
     assert "student after" in proc.stdout
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,7 +70,7 @@ def test_run_produces_checkpoint_mlflow_and_eval(tmp_path, tiny_pair):
     pairing = json.loads((run / "pairing.json").read_text())
     assert [row["student_layer"] for row in pairing["rows"]] == [1, 2] and len(pairing["scores_abs"]) == 4
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["schedule"]["steps_per_stage"] == 4
+    assert saved["schedule"]["epochs_per_stage"] == 0.3
     summary = json.loads((run / "eval.json").read_text())
     assert set(summary["perplexity"]["heldout"]) == {"student_before", "student_after", "teacher"}
 
@@ -78,11 +78,18 @@ def test_run_produces_checkpoint_mlflow_and_eval(tmp_path, tiny_pair):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
     (mlrun,) = client.search_runs([client.get_experiment_by_name("semalign").experiment_id])
-    assert mlrun.data.params["schedule.steps_per_stage"] == "4"
+    params = mlrun.data.params
+    assert params["schedule.epochs_per_stage"] == "0.3" and params["plan.steps_per_stage"] == "4"
+    assert params["plan.tokens_per_stage"] == str(4 * 4 * 64) and params["plan.store"] == "memory"
+    assert "plan: 2 stage(s) [1, 2]; each: 4 optimizer steps" in proc.stdout
     assert mlrun.info.status == "FINISHED"
-    history = client.get_metric_history(mlrun.info.run_id, "stage1/layer_loss")
-    assert len(history) == 4
-    for metric in ("stage2/out_loss", "stage2/lr", "stage2/tokens_per_s", "eval/heldout/student_after_ppl"):
+    history = client.get_metric_history(mlrun.info.run_id, "layer_loss")
+    assert [h.step for h in history] == list(range(1, 9))  # one global step axis over both stages
+    stages = client.get_metric_history(mlrun.info.run_id, "stage")
+    assert [h.value for h in stages] == [1] * 4 + [2] * 4
+    assert mlrun.data.metrics["teacher_passes_per_sample"] == 1.0  # one teacher forward per sample, not per step
+    for metric in ("out_loss", "lr", "tokens_per_s", "eval/heldout/student_after_ppl", "teacher_tokens_per_s",
+                   "teacher_attribution_passes_per_sample"):
         assert metric in mlrun.data.metrics
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"config.yaml", "pairing.json", "attribution.png", "loss_curves.png", "eval.md"} <= artifacts
@@ -91,12 +98,12 @@ def test_run_produces_checkpoint_mlflow_and_eval(tmp_path, tiny_pair):
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_pair):
     straight = tmp_path / "straight"
     straight.mkdir()
-    cfg = write_config(straight, tiny_pair, schedule={"steps_per_stage": 12})
+    cfg = write_config(straight, tiny_pair, schedule={"epochs_per_stage": 1.0})
     semalign("run", "--config", cfg)
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    cfg = write_config(killed, tiny_pair, schedule={"steps_per_stage": 12})
+    cfg = write_config(killed, tiny_pair, schedule={"epochs_per_stage": 1.0})
     proc = subprocess.Popen([*SEMALIGN, "run", "--config", str(cfg)], env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = killed / "run" / "checkpoint" / "run.json"
@@ -123,7 +130,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_pair):
 
 
 def test_resume_dir_of_another_config_is_refused(tmp_path, tiny_pair):
-    cfg = write_config(tmp_path, tiny_pair, schedule={"steps_per_stage": 2})
+    cfg = write_config(tmp_path, tiny_pair, schedule={"epochs_per_stage": 0.1})
     semalign("run", "--config", cfg)
     proc = semalign("run", "--config", cfg, "method.top_k=4", check=False)
     assert proc.returncode == 2

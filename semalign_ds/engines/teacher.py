@@ -239,19 +239,20 @@ class TeacherEngine:
 
     # ---- gathered weights (collective) ----
 
-    def _gathered_cpu(self, param: nn.Parameter) -> torch.Tensor:
+    def _gathered_cpu(self, param: nn.Parameter, keep: bool) -> torch.Tensor | None:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            return param.detach().to(device="cpu", dtype=torch.float32).clone()
+            return param.detach().to(device="cpu", dtype=torch.float32).clone() if keep else None
 
-    def head_weight(self) -> torch.Tensor:
-        """The LM head weight, V x D_T, float32 on CPU (gathered from all ranks: call on every rank)."""
-        return self._gathered_cpu(self.adapter.head_weight())
+    def head_weight(self, keep: bool = True) -> torch.Tensor | None:
+        """The LM head weight, V x D_T, float32 on CPU (gathered from all ranks: call on every rank; ranks with
+        keep=False take part in the gather without copying it)."""
+        return self._gathered_cpu(self.adapter.head_weight(), keep)
 
-    def input_embedding_weight(self) -> torch.Tensor:
+    def input_embedding_weight(self, keep: bool = True) -> torch.Tensor | None:
         """The input embedding matrix, V x D_T, float32 on CPU (collective like head_weight)."""
-        return self._gathered_cpu(self.adapter.embed.weight)
+        return self._gathered_cpu(self.adapter.embed.weight, keep)
 
     # ---- forward ----
 

@@ -1,0 +1,97 @@
+"""The stage budget: how much each stage trains, in epochs or tokens, so that 1 rank and 128 do the same work.
+
+With N transfer sequences, W student ranks, micro-batch B, gradient accumulation GA and P = (N // W) // B
+micro-batches per rank per epoch (data.micro_batches_per_epoch):
+    schedule.epochs_per_stage E   -> ceil(E * P / GA) optimizer steps per stage
+    schedule.tokens_per_stage K   -> ceil(K / (B * T * W * GA)) optimizer steps per stage (T = data.seq_len)
+schedule.mode full (the baselines) trains every listed layer in one stage for the frontier's total budget.
+Nothing is capped: the numbers here are what the run trains, printed and logged at its start (`describe`) and
+used by `semalign plan`, so the plan and the run agree by construction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from semalign_ds.data import micro_batches_per_epoch
+
+
+@dataclass(frozen=True)
+class Stage:
+    k: int  # stage id (the frontier layer; schedule.mode full: the last listed layer)
+    layers: tuple[int, ...]  # trainable student layers (1-indexed)
+    steps: int  # optimizer steps
+    micro_batches: int  # per rank: steps * GA
+    sequences: int  # over all ranks: micro_batches * B * W
+    tokens: int  # token positions over all ranks: sequences * seq_len
+    epochs: float  # sequences / N
+
+
+@dataclass(frozen=True)
+class Budget:
+    stages: tuple[Stage, ...]
+    num_sequences: int
+    world: int
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    per_epoch: int  # micro-batches per rank per epoch
+
+    @property
+    def used_per_epoch(self) -> int:
+        """Sequences an epoch draws (every rank the same number of full micro-batches)."""
+        return self.per_epoch * self.micro_batch * self.world
+
+    def stage(self, k: int) -> Stage:
+        return next(s for s in self.stages if s.k == k)
+
+    def describe(self) -> list[str]:
+        """The plan a run prints and logs at its start."""
+        first = self.stages[0]
+        lines = [f"{len(self.stages)} stage(s) {[s.k for s in self.stages]}; each: {first.steps} optimizer steps = "
+                 f"{first.micro_batches} micro-batches of {self.micro_batch} per rank x {self.world} rank(s) = "
+                 f"{first.sequences:,} sequences, {first.tokens:,} token positions, {first.epochs:.2f} epochs of "
+                 f"{self.num_sequences:,} sequences"]
+        if self.used_per_epoch < self.num_sequences:
+            lines.append(f"an epoch draws {self.used_per_epoch:,} of the {self.num_sequences:,} sequences (full "
+                         f"micro-batches per rank); the other {self.num_sequences - self.used_per_epoch} come up "
+                         f"in other epochs' orders")
+        return lines
+
+
+def stage_list(cfg, L_S: int) -> list[int]:
+    stages = cfg.schedule.stages or list(range(1, L_S + 1))
+    bad = [k for k in stages if not 1 <= k <= L_S]
+    if bad:
+        raise ValueError(f"schedule.stages {bad} out of range: the student has layers 1..{L_S}")
+    if stages != sorted(set(stages)):
+        raise ValueError(f"schedule.stages {stages} must be increasing (shallow to deep) without repeats")
+    return stages
+
+
+def steps_per_stage(cfg, num_sequences: int, world: int) -> int:
+    s, d = cfg.schedule, cfg.data
+    if s.tokens_per_stage is not None:
+        return max(1, math.ceil(s.tokens_per_stage / (d.micro_batch_size * d.seq_len * world * s.grad_accum)))
+    per_epoch = micro_batches_per_epoch(num_sequences, d.micro_batch_size, world)
+    return max(1, math.ceil(s.epochs_per_stage * per_epoch / s.grad_accum - 1e-9))
+
+
+def budget(cfg, L_S: int, num_sequences: int, world: int) -> Budget:
+    """The stages of a run with `num_sequences` transfer sequences on `world` student ranks."""
+    stages = stage_list(cfg, L_S)
+    d, ga = cfg.data, cfg.schedule.grad_accum
+    steps = steps_per_stage(cfg, num_sequences, world)
+    plan = [(stages[-1], tuple(stages), steps * len(stages))] if cfg.schedule.mode == "full" else \
+        [(k, (k,), steps) for k in stages]
+    out = []
+    for k, layers, n in plan:
+        sequences = n * ga * d.micro_batch_size * world
+        out.append(Stage(k, layers, n, n * ga, sequences, sequences * d.seq_len, sequences / num_sequences))
+    return Budget(tuple(out), num_sequences, world, d.micro_batch_size, ga, d.seq_len,
+                  micro_batches_per_epoch(num_sequences, d.micro_batch_size, world))
+
+
+def stage_seed(cfg, k: int) -> int:
+    """The data-order seed of stage k (each stage draws its own order)."""
+    return cfg.seed + k
