@@ -1,9 +1,11 @@
 """The stage budget: how much each stage trains, in epochs or tokens, so that 1 rank and 128 do the same work.
 
-With N transfer sequences, W student ranks, micro-batch B, gradient accumulation GA and P = (N // W) // B
-micro-batches per rank per epoch (data.micro_batches_per_epoch):
-    schedule.epochs_per_stage E   -> ceil(E * P / GA) optimizer steps per stage
+With N transfer sequences, W student ranks, micro-batch B and gradient accumulation GA:
+    schedule.epochs_per_stage E   -> ceil(E * N / (B * W * GA)) optimizer steps per stage (E * N sequences)
     schedule.tokens_per_stage K   -> ceil(K / (B * T * W * GA)) optimizer steps per stage (T = data.seq_len)
+Each rank draws its micro-batches epoch after epoch from its own samples (data.micro_batch_ids: P = (N // W) // B
+full micro-batches per rank-epoch), so the stage sees E * N sequences, rounded up to whole optimizer steps, on
+any number of ranks.
 schedule.mode full (the baselines) trains every listed layer in one stage for the frontier's total budget.
 Nothing is capped: the numbers here are what the run trains, printed and logged at its start (`describe`) and
 used by `semalign plan`, so the plan and the run agree by construction.
@@ -39,7 +41,7 @@ class Budget:
 
     @property
     def used_per_epoch(self) -> int:
-        """Sequences an epoch draws (every rank the same number of full micro-batches)."""
+        """Sequences a rank-epoch round draws (every rank the same number of full micro-batches)."""
         return self.per_epoch * self.micro_batch * self.world
 
     def stage(self, k: int) -> Stage:
@@ -53,9 +55,9 @@ class Budget:
                  f"{first.sequences:,} sequences, {first.tokens:,} token positions, {first.epochs:.2f} epochs of "
                  f"{self.num_sequences:,} sequences"]
         if self.used_per_epoch < self.num_sequences:
-            lines.append(f"an epoch draws {self.used_per_epoch:,} of the {self.num_sequences:,} sequences (full "
-                         f"micro-batches per rank); the other {self.num_sequences - self.used_per_epoch} come up "
-                         f"in other epochs' orders")
+            lines.append(f"each rank draws full micro-batches of its own samples: a round over all ranks covers "
+                         f"{self.used_per_epoch:,} of the {self.num_sequences:,} sequences; the other "
+                         f"{self.num_sequences - self.used_per_epoch} come up in the next round's order")
         return lines
 
 
@@ -73,8 +75,9 @@ def steps_per_stage(cfg, num_sequences: int, world: int) -> int:
     s, d = cfg.schedule, cfg.data
     if s.tokens_per_stage is not None:
         return max(1, math.ceil(s.tokens_per_stage / (d.micro_batch_size * d.seq_len * world * s.grad_accum)))
-    per_epoch = micro_batches_per_epoch(num_sequences, d.micro_batch_size, world)
-    return max(1, math.ceil(s.epochs_per_stage * per_epoch / s.grad_accum - 1e-9))
+    micro_batches_per_epoch(num_sequences, d.micro_batch_size, world)  # at least one micro-batch per rank
+    per_step = d.micro_batch_size * world * s.grad_accum
+    return max(1, math.ceil(s.epochs_per_stage * num_sequences / per_step - 1e-9))
 
 
 def budget(cfg, L_S: int, num_sequences: int, world: int) -> Budget:

@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-node", type=int, required=True, dest="gpus_per_node")
     plan.add_argument("--device-profile", default=None, dest="device_profile",
                       help="ceilings to plan with: h200 (default), h100, cpu (default for runtime.device=cpu)")
+    plan.add_argument("--json", action="store_true", help="print the figures as JSON")
     plan.add_argument("overrides", nargs="*")
     slurm = sub.add_parser("slurm", help="Slurm job scripts")
     slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True)

@@ -153,16 +153,21 @@ def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
     stats = feed_store.stats()
     progress.teacher_samples += int(stats.pop("teacher_samples"))
     if ctx.writes:
-        ctx.tracker.log_metrics(stats)
+        inner = feed_store.inner
+        ctx.tracker.log_metrics({**stats, "store/host_bytes": float(inner.nbytes if inner.kind == "memory" else 0),
+                                 "store/disk_bytes": float(inner.nbytes if inner.kind == "disk" else 0)})
     if not ctx.cfg.transport.keep_spool:
         feed_store.inner.remove()
     return _finish(ctx, progress)
 
 
 def _finish(ctx: RunContext, progress: Progress) -> dict:
+    import resource
+
     export_dir = export_student(ctx)
-    if ctx.writes:
-        ctx.tracker.log_metrics({"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks)})
+    if ctx.writes:  # ru_maxrss: KiB on Linux; the peak before evaluation loads the student a second time
+        ctx.tracker.log_metrics({"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks),
+                                 "host/peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0})
     return evaluate.evaluate_run(ctx, export_dir)
 
 

@@ -2,10 +2,12 @@
 
 Reads both models' config.json only (no weights) and applies the cost model in throughput.py: per-rank device
 memory (teacher working set and activations, the packet, student weights, the frontier layer's gradients and
-optimizer state, student activations and logits), host memory per node (the offloaded teacher shards), teacher
-tokens/s and tokens per weight pass, wall time of attribution + all stages, and the spool size on disk. It says
-plainly when the run will not fit and which setting to change. `--device-profile` picks the ceilings (h200 by
-default; cpu for runtime.device=cpu); exit status 0 when it fits, 1 when it does not.
+optimizer state, student activations and logits), attribution on its own micro-batch, the one-off build of the
+semantic bases and M, host memory per node (the offloaded teacher shards and the packet store), teacher tokens/s
+and tokens per weight pass, the stages' steps and tokens (budget.py, the same numbers the run uses, with
+data.max_sequences sequences), one teacher pass per sample, wall time, and the packets' bytes. It says plainly
+when the run will not fit and which setting to change. `--device-profile` picks the ceilings (h200 by default;
+cpu for runtime.device=cpu); `--json` prints the figures; exit status 0 when it fits, 1 when it does not.
 Legend: n tokens per rank per micro-step (micro_batch_size x seq_len), W ranks.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from semalign_ds import budget as budgetmod
 from semalign_ds import throughput as tp
 from semalign_ds.throughput import DTYPE_BYTES, GiB, ModelShape, get_profile
 
@@ -73,8 +76,8 @@ class Setup:
     B: int
     T: int
     stages: tuple[int, ...]
-    steps: int
-    accum: int
+    budget: budgetmod.Budget
+    attr_B: int
     tb: int
     sb: int
     target_b: int
@@ -88,6 +91,11 @@ class Setup:
     @property
     def n(self) -> int:
         return self.B * self.T
+
+    @property
+    def micro_steps(self) -> int:
+        """Micro-steps per student rank over all stages."""
+        return sum(s.micro_batches for s in self.budget.stages)
 
 
 def _layout(cfg, world: int) -> tuple[int, int]:
@@ -105,19 +113,38 @@ def make_setup(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: 
     if nodes < 1 or gpus < 1:
         raise ValueError(f"--nodes ({nodes}) and --gpus-per-node ({gpus}) must be >= 1")
     t_world, s_world = _layout(cfg, nodes * gpus)
-    stages = tuple(cfg.schedule.stages or range(1, student.layers + 1))
-    if any(not 1 <= k <= student.layers for k in stages):
-        raise ValueError(f"schedule.stages {list(stages)} out of range: the student has layers 1..{student.layers}")
-    full = cfg.schedule.mode == "full"
-    s, d = cfg.schedule, cfg.data
-    steps = s.steps_per_stage if s.tokens_per_stage is None else \
-        max(1, math.ceil(s.tokens_per_stage / (d.micro_batch_size * s.grad_accum * s_world * d.seq_len)))
-    m = cfg.method
+    plan = budgetmod.budget(cfg, student.layers, cfg.data.max_sequences, s_world)
+    d, m = cfg.data, cfg.method
     return Setup(teacher, student, nodes, gpus, t_world, s_world, d.micro_batch_size, d.seq_len,
-                 (1,) if full else stages, steps, s.grad_accum, DTYPE_BYTES[cfg.teacher.dtype],
-                 DTYPE_BYTES[cfg.student.dtype], 2 if m.target_dtype == "bfloat16" else 4, m.top_k,
-                 m.output_objective == "kl" and m.w_out > 0, cfg.teacher_engine.offload, cfg.teacher.dtype, full,
-                 cfg.runtime.topology)
+                 tuple(s.k for s in plan.stages), plan, cfg.pairing.attribution_micro_batch or d.micro_batch_size,
+                 DTYPE_BYTES[cfg.teacher.dtype], DTYPE_BYTES[cfg.student.dtype],
+                 2 if m.target_dtype == "bfloat16" else 4, m.top_k, m.output_objective == "kl" and m.w_out > 0,
+                 cfg.teacher_engine.offload, cfg.teacher.dtype, cfg.schedule.mode == "full", cfg.runtime.topology)
+
+
+def packet_bytes(cfg, su: Setup) -> int:
+    """Bytes of one sample's packet in a store or spool (supervision.packet_bytes_per_sample)."""
+    from semalign_ds.supervision import packet_bytes_per_sample
+
+    layers = len({l for s in su.budget.stages for l in s.layers})
+    width = su.teacher.hidden if cfg.method.layer_objective == "hidden_mse" else su.student.hidden
+    return packet_bytes_per_sample(cfg, su.T, layers, width, su.student.vocab)
+
+
+def store_per_rank(cfg, su: Setup) -> float:
+    """Packet bytes one student rank keeps (its share of the samples; the largest share)."""
+    return -(-cfg.data.max_sequences // su.s_world) * packet_bytes(cfg, su)
+
+
+def store_kind(cfg, su: Setup, prof) -> str:
+    """Where the run keeps its packets (topology.store_kind with the profile's host RAM)."""
+    if su.topology == "spool":
+        return "spool"
+    if cfg.transport.store != "auto":
+        return cfg.transport.store
+    ram = (prof.device_mem_gib if prof.unified else prof.host_mem_gib_per_device * su.gpus) * GiB
+    share = cfg.transport.store_memory_fraction * ram / min(su.gpus, su.s_world)
+    return "memory" if store_per_rank(cfg, su) <= share else "disk"
 
 
 def captured_layers(L_T: int, L_S: int, residual: str) -> int:
@@ -147,9 +174,10 @@ def device_peak(su: Setup, prof, B: int, captured: int, bpt: int) -> dict[str, f
     return out
 
 
-def host_per_node(su: Setup, prof, host_shard: float) -> float:
+def host_per_node(su: Setup, prof, host_shard: float, store: float) -> float:
+    """Offloaded teacher shards, the packet store (memory store) and the runtime, per node."""
     ranks = min(su.gpus, su.t_world)
-    return host_shard * ranks + prof.host_overhead_gib * GiB * su.gpus
+    return host_shard * ranks + store * min(su.gpus, su.s_world) + prof.host_overhead_gib * GiB * su.gpus
 
 
 def rank_device(su: Setup, parts: dict) -> float:
@@ -166,27 +194,39 @@ def largest_fitting_batch(su: Setup, prof, captured: int, bpt: int, cap: float) 
     return 0
 
 
+def attribution_pass_seconds(su: Setup, prof) -> float:
+    """One attribution micro-batch: forward + backward through the teacher (params streamed twice)."""
+    a = tp.teacher_pass_seconds(su.teacher, su.attr_B, su.T, su.tb, prof, world=su.t_world, nodes=su.nodes,
+                                offload=su.offload, dtype=su.dtype)
+    return max(3 * a["compute_s"], 2 * a["fetch_s"], 2 * a["gather_s"])
+
+
 def timings(cfg, su: Setup, prof) -> dict[str, float]:
-    """Seconds per teacher pass and student step, attribution, and the whole run for the topology."""
+    """Seconds per teacher pass and student step, attribution, the map, the one teacher pass over the data and
+    the whole run for the topology."""
     t = tp.teacher_pass_seconds(su.teacher, su.B, su.T, su.tb, prof, world=su.t_world, nodes=su.nodes,
                                 offload=su.offload, dtype=su.dtype)
-    student = sum(tp.student_step_seconds(su.student, su.B, su.T, k, prof, cfg.student.dtype, su.full)
-                  for k in su.stages) / len(su.stages)
+    per_stage = {s.k: s.micro_batches * tp.student_step_seconds(su.student, su.B, su.T, s.k, prof,
+                                                                 cfg.student.dtype, su.full)
+                 for s in su.budget.stages}
+    train = sum(per_stage.values())
     attribution = 0.0
     if cfg.pairing.critical_layer and cfg.pairing.manual is None:
-        batches = min(cfg.pairing.attribution_batches, max(1, cfg.data.max_sequences // su.B))
-        attribution = batches * max(3 * t["compute_s"], 2 * t["fetch_s"], 2 * t["gather_s"])
-    micro_steps = len(su.stages) * su.steps * su.accum
+        per_epoch = max(1, cfg.data.max_sequences // su.t_world // su.attr_B)
+        attribution = min(cfg.pairing.attribution_batches, per_epoch) * attribution_pass_seconds(su, prof)
+    shared = min(su.teacher.vocab, su.student.vocab)
+    build = tp.map_build(su.teacher, su.student, shared, prof)["seconds"] if cfg.method.layer_objective != \
+        "hidden_mse" else 0.0
     teach = math.ceil(cfg.data.max_sequences / (su.t_world * su.B)) * t["pass_s"]
-    topo = cfg.runtime.topology
-    if topo == "colocated":
-        train = micro_steps * (t["pass_s"] + student)
-    elif topo == "disaggregated":
-        train = micro_steps * max(student, t["pass_s"] * su.s_world / su.t_world)
+    if su.topology == "disaggregated":  # the student trains its first epoch on packets as they arrive
+        first = su.budget.stages[0]
+        overlap = min(teach, per_stage[first.k] * min(1.0, 1.0 / max(first.epochs, 1e-9)))
+        run = teach + train - overlap
     else:
-        train = teach + micro_steps * student
-    return {**t, "student_s": student, "attribution_s": attribution, "teach_once_s": teach,
-            "wall_s": attribution + train, "micro_steps": micro_steps}
+        run = teach + train
+    student = train / max(su.micro_steps, 1)
+    return {**t, "student_s": student, "attribution_s": attribution, "map_s": build, "teach_once_s": teach,
+            "train_s": train, "wall_s": attribution + build + run}
 
 
 # ---- the plan ----
@@ -199,9 +239,11 @@ def build_plan(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: 
     _describe(plan, cfg, su, prof, bpt)
     t = timings(cfg, su, prof)
     _speed(plan, cfg, su, t)
-    _memory(plan, su, prof, captured, bpt)
+    _budget(plan, su)
+    _memory(plan, cfg, su, prof, captured, bpt)
     _attribution(plan, cfg, su, prof)
-    _spool_and_wall(plan, cfg, su, t, bpt)
+    _map(plan, cfg, su, prof)
+    _packets_and_wall(plan, cfg, su, prof, t)
     return plan
 
 
@@ -233,28 +275,40 @@ def _speed(plan: Plan, cfg, su: Setup, t: dict) -> None:
                            "per weight pass) if memory allows, or spread the teacher over more GPUs")
 
 
-def _memory(plan: Plan, su: Setup, prof, captured: int, bpt: int) -> None:
+def _budget(plan: Plan, su: Setup) -> None:
+    b, first = su.budget, su.budget.stages[0]
+    plan.add("stages", f"{len(b.stages)} x {first.steps} optimizer steps ({first.epochs:.2f} epochs of "
+                       f"{b.num_sequences:,} sequences over {su.s_world} student rank(s))", "steps_per_stage",
+             first.steps)
+    plan.add("tokens per stage", f"{first.tokens:,} token positions ({first.sequences:,} sequences)",
+             "tokens_per_stage", first.tokens)
+
+
+def _memory(plan: Plan, cfg, su: Setup, prof, captured: int, bpt: int) -> None:
     parts = device_peak(su, prof, su.B, captured, bpt)
     per_rank = rank_device(su, parts)
-    host = host_per_node(su, prof, parts["host_shard"])
+    store = store_per_rank(cfg, su) if store_kind(cfg, su, prof) == "memory" else 0.0
+    host = host_per_node(su, prof, parts["host_shard"], store)
     cap = prof.device_mem_gib * GiB
     plan.add("device memory per rank", f"{gib(per_rank)} of {prof.device_mem_gib:.0f} GiB: teacher pass "
                                        f"{gib(parts['teacher_pass'])}, student resident "
                                        f"{gib(parts['student_resident'])}, student step {gib(parts['student_step'])}, "
                                        f"runtime {gib(parts['overhead'])}", "device_gib", per_rank / GiB)
     if prof.unified:
-        used, host_cap = (per_rank + parts["host_shard"]) * su.gpus, cap
-        plan.add("memory per node (unified)", f"{gib(used)} of {prof.device_mem_gib:.0f} GiB", "host_gib",
-                 used / GiB)
+        used, host_cap = (per_rank + parts["host_shard"] + store + prof.host_overhead_gib * GiB) * su.gpus, cap
+        plan.add("memory per node (unified)", f"{gib(used)} of {prof.device_mem_gib:.0f} GiB: packet store "
+                                              f"{gib(store * su.gpus)}, runtime "
+                                              f"{gib(prof.host_overhead_gib * GiB * su.gpus)}", "host_gib", used / GiB)
     else:
         used, host_cap = host, prof.host_mem_gib_per_device * su.gpus * GiB
         plan.add("host memory per node", f"{gib(host)} of {host_cap / GiB:.0f} GiB: teacher shards "
-                                         f"{gib(parts['host_shard'] * min(su.gpus, su.t_world))} (pinned), runtime "
+                                         f"{gib(parts['host_shard'] * min(su.gpus, su.t_world))} (pinned), packet "
+                                         f"store {gib(store * min(su.gpus, su.s_world))}, runtime "
                                          f"{gib(prof.host_overhead_gib * GiB * su.gpus)}", "host_gib", host / GiB)
     if per_rank > cap:
         _device_advice(plan, su, prof, captured, bpt, per_rank, cap)
     if used > host_cap:
-        _host_advice(plan, su, prof, used, host_cap)
+        _host_advice(plan, su, prof, used, host_cap, store)
 
 
 def _device_advice(plan: Plan, su: Setup, prof, captured: int, bpt: int, per_rank: float, cap: float) -> None:
@@ -270,9 +324,12 @@ def _device_advice(plan: Plan, su: Setup, prof, captured: int, bpt: int, per_ran
                            "student")
 
 
-def _host_advice(plan: Plan, su: Setup, prof, used: float, cap: float) -> None:
-    plan.problems.append(f"host memory per node {gib(used)} exceeds {gib(cap)}: the offloaded teacher does not fit "
-                         "in host RAM")
+def _host_advice(plan: Plan, su: Setup, prof, used: float, cap: float, store: float) -> None:
+    plan.problems.append(f"host memory per node {gib(used)} exceeds {gib(cap)}: the offloaded teacher"
+                         f"{' and the packet store do' if store else ' does'} not fit in host RAM")
+    if store:
+        plan.advice.append("set transport.store=disk (each rank keeps its packets in a local spool, "
+                           "transport.store_dir)")
     per_node_cap = prof.host_mem_gib_per_device * su.gpus * GiB - prof.host_overhead_gib * GiB * su.gpus
     weights = su.teacher.total_params * su.tb
     nodes = math.ceil(weights / per_node_cap) if per_node_cap > 0 else 0
@@ -289,31 +346,45 @@ def _attribution(plan: Plan, cfg, su: Setup, prof) -> None:
         work = tp.teacher_memory(su.teacher, B * su.T, su.tb, su.t_world, su.offload, 0, False, 0)
         return (tp.attribution_memory(su.teacher, B * su.T, su.tb) + work["total"] + su.student.total_params * su.sb
                 + prof.rank_overhead_gib * GiB)
-    need, cap = peak(su.B), prof.device_mem_gib * GiB
-    plan.add("attribution peak per rank", f"{gib(need)} (teacher forward+backward on {su.B} sequences)",
-             "attribution_gib", need / GiB)
+    need, cap = peak(su.attr_B), prof.device_mem_gib * GiB
+    plan.add("attribution peak per rank", f"{gib(need)} (teacher forward+backward on {su.attr_B} sequences, "
+                                          f"pairing.attribution_micro_batch)", "attribution_gib", need / GiB)
     if need > cap:
-        fit = next((B for B in range(su.B, 0, -1) if peak(B) <= cap), 0)
+        fit = next((B for B in range(su.attr_B, 0, -1) if peak(B) <= cap), 0)
         plan.problems.append(f"layer attribution needs {gib(need)} per rank, more than {prof.device_mem_gib:.0f} GiB")
-        how = f"lower data.micro_batch_size to {fit}" if fit else "shorten data.seq_len"
-        plan.advice.append(f"attribution runs on the training micro batch: {how}, or skip it with "
+        how = f"set pairing.attribution_micro_batch={fit}" if fit else "shorten data.seq_len"
+        plan.advice.append(f"attribution keeps every teacher layer's activations: {how}, or skip it with "
                            "pairing.critical_layer=false (or a pairing.manual table)")
 
 
-def _spool_and_wall(plan: Plan, cfg, su: Setup, t: dict, bpt: int) -> None:
-    tokens = cfg.data.max_sequences * su.T
-    plan.add("spool size on disk", f"{gib(tokens * bpt)} ({tokens:,} tokens x {bpt:,} B)", "spool_gib",
-             tokens * bpt / GiB)
-    global_seqs = t["micro_steps"] * su.B * su.s_world
-    passes = global_seqs / cfg.data.max_sequences if cfg.runtime.topology != "spool" else 1.0
-    plan.add("teacher passes per sample", f"{passes:.1f}", "teacher_passes_per_sample", passes)
-    plan.add("wall time", f"{duration(t['wall_s'])} (attribution {duration(t['attribution_s'])}, "
-                          f"{t['micro_steps']:,} micro-steps over {len(su.stages)} stages)", "wall_s", t["wall_s"])
-    spool_wall = t["attribution_s"] + t["teach_once_s"] + t["micro_steps"] * t["student_s"]
-    if cfg.runtime.topology == "colocated" and spool_wall < 0.8 * t["wall_s"]:
-        plan.advice.append(f"runtime.topology=spool runs the teacher once per sample ({passes:.1f} now): about "
-                           f"{duration(spool_wall)} instead of {duration(t['wall_s'])}, with "
-                           f"{gib(tokens * bpt)} of disk")
+def _map(plan: Plan, cfg, su: Setup, prof) -> None:
+    if cfg.method.layer_objective == "hidden_mse":
+        return
+    build = tp.map_build(su.teacher, su.student, min(su.teacher.vocab, su.student.vocab), prof)
+    plan.add("semantic bases + map", f"{duration(build['seconds'])} once per run on the first rank (float64 Gram "
+                                     f"matrices; cached by weight hash), peak {gib(build['peak_bytes'])}",
+             "map_gib", build["peak_bytes"] / GiB)
+    if build["peak_bytes"] > prof.device_mem_gib * GiB:
+        plan.problems.append(f"building the semantic bases needs {gib(build['peak_bytes'])} on one device")
+
+
+def _packets_and_wall(plan: Plan, cfg, su: Setup, prof, t: dict) -> None:
+    per_sample = packet_bytes(cfg, su)
+    total = cfg.data.max_sequences * per_sample
+    kind = store_kind(cfg, su, prof)
+    plan.add("teacher passes per sample", "1 (one teacher forward per transfer sample; every stage trains from "
+                                          "its packets)", "teacher_passes_per_sample", 1.0)
+    where = {"memory": "in host memory", "disk": "in a local spool per rank (transport.store_dir)",
+             "spool": "in the spool (semalign teach)"}[kind]
+    per_rank = store_per_rank(cfg, su)
+    plan.add("packets", f"{gib(total)} ({per_sample:,} B per sample), {gib(per_rank)} per student rank {where}",
+             "spool_bytes", total)
+    plan.figures["store_bytes_per_rank"] = per_rank
+    plan.figures["store_host_bytes_per_rank"] = per_rank if kind == "memory" else 0.0
+    plan.add("wall time", f"{duration(t['wall_s'])} (attribution {duration(t['attribution_s'])}, map "
+                          f"{duration(t['map_s'])}, teacher pass {duration(t['teach_once_s'])}, {su.micro_steps:,} "
+                          f"student micro-steps over {len(su.stages)} stages {duration(t['train_s'])})",
+             "wall_s", t["wall_s"])
 
 
 def main(args) -> int:
@@ -326,5 +397,11 @@ def main(args) -> int:
     student = ModelShape.from_config(load_config(cfg.student.path, "student.path", cfg.student.trust_remote_code))
     name = getattr(args, "device_profile", None) or ("cpu" if cfg.runtime.device == "cpu" else "h200")
     plan = build_plan(cfg, teacher, student, args.nodes, args.gpus_per_node, get_profile(name))
-    print(plan.render())
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"fits": plan.fits, "figures": plan.figures, "problems": plan.problems,
+                          "advice": plan.advice}, indent=1))
+    else:
+        print(plan.render())
     return 0 if plan.fits else 1

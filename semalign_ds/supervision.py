@@ -173,7 +173,7 @@ def packet_bytes_per_sample(cfg, seq_len: int, layers: int, width: int, vocab: i
     if needs_teacher_targets(cfg):
         per_token += layers * width * (2 if cfg.method.target_dtype == "bfloat16" else 4)
     if needs_teacher_logits(cfg):
-        per_token += 12 * cfg.method.top_k if cfg.method.top_k > 0 else 4 * vocab
+        per_token += 8 * cfg.method.top_k + 4 if cfg.method.top_k > 0 else 4 * vocab  # int32 ids on disk
     return seq_len * per_token + 8
 
 

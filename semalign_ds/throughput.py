@@ -41,6 +41,7 @@ class DeviceProfile:
     rank_overhead_gib: float  # runtime context + allocator slack per rank on the device
     host_overhead_gib: float  # Python, torch, DeepSpeed per rank on the host
     unified: bool  # device memory is host memory (CPU): one budget
+    fp64_tflops: float  # float64 matmul (the semantic bases' Gram matrices)
     act_frozen: tuple[float, float]  # saved activations per token per frozen layer: a*D + b*I elements
     act_trainable: tuple[float, float]  # the same for a trainable layer
     source: str
@@ -49,21 +50,24 @@ class DeviceProfile:
 PROFILES = {
     "h200": DeviceProfile(
         "h200", {"bfloat16": 791.0, "float16": 791.0, "float32": 60.0}, 0.68, 0.5, 55.0, 4000.0, 360.0, 50.0, 6.0,
-        139.0, 256.0, 3.0, 6.0, False, (6.0, 3.0), (9.0, 4.0),
+        139.0, 256.0, 3.0, 6.0, False, 30.0, (6.0, 3.0), (9.0, 4.0),
         "measured on one H200 (issue 6): bf16 matmul 791 TFLOP/s, pinned H2D 55 GB/s, forward efficiency 0.68 "
         "(8B at 65k tokens 1.91 s, 70B ~4.0k tok/s, against forward_flops: the issue's 0.71 counted embeddings); "
         "assumed (not measured here): student efficiency 0.5, fp32 60 TFLOP/s, HBM 4 TB/s, NVLink all-gather "
-        "360 GB/s, 50 GB/s per GPU between nodes, NVMe 6 GB/s, 256 GiB host RAM per GPU (8-GPU node, 2 TiB)"),
+        "360 GB/s, 50 GB/s per GPU between nodes, NVMe 6 GB/s, 256 GiB host RAM per GPU (8-GPU node, 2 TiB), "
+        "fp64 matmul 30 TFLOP/s (under half the 67 TFLOP/s FP64 tensor-core spec)"),
     "h100": DeviceProfile(
         "h100", {"bfloat16": 989.0, "float16": 989.0, "float32": 60.0}, 0.65, 0.5, 55.0, 3300.0, 360.0, 50.0, 6.0,
-        79.0, 256.0, 3.0, 6.0, False, (6.0, 3.0), (9.0, 4.0),
+        79.0, 256.0, 3.0, 6.0, False, 30.0, (6.0, 3.0), (9.0, 4.0),
         "H100 SXM spec sheet (989 TFLOP/s bf16 dense, 80 GB); efficiencies assumed, not measured here"),
     "cpu": DeviceProfile(
         "cpu", {"float32": 0.095, "bfloat16": 0.024, "float16": 0.024}, 0.62, 0.55, 30.0, 30.0, 5.0, 1.0, 1.0,
-        24.0, 0.0, 0.0, 0.6, True, (6.0, 3.0), (9.0, 4.0),
+        24.0, 0.0, 0.0, 0.75, True, 0.04, (6.0, 3.0), (9.0, 4.0),
         "calibrated on the 2-core CPU VM, 1 thread, 2026-11-28 by bench/throughput/cpu_bench.py: fp32 matmul "
         "95 GFLOP/s (best; 26-95 under the VM's load), memcpy 32 GB/s, teacher forward efficiency 0.62, student "
-        "step efficiency 0.55; bf16 matmul assumed 4x slower than fp32 (not measured)"),
+        "step efficiency 0.55; bf16 matmul assumed 4x slower than fp32, fp64 matmul 40 GFLOP/s (not measured); "
+        "runtime 0.75 GiB per process: the peak RSS of a tiny colocated `semalign run` (torch, DeepSpeed, "
+        "transformers, MLflow), 2026-11-30"),
 }
 
 
@@ -277,3 +281,16 @@ class RunMeter:
             out["student_tokens_per_s"] = self.world_size * tokens / self.t_student
         self.reset()
         return out
+
+
+def map_build(teacher: ModelShape, student: ModelShape, shared: int, prof: DeviceProfile) -> dict[str, float]:
+    """Time and peak bytes of the semantic bases and M, built once per run on one device (supervision.build_map;
+    method/basis.output_basis): per model a float64 Gram matrix V D^2, an eigendecomposition ~10 D^3 and
+    S = (.) W^T 2 D^2 V, then M over the shared vocabulary 2 D_S V D_T in float32."""
+    fp64 = sum(2.0 * m.vocab * m.hidden ** 2 + 10.0 * m.hidden ** 3 + 2.0 * m.hidden ** 2 * m.vocab
+               for m in (teacher, student))
+    fp32 = 2.0 * student.hidden * shared * teacher.hidden
+    seconds = fp64 / (prof.fp64_tflops * 1e12) + fp32 / (prof.matmul_tflops["float32"] * 1e12)
+    peak = 3 * 8.0 * max(m.vocab * m.hidden for m in (teacher, student)) + 4.0 * shared * (teacher.hidden
+                                                                                          + student.hidden)
+    return {"seconds": seconds, "peak_bytes": peak}

@@ -195,7 +195,7 @@ def stream_jobs(N: int, micro: int, S: int, seed: int) -> list[tuple[int, torch.
                  for m in range(datamod.micro_batches_per_epoch(N, micro, S))]
         used = set(torch.cat(first).tolist())
         rest = torch.tensor([i for i in datamod.owned_samples(N, s, S).tolist() if i not in used], dtype=torch.int64)
-        per_student.append(first + list(rest.split(micro)))
+        per_student.append(first + (list(rest.split(micro)) if len(rest) else []))
     return [(s, per_student[s][m]) for m in range(max(map(len, per_student))) for s in range(S)
             if m < len(per_student[s])]
 

@@ -26,17 +26,20 @@ def test_defaults_follow_method_md():
 
 def test_dotted_overrides_parse_values(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("schedule: {steps_per_stage: 10}\n")
-    cfg = cfgmod.load_config(f, ["schedule.steps_per_stage=200", "schedule.stages=[1, 3]", "method.tau=2",
+    f.write_text("schedule: {epochs_per_stage: 10}\n")
+    cfg = cfgmod.load_config(f, ["schedule.epochs_per_stage=2", "schedule.stages=[1, 3]", "method.tau=2",
                                  "pairing.manual=null"])
-    assert cfg.schedule.steps_per_stage == 200 and cfg.schedule.stages == [1, 3]
+    assert cfg.schedule.epochs_per_stage == 2.0 and cfg.schedule.stages == [1, 3]
     assert cfg.method.tau == 2.0 and isinstance(cfg.method.tau, float)
 
 
 @pytest.mark.parametrize("raw, overrides, needle", [
     ({"schedule": {"step_per_stage": 3}}, [], "schedule.step_per_stage"),
     ({"bogus": 1}, [], "'bogus'"),
-    ({}, ["schedule.steps_per_stage=abc"], "schedule.steps_per_stage"),
+    ({}, ["schedule.epochs_per_stage=abc"], "schedule.epochs_per_stage"),
+    ({"schedule": {"steps_per_stage": 3}}, [], "was replaced by schedule.epochs_per_stage"),
+    ({}, ["transport.epochs=2"], "nothing is capped"),
+    ({}, ["schedule.epochs_per_stage=0"], "schedule.epochs_per_stage"),
     ({}, ["method.basis=svd"], "method.basis"),
     ({}, ["data.seq_len=0"], "data.seq_len"),
     ({}, ["schedule.stages=[]"], "schedule.stages"),

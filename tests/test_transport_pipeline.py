@@ -45,19 +45,43 @@ def mlflow_run(run_dir: Path):
 
 def losses(run_dir: Path) -> dict[str, list[float]]:
     client, run = mlflow_run(run_dir)
-    return {m: [h.value for h in client.get_metric_history(run.info.run_id, m)]
-            for m in ("stage1/layer_loss", "stage1/out_loss", "stage2/layer_loss", "stage2/out_loss")}
+    return {m: [h.value for h in sorted(client.get_metric_history(run.info.run_id, m), key=lambda h: h.step)]
+            for m in ("layer_loss", "out_loss")}
 
 
 def assert_same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
     la, lb = losses(a), losses(b)
     for name in la:
-        assert len(la[name]) == len(lb[name]) == 6, name
+        assert len(la[name]) == len(lb[name]) == 12, name  # 2 stages x 6 steps
         assert la[name] == pytest.approx(lb[name], rel=tol, abs=tol), name
     wa, wb = student_weights(a), student_weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.allclose(wa[name], wb[name], atol=tol, rtol=tol), name
+
+
+def assert_plan_agrees(run_dir: Path, config: Path, *overrides: str, gpus: int = 1, spool_run: bool = False) -> None:
+    """`semalign plan` on the run's config (CPU profile) against what the run logged, within 20%: steps and tokens
+    per stage, teacher passes per sample, the packets' bytes (a rank's memory store; a spool's size), peak host
+    memory per rank."""
+    proc = semalign("plan", "--config", config, "--nodes", "1", "--gpus-per-node", gpus, "--device-profile", "cpu",
+                    "--json", *overrides)
+    figures = json.loads(proc.stdout)["figures"]
+    _, mlrun = mlflow_run(run_dir)
+    params, metrics = mlrun.data.params, mlrun.data.metrics
+    packets = ("spool_bytes", float(params["plan.store_bytes"])) if spool_run else \
+        ("store_host_bytes_per_rank", metrics["store/host_bytes"])
+    got = {"steps_per_stage": float(params["plan.steps_per_stage"]),
+           "tokens_per_stage": float(params["plan.tokens_per_stage"]),
+           "teacher_passes_per_sample": metrics["teacher_passes_per_sample"], packets[0]: packets[1],
+           "host_gib": metrics["host/peak_rss_bytes"] / 2**30}
+    want = {**{k: figures[k] for k in got}, "host_gib": figures["host_gib"] / gpus}
+    for key in got:
+        assert got[key] == pytest.approx(want[key], rel=0.2), (key, got[key], want[key])
+
+
+def test_the_plan_agrees_with_a_colocated_run(tmp_path, tiny_pair, colocated):
+    assert_plan_agrees(colocated, write_config(tmp_path, tiny_pair, **COMMON))
 
 
 def sources(run_dir: Path) -> list[int]:
@@ -85,15 +109,16 @@ def test_one_teacher_rank_streams_to_one_student_rank_like_colocated(tmp_path, t
     cfg = write_config(tmp_path, tiny_pair, **COMMON)
     proc = torchrun(2, "run", "--config", cfg, "runtime.topology=disaggregated", "transport.teacher_ranks=1")
     run = tmp_path / "run"
-    assert "teacher rank 0: streamed 12 packets" in proc.stdout and "student after" in proc.stdout
+    assert "teacher rank 0: streamed 12 packets (48 samples)" in proc.stdout and "student after" in proc.stdout
     assert sources(run) == sources(colocated)  # attribution ran on the teacher rank's ZeRO-3 subgroup
     assert_same_training(run, colocated)
     _, mlrun = mlflow_run(run)
     assert mlrun.data.tags["role"] == "student" and mlrun.info.status == "FINISHED"
     metrics = mlrun.data.metrics
     assert metrics["transport/wire_bytes_per_token"] > 0 and 0 <= metrics["transport/teacher_idle_fraction"] <= 1
-    assert metrics["teacher_passes_per_sample"] == pytest.approx(12 * 4 / 48)  # 12 micro-batches of 4 of 48
+    assert metrics["teacher_passes_per_sample"] == 1.0  # each sample streamed once, kept for both stages
     assert "teacher" not in json.loads((run / "eval.json").read_text())["perplexity"]["heldout"]
+    assert_plan_agrees(run, cfg, "runtime.topology=disaggregated", "transport.teacher_ranks=1", gpus=2)
 
 
 def test_two_teacher_ranks_stream_to_one_student_rank_like_colocated(tmp_path, tiny_pair, colocated):
@@ -101,6 +126,8 @@ def test_two_teacher_ranks_stream_to_one_student_rank_like_colocated(tmp_path, t
     cfg = write_config(tmp_path, tiny_pair, **COMMON, pairing={"manual": manual})
     proc = torchrun(3, "run", "--config", cfg, "runtime.topology=disaggregated", "transport.teacher_ranks=2")
     assert "teacher rank 0: streamed 6 packets" in proc.stdout and "teacher rank 1: streamed 6 packets" in proc.stdout
+    _, mlrun = mlflow_run(tmp_path / "run")
+    assert mlrun.data.metrics["teacher_passes_per_sample"] == 1.0
     assert_same_training(tmp_path / "run", colocated)  # ZeRO-3 over the 2-rank teacher group, lockstep rounds
 
 
@@ -146,6 +173,11 @@ def test_spool_training_matches_colocated_and_resumes_after_a_kill(tmp_path, tin
     _, mlrun = mlflow_run(straight / "run")
     assert mlrun.data.metrics["teacher_passes_per_sample"] == 1.0
     assert mlrun.data.metrics["transport/spool_read_bytes_per_token"] > 0
+    assert mlrun.data.params["plan.steps_per_stage"] == "6"  # the budget, not a transport.epochs cap
+    manifest = json.loads((spool_dir / spool.MANIFEST).read_text())
+    assert float(mlrun.data.params["plan.store_bytes"]) == manifest["bytes"]
+    assert_plan_agrees(straight / "run", straight / "config.yaml", "runtime.topology=spool",
+                       f"transport.spool_dir={spool_dir}", spool_run=True)
 
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -161,7 +193,8 @@ def test_spool_training_matches_colocated_and_resumes_after_a_kill(tmp_path, tin
             return False
         return state.get("stage") == 2 and bool(state.get("step"))
     _wait_then_kill(proc, mid_stage_2, "mid-stage 2")
-    assert state["spool"] == {"stage": 2, "next_micro_batch": 3, "spool": state["spool"]["spool"]}
+    assert state["step"] == 3 and state["packets"] == json.loads((spool_dir / spool.MANIFEST).read_text())[
+        "binding_digest"]
     semalign("train", "--config", cfg, "--from-spool", spool_dir)
     a, b = student_weights(straight / "run"), student_weights(killed / "run")
     assert all(torch.equal(a[name], b[name]) for name in a)
