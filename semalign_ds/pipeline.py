@@ -87,12 +87,15 @@ def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
     t0 = time.perf_counter()
     counts = topology.teach_local(ctx, store, _recipes(ctx, table, _trained_layers(plan)), M_DsDt)
     seconds = time.perf_counter() - t0
-    samples, tokens = distributed.all_reduce([counts["samples"], counts["tokens"]], ctx.info.device, ctx.group)
-    progress.teacher_samples += int(samples)
+    samples, restored, tokens = distributed.all_reduce([counts["samples"], counts["restored"], counts["tokens"]],
+                                                       ctx.info.device, ctx.group)
+    # samples restored from a disk store were emitted by an earlier attempt: counted once, whether or not a
+    # checkpoint recorded them (a memory store's attempt killed before its first checkpoint goes uncounted)
+    progress.teacher_samples = max(progress.teacher_samples, int(restored)) + int(samples)
+    counts.update(samples=samples, restored=restored)
     _log_teach(ctx, progress, store, {**counts, "tokens": tokens, "seconds": seconds})
     train_stages(ctx, progress, plan, topology.Feed(ctx, store, store.kind))
-    if not ctx.cfg.transport.keep_spool:
-        store.remove()
+    _drop_store(ctx, store)
     return _finish(ctx, progress)
 
 
@@ -156,9 +159,20 @@ def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
         inner = feed_store.inner
         ctx.tracker.log_metrics({**stats, "store/host_bytes": float(inner.nbytes if inner.kind == "memory" else 0),
                                  "store/disk_bytes": float(inner.nbytes if inner.kind == "disk" else 0)})
-    if not ctx.cfg.transport.keep_spool:
-        feed_store.inner.remove()
+    _drop_store(ctx, feed_store.inner)
     return _finish(ctx, progress)
+
+
+def _drop_store(ctx: RunContext, store) -> None:
+    """The packets are not needed once every stage is trained: removed unless transport.keep_spool (this rank's
+    store; the default <output_dir>/packets folder too once empty, never a folder the user named)."""
+    if ctx.cfg.transport.keep_spool:
+        return
+    store.remove()
+    distributed.barrier(ctx.group)
+    default = topology.store_dir(ctx.cfg, ctx.out)
+    if ctx.info.is_main and not ctx.cfg.transport.store_dir and default.is_dir() and not any(default.iterdir()):
+        default.rmdir()
 
 
 def _finish(ctx: RunContext, progress: Progress) -> dict:
@@ -334,6 +348,7 @@ def _log_teach(ctx: RunContext, progress: Progress, store, counts: dict) -> None
         return
     seconds = max(counts["seconds"], 1e-9)
     metrics = {"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks), "teach/seconds": seconds,
+               "teach/emitted_samples": float(counts["samples"]), "teach/restored_samples": float(counts["restored"]),
                "store/host_bytes": float(store.nbytes if store.kind == "memory" else 0),
                "store/disk_bytes": float(store.nbytes if store.kind == "disk" else 0)}
     if counts["passes"]:

@@ -90,7 +90,8 @@ def open_store(ctx, binding: dict, kind: str):
 
 def teach_local(ctx, store, recipes: dict, M_DsDt) -> dict:
     """Colocated teach phase: this rank's samples not yet in its store, through the teacher once. Returns this
-    rank's counts: samples, real tokens and forwards (spares included)."""
+    rank's counts: samples emitted, samples restored from an interrupted run's disk store, real tokens emitted and
+    forwards (spares included)."""
     info, B = ctx.info, ctx.cfg.data.micro_batch_size
     own = datamod.owned_samples(len(ctx.blocks), info.rank, info.world_size)
     todo = store.missing(own)
@@ -102,7 +103,8 @@ def teach_local(ctx, store, recipes: dict, M_DsDt) -> dict:
         else:  # keep ZeRO-3's lockstep with ranks that have one micro-batch more
             supervision.emit(ctx, datamod.take(ctx.blocks, own[:1]), recipes, M_DsDt)
     store.finish()
-    return {"samples": len(todo), "tokens": int(ctx.blocks.mask_NT[todo].sum()), "passes": rounds}
+    return {"samples": len(todo), "restored": len(own) - len(todo), "tokens": int(ctx.blocks.mask_NT[todo].sum()),
+            "passes": rounds}
 
 
 # ---------------------------------------------------------------- spool

@@ -205,3 +205,27 @@ def test_a_spool_of_another_configuration_is_refused(tmp_path, tiny_pair, spool_
     proc = semalign("train", "--config", cfg, "--from-spool", spool_dir, "method.tau=2.0", check=False)
     assert proc.returncode == 2
     assert "different configuration" in proc.stderr and "method (method.*" in proc.stderr
+
+
+def test_a_run_killed_while_teaching_into_a_disk_store_resumes_without_recomputing_shards(tmp_path, tiny_pair,
+                                                                                          colocated):
+    cfg = write_config(tmp_path, tiny_pair, **COMMON)
+    run = tmp_path / "run"
+    store = run / "packets" / "rank-00000"
+    proc = subprocess.Popen([*SEMALIGN, "run", "--config", str(cfg), "transport.store=disk"], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_then_kill(proc, lambda: (store / "shard-00000.json").is_file() and not (store / spool.MANIFEST).exists(),
+                    "while teaching")
+    semalign("run", "--config", cfg, "transport.store=disk")
+    a, b = student_weights(colocated), student_weights(run)  # memory store, uninterrupted: the same packets
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("semalign").experiment_id],
+                                  "attributes.status = 'FINISHED'")
+    metrics = mlrun.data.metrics
+    assert metrics["teach/restored_samples"] >= 16 and metrics["teach/emitted_samples"] <= 32  # shard 0 kept
+    assert metrics["teach/restored_samples"] + metrics["teach/emitted_samples"] == 48
+    assert metrics["teacher_passes_per_sample"] == 1.0 and metrics["store/disk_bytes"] > 0
+    assert not (run / "packets").exists()  # removed at the end (transport.keep_spool=false)
