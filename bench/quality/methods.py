@@ -3,7 +3,7 @@
 Every method is a set of dotted overrides of configs/demo.yaml run through `semalign_ds.pipeline.run`, so the
 baselines use the project's own code paths (schedule.mode full, method.layer_objective hidden_mse, ...).
 Equal budget: within a pair every trained method sees the same transfer set, the same micro-batch size and the
-same number of optimizer steps (frontier: steps_per_stage per student layer; full: the same total in one stage),
+same number of optimizer steps (frontier: tokens_per_stage per student layer; full: the same total in one stage),
 hence the same number of tokens. The learning rate is chosen per method on the target validation split over the
 same grid (`Size.lr_grid`); ablations keep SemAlign v2's chosen rate (one change at a time), and the other pairs
 reuse the main pair's choice per method.
@@ -92,16 +92,16 @@ _COMMON = ("runtime.progress=false", "runtime.resume=false", "runtime.checkpoint
 SIZES: dict[str, Size] = {s.name: s for s in [
     Size("tiny", "tiny", (3e-3,), 1,
          _COMMON + ("data.seq_len=32", "data.max_sequences=48", "data.micro_batch_size=4",
-                    "schedule.steps_per_stage=2", "schedule.warmup_steps=1", "method.min_shared_tokens=100",
+                    "schedule.tokens_per_stage=256", "schedule.warmup_steps=1", "method.min_shared_tokens=100",
                     "method.top_k=16"),
          eval_sequences=8, workers=1,
          extra={"cross_vocab": 448, "mamba_layers": 1, "mamba_state": 4}),
     Size("small", "default", (1e-3, 3e-3, 1e-2), 3,
-         _COMMON + ("data.micro_batch_size=8", "schedule.steps_per_stage=62"),
+         _COMMON + ("data.micro_batch_size=8", "schedule.tokens_per_stage=63488"),  # 62 steps of 8 x 128
          eval_sequences=64, workers=2,
          extra={"cross_vocab": 6144, "mamba_layers": 2, "mamba_state": 16}),
     Size("medium", "quality-medium", (1e-3, 3e-3, 1e-2), 3,
-         _COMMON + ("data.micro_batch_size=16", "schedule.steps_per_stage=30", "runtime.device=cuda",
+         _COMMON + ("data.micro_batch_size=16", "schedule.tokens_per_stage=122880", "runtime.device=cuda",
                     "teacher_engine.offload=none", "pairing.attribution_batches=4"),
          eval_sequences=256, device="cuda", workers=8,
          extra={"cross_vocab": 12288, "mamba_layers": 2, "mamba_state": 16}),

@@ -71,7 +71,8 @@ def score(model_dir: str, pair: dict, evals: EvalSets, seq_len: int, device: str
 
 
 def loss_history(uri: str | None, experiment: str, run_name: str) -> dict[str, dict[str, list]]:
-    """{stage: {metric: [(step, value), ...]}} logged by the pipeline for one run (empty without MLflow)."""
+    """{stage: {metric: [(step in stage, value), ...]}} logged by the pipeline for one run (on its global step axis,
+    with the stage as the metric `stage`); empty without MLflow."""
     if uri is None:
         return {}
     import mlflow
@@ -82,12 +83,17 @@ def loss_history(uri: str | None, experiment: str, run_name: str) -> dict[str, d
                               order_by=["attributes.start_time DESC"], max_results=1) if exp else []
     if not runs:
         return {}
+    run_id = runs[0].info.run_id
+    stage_of = {m.step: int(m.value) for m in client.get_metric_history(run_id, "stage")}
+    first = {}
+    for step, stage in sorted(stage_of.items()):
+        first.setdefault(stage, step)
     out: dict[str, dict[str, list]] = {}
-    for key in runs[0].data.metrics:
-        stage, _, metric = key.partition("/")
-        if stage.startswith("stage") and metric in LOSS_KEYS:
-            hist = sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: m.step)
-            out.setdefault(stage[len("stage"):], {})[metric] = [(m.step, m.value) for m in hist]
+    for key in LOSS_KEYS:
+        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step):
+            stage = stage_of.get(m.step)
+            if stage is not None:
+                out.setdefault(str(stage), {}).setdefault(key, []).append((m.step - first[stage] + 1, m.value))
     return out
 
 
