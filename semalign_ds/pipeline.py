@@ -28,6 +28,7 @@ from semalign_ds.method.targets import target_recipes
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer
 from semalign_ds.progress import bar
+from semalign_ds import tracking
 from semalign_ds.tracking import make_tracker
 from semalign_ds import evaluate, resume, supervision, topology
 
@@ -198,7 +199,7 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     (out / "config.yaml").write_text(cfgmod.to_yaml(cfg)) if main else None
     torch.manual_seed(cfg.seed)
     tracker = make_tracker(cfg.tracking.enabled, main, cfg.tracking.uri, cfg.tracking.experiment,
-                           cfg.name, out, run_id=progress.get("mlflow_run_id"))
+                           tracking.run_name(cfg, info.world_size), out, run_id=progress.get("mlflow_run_id"))
     progress["mlflow_run_id"] = tracker.run_id
     tracker.log_params(cfgmod.flatten(cfg))
     tracker.set_tags({"config_hash": cfgmod.result_hash(cfg), "world_size": info.world_size,
@@ -344,7 +345,14 @@ def train_stages(r: Run, feed) -> None:
             summary = {f"stage{k}/final_{m}": v for m, v in r.history[k][-1].items() if m != "step"}
             r.tracker.log_metrics({**summary, **feed.stats()}, step=len(done))
     if r.info.is_main and r.history:
-        r.tracker.log_artifact(report.loss_curves(r.history, r.out / "loss_curves.png"))
+        r.tracker.log_artifact(report.loss_curves(_global_rows(r.history), r.out / "loss_curves.png"))
+
+
+def _global_rows(history: dict) -> list[dict]:
+    """Issue 13 bridge until the loop records rows with a global `step` and `stage`: number this process's steps
+    across stages (delete once r.history is already that list)."""
+    rows = [dict(row, stage=k) for k, stage_rows in sorted(history.items()) for row in stage_rows]
+    return [dict(row, step=i) for i, row in enumerate(rows, start=1)]
 
 
 def _run_stage(r: Run, stage, k: int, start: int, total: int, source) -> None:
@@ -380,6 +388,7 @@ def export_student(r: Run) -> Path:
         r.tok_S.save_pretrained(tmp)
         resume.replace_dir(tmp, export)
         r.tracker.log_metrics({"teacher_passes_per_sample": r.progress.get("teacher_passes", 0)})
+        r.tracker.log_student_model(export, r.cfg.tracking.log_model, r.cfg.tracking.log_model_copy_max_mb)
     if torch.distributed.is_initialized():
         torch.distributed.barrier(group=r.group)
     return export

@@ -254,9 +254,22 @@ def relink(run_dir: Path) -> int:
         with con:
             olds = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")
                     if row[0] and row[0].rstrip("/").endswith("/mlartifacts") and row[0].rstrip("/") != new]
-            return sum(_rewrite(con, old.rstrip("/"), new) for old in olds)
+            changed = sum(_rewrite(con, old.rstrip("/"), new) for old in olds)
     finally:
         con.close()
+    if changed:
+        _forget_cached_locations()
+    return changed
+
+
+def _forget_cached_locations() -> None:
+    """MLflow caches each run's / model's artifact repository per process; drop the stale ones after a relink."""
+    try:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._artifact_repos_cache.clear()
+    except (ImportError, AttributeError):
+        pass
 
 
 def _rewrite(con, old: str, new: str) -> int:
