@@ -84,7 +84,12 @@ def _eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "eval":  # `semalign eval DIR --tasks X key=value`: overrides after an option
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "config":
             print(cfgmod.to_yaml(cfgmod.load_config(args.config, args.overrides)), end="")

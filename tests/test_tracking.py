@@ -11,26 +11,6 @@ from semalign_ds import config as cfgmod
 from semalign_ds import tracking
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An initialised, empty MLflow sqlite store; copying it skips MLflow's table migrations (seconds) per test."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(empty_store, monkeypatch):
-    """store(dir): the directory with an empty MLflow store of its own (as a first run would create)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-    def make(out: Path) -> Path:
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(empty_store, out / "mlflow.db")
-        return out
-    return make
-
-
 def _run_dir(tmp_path: Path, store, name="run") -> tuple[Path, str]:
     out = store(tmp_path / name)
     tracker = tracking.make_tracker(True, True, None, "semalign", "test", out)
