@@ -83,6 +83,8 @@ def _stage_starts(history: list[dict]) -> list[tuple[int, int]]:
 def loss_figure(history: list[dict]):
     """One panel per loss term on the global step; dashed lines at stage boundaries, each stage labelled."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     keys = [k for k in LOSS_KEYS if any(r.get(k) is not None for r in history)]
     if not history or not keys:
         raise ValueError("loss_curves: the history holds no loss values (rows need step, stage and a loss)")
@@ -105,6 +107,8 @@ def loss_figure(history: list[dict]):
             if i % every == 0:
                 ax.text(first - 0.5, 0.98, f" stage {stage}", transform=ax.get_xaxis_transform(), fontsize=8,
                         va="top", ha="left", color="dimgray")
+        ax.set_xlim(history[0]["step"] - 0.5, history[-1]["step"] + 0.5)  # stage 1's label inside the panel
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(key)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(keys):]:

@@ -10,7 +10,7 @@ Why generated at first use instead of shipped: lm-eval reads a YAML task's `data
 directory, so the YAML must carry an absolute path and is written on this machine anyway; the demo's models are
 pretrained on this interpreter's stdlib, and the task comes from the same text; and no data file lives in git.
 The price: the stdlib differs between Python versions, so the items do too. The files go to
-`<cache>/lm_eval_tasks/stdlib_docmodule-py<X.Y.Z>-v<RECIPE>/` and the task's metadata (in every result) names
+`<cache>/lm_eval_tasks/stdlib_docmodule-py<X.Y.Z>-v<RECIPE>-<recipe hash>/` and the task's metadata (in every result) names
 the Python version and the sha256 of its data, so scores from different interpreters are never silently mixed.
 Reading uses `ast` only: no stdlib module is imported or run.
 """
@@ -116,7 +116,9 @@ def _yaml(data: Path, digest: str) -> str:
 def materialize(root: Path | None = None, stdlib: Path | None = None) -> Path:
     """The task folder (YAML + JSONL) for lm-eval's include_path; built once per Python version, atomically."""
     root = Path(root or cache_root())
-    final = root / f"{TASK_NAME}-py{platform.python_version()}-v{RECIPE_VERSION}"
+    recipe = json.dumps([RECIPE_VERSION, ITEMS_PER_MODULE, MAX_ITEMS, MAX_CHARS, CHOICES, sorted(_SKIP)])
+    tag = hashlib.sha256(recipe.encode()).hexdigest()[:8]
+    final = root / f"{TASK_NAME}-py{platform.python_version()}-v{RECIPE_VERSION}-{tag}"
     if (final / f"{TASK_NAME}.yaml").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
