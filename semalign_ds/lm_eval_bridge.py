@@ -26,7 +26,7 @@ from semalign_ds.evaluate import format_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SECTION_START, SECTION_END = "<!-- semalign:lm_eval -->", "<!-- /semalign:lm_eval -->"
-_SETTING_KEYS = ("limit", "num_fewshot", "n")
+_SETTING_KEYS = ("limit", "num_fewshot", "n", "about")
 
 
 @dataclass
@@ -103,7 +103,9 @@ def score(spec: ModelSpec, tasks: list[str], settings, manager, device: str) -> 
 
 
 def parse_results(out: dict, settings) -> dict[str, dict]:
-    """lm-eval's results ("acc,none": 0.3, "acc_stderr,none": ...) as {task: {"acc": 0.3, "acc_stderr": ...}}."""
+    """lm-eval's results ("acc,none": 0.3, "acc_stderr,none": ...) as {task: {"acc": 0.3, "acc_stderr": ..., "n",
+    "limit", "num_fewshot", "about": {task version, lm-eval version, the task's metadata (stdlib_docmodule: its
+    Python version and data sha256)}}}."""
     scores = {}
     for task, metrics in out["results"].items():
         row = {}
@@ -113,7 +115,10 @@ def parse_results(out: dict, settings) -> dict[str, dict]:
             metric, filt = key.split(",", 1)
             row[metric if filt == "none" else f"{metric}_{filt}"] = float(value)
         n = out.get("n-samples", {}).get(task, {}).get("effective")
-        scores[task] = {**row, "n": n, "limit": settings.limit, "num_fewshot": settings.num_fewshot}
+        meta = dict(out.get("configs", {}).get(task, {}).get("metadata") or {})
+        meta.pop("config_source", None)  # a path on this machine
+        about = {"task_version": out.get("versions", {}).get(task), "lm_eval": out.get("lm_eval_version"), **meta}
+        scores[task] = {**row, "n": n, "limit": settings.limit, "num_fewshot": settings.num_fewshot, "about": about}
     return scores
 
 

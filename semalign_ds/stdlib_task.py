@@ -10,8 +10,9 @@ Why generated at first use instead of shipped: lm-eval reads a YAML task's `data
 directory, so the YAML must carry an absolute path and is written on this machine anyway; the demo's models are
 pretrained on this interpreter's stdlib, and the task comes from the same text; and no data file lives in git.
 The price: the stdlib differs between Python versions, so the items do too. The files go to
-`<cache>/lm_eval_tasks/stdlib_docmodule-py<X.Y.Z>-v<RECIPE>-<recipe hash>/` and the task's metadata (in every result) names
-the Python version and the sha256 of its data, so scores from different interpreters are never silently mixed.
+`<cache>/lm_eval_tasks/stdlib_docmodule-py<X.Y.Z>-v<RECIPE>-<recipe hash>/`, and the task's metadata (in every
+result) names the Python version and the sha256 of its data, so scores from different interpreters are never
+silently mixed.
 Reading uses `ast` only: no stdlib module is imported or run.
 """
 from __future__ import annotations

@@ -133,8 +133,8 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import LoggedModelOutput
 
         self._client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step)])
-        how = ("copied into the model's artifacts" if copy else
-               f"linked, not copied ({'tracking.log_model=link' if mode == 'link' else f'over tracking.log_model_copy_max_mb={copy_max_mb:g}'})")
+        why = "tracking.log_model=link" if mode == "link" else f"over tracking.log_model_copy_max_mb={copy_max_mb:g}"
+        how = "copied into the model's artifacts" if copy else f"linked, not copied: {why}"
         print(f"MLflow: logged the student as model {model_id} ({size_mb:.1f} MiB, {how}); checkpoint {export_dir}")
         return model_id
 

@@ -146,6 +146,7 @@ def test_a_checkpoint_is_scored_only_into_a_directory_the_user_names(world, tmp_
     out = tmp_path / "scores"
     assert cli.main(["eval", str(world["student"]), "--out", str(out), *base]) == 0
     assert json.loads((out / "semalign.json").read_text())["kind"] == "eval"
+    assert json.loads((out / "eval.json").read_text())["lm_eval"]["model"][TASK]["about"]["lm_eval"]
     assert 0.0 <= json.loads((out / "eval.json").read_text())["lm_eval"]["model"][TASK]["acc"] <= 1.0
     assert cli.main(["eval", str(world["trained"]), "--out", str(out), *base]) == 2  # another checkpoint's scores
     assert cli.main(["eval", str(tmp_path), "--tasks", TASK]) == 2  # neither a run nor a checkpoint
