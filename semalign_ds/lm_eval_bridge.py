@@ -62,6 +62,12 @@ def task_manager(tasks: list[str], include_path: list[str]):
         raise ValueError(f"eval.lm_eval.tasks: unknown task {missing[0]!r}; use one of lm-eval's task names (e.g. "
                          f"hellaswag, arc_easy), a task YAML in a folder listed in eval.lm_eval.include_path, or "
                          f"{stdlib_task.TASK_NAME}")
+    try:  # the data sets now, before any model loads or any file is written
+        manager.load(list(tasks))
+    except ConnectionError as err:
+        raise ValueError(f"eval.lm_eval.tasks: a task's data set is on the Hugging Face hub, which is not reachable "
+                         f"here ({err}); run those tasks where it is (or with the data set in HF_DATASETS_CACHE), "
+                         f"or use local tasks (eval.lm_eval.include_path, {stdlib_task.TASK_NAME})") from None
     return manager
 
 

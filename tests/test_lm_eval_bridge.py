@@ -159,6 +159,15 @@ def test_unknown_tasks_and_no_tasks_are_clear_errors(world):
         lm_eval_bridge.task_manager([TASK], [str(world["task"] / "missing")])
 
 
+def test_a_task_whose_data_is_on_the_hub_is_a_clear_error_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # as on this machine: no hub
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump({
+        "task": "hub_task", "dataset_path": "someone/some_dataset", "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_choice": "{{c}}", "doc_to_target": 0}))
+    with pytest.raises(ValueError, match="Hugging Face hub"):
+        lm_eval_bridge.task_manager(["hub_task"], [str(tmp_path)])
+
+
 def test_the_shipped_stdlib_task_is_deterministic_and_masks_the_answer(tmp_path, monkeypatch):
     items = stdlib_task.build_items()
     assert 100 <= len(items) <= stdlib_task.MAX_ITEMS
