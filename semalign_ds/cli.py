@@ -43,11 +43,54 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--config", required=True)
     render.add_argument("--template", required=True)
     render.add_argument("overrides", nargs="*")
+    ev = sub.add_parser("eval", help="lm-eval tasks on a run's student before/after and teacher (into its eval.md "
+                                     "and MLflow run), or on one checkpoint folder (into --out)")
+    ev.add_argument("target", help="a run directory (output_dir of `semalign run`/`demo`) or a HF checkpoint folder")
+    ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (eval.lm_eval.tasks), e.g. "
+                                                  "stdlib_docmodule, or hellaswag,arc_easy on a cluster")
+    ev.add_argument("--out", default=None, help="checkpoint folder only: a new or empty directory for the scores")
+    ev.add_argument("--config", default=None, help="checkpoint folder only: YAML for eval.lm_eval, student.dtype, "
+                                                   "runtime.device (a run directory uses its config.yaml)")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.lm_eval.limit=100 runtime.device=cpu")
+    relink = sub.add_parser("mlflow-relink", help="point a moved or copied run directory's MLflow store at its "
+                                                  "own mlartifacts/ (semalign does this itself when it opens one)")
+    relink.add_argument("run_dir")
     return p
 
 
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from semalign_ds import lm_eval_bridge
+
+    target = Path(args.target)
+    overrides = [*args.overrides, *([f"eval.lm_eval.tasks=[{args.tasks}]"] if args.tasks else [])]
+    if (target / "config.yaml").is_file() and not (target / "config.json").is_file():
+        if args.out or args.config:
+            raise ValueError(f"{target} is a run directory: its scores go into it and its config.yaml is used; "
+                             f"drop --out/--config")
+        summary = lm_eval_bridge.eval_run_dir(target, overrides)
+        where = f"{target / 'eval.md'}" + (f", MLflow run {summary['mlflow_run_id']}" if summary["mlflow_run_id"]
+                                           else "")
+    elif (target / "config.json").is_file():
+        summary = lm_eval_bridge.eval_checkpoint(target, args.out and Path(args.out),
+                                                 cfgmod.load_config(args.config, overrides))
+        where = str(Path(args.out) / "eval.md")
+    else:
+        raise ValueError(f"eval target {str(target)!r} is neither a run directory (config.yaml + student/) nor a "
+                         f"Hugging Face checkpoint folder (config.json)")
+    print(summary["table"])
+    print(f"\nwritten to {where}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "eval":  # `semalign eval DIR --tasks X key=value`: overrides after an option
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "config":
             print(cfgmod.to_yaml(cfgmod.load_config(args.config, args.overrides)), end="")
@@ -79,6 +122,17 @@ def main(argv: list[str] | None = None) -> int:
             from semalign_ds import slurm
 
             return slurm.main(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "mlflow-relink":
+            from pathlib import Path
+
+            from semalign_ds import tracking
+
+            if not (Path(args.run_dir) / "mlflow.db").is_file():
+                raise ValueError(f"{args.run_dir} has no mlflow.db (a run directory with its own MLflow store)")
+            print(f"relinked {tracking.relink(Path(args.run_dir))} artifact locations in {args.run_dir}/mlflow.db")
+            return 0
         if args.command == "demo":
             from semalign_ds import demo_run
 

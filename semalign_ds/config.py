@@ -168,6 +168,30 @@ class TrackingConfig:
     uri: Optional[str] = None
     """MLflow tracking URI; null = MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
     experiment: str = "semalign"
+    log_model: Literal["auto", "copy", "link", "never"] = "auto"
+    """The exported student as an MLflow LoggedModel of the run: copy its files into MLflow, link to the export
+    without copying, auto (copy up to log_model_copy_max_mb, else link), or never."""
+    log_model_copy_max_mb: float = 1024.0
+    """auto: the largest student (MiB on disk) whose files are copied into MLflow."""
+
+
+@dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness tasks for `semalign eval` (student before/after and teacher)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task names: lm-eval's own (hellaswag, arc_easy, ... need their data sets, e.g. on a cluster), local YAML
+    tasks under include_path, or the shipped `stdlib_docmodule` (built from this Python's stdlib, no download)."""
+    include_path: list[str] = field(default_factory=list)
+    """Folders of local task YAMLs (with local JSONL data: dataset_path json, data_files absolute)."""
+    limit: Optional[float] = None
+    """Documents per task (an int), a fraction (< 1), or null = all. Recorded with the scores."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples per prompt; null = each task's default."""
+    batch_size: int = 8
+    teacher: bool = True
+    """Also score the teacher (once: cached by its weights, task and settings). A teacher too large for one
+    device: set false and score it with lm-eval's own multi-GPU launch."""
 
 
 @dataclass
@@ -176,6 +200,7 @@ class EvalConfig:
     """Named held-out data files (same formats as data.path) for perplexity and teacher agreement."""
     max_sequences: int = 200
     batch_size: int = 8
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 @dataclass
@@ -319,7 +344,8 @@ def validate(cfg: RunConfig) -> None:
     """Checks that need no files; checks against the models (layer ranges, seq_len, top_k) run at load."""
     for key in ("data.seq_len", "data.max_sequences", "data.micro_batch_size", "schedule.epochs_per_stage",
                 "schedule.grad_accum", "schedule.lora_rank", "runtime.checkpoint_every", "method.tau",
-                "pairing.attribution_batches", "eval.batch_size"):
+                "pairing.attribution_batches", "eval.batch_size", "eval.lm_eval.batch_size",
+                "tracking.log_model_copy_max_mb"):
         _positive(get_dotted(cfg, key), key)
     for key in ("method.top_k", "method.min_shared_tokens", "data.val_sequences", "schedule.warmup_steps"):
         _positive(get_dotted(cfg, key), key, allow_zero=True)
@@ -331,6 +357,8 @@ def validate(cfg: RunConfig) -> None:
                          f"{cfg.transport.store_memory_fraction}")
     if cfg.schedule.stages is not None and not cfg.schedule.stages:
         raise ValueError("config key 'schedule.stages' is empty; list student layers (1-indexed) or use null for all")
+    if cfg.eval.lm_eval.limit is not None:
+        _positive(cfg.eval.lm_eval.limit, "eval.lm_eval.limit")
     if cfg.data.val_sequences >= cfg.data.max_sequences:
         raise ValueError("config key 'data.val_sequences' must be smaller than 'data.max_sequences'")
 

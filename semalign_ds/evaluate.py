@@ -199,9 +199,10 @@ def _teacher_perplexity(r, batches: list[Batch]) -> float:
     return math.exp(total / max(count, 1))
 
 
-def evaluate_run(r, export_dir) -> dict:
+def evaluate_run(r, export_dir, stage_table: str = "") -> dict:
     """Held-out perplexity of the student before/after and the teacher, and agreement with the teacher, on each
-    of eval.sets; written to <output_dir>/eval.json and eval.md and logged to MLflow."""
+    of eval.sets; written to <output_dir>/eval.json and eval.md (with the per-stage training table) and logged to
+    MLflow."""
     import json
 
     from semalign_ds.models.adapters import get_adapter
@@ -228,7 +229,8 @@ def evaluate_run(r, export_dir) -> dict:
                "student_dir": str(export_dir), "tracking_uri": getattr(r.tracker, "uri", None)}
     if r.info.is_main:
         (r.out / "eval.json").write_text(json.dumps(summary, indent=2))
-        (r.out / "eval.md").write_text(summary["table"] + "\n")
+        stages = f"\n## Training, per stage\n\n{stage_table}\n" if stage_table else ""
+        (r.out / "eval.md").write_text(summary["table"] + "\n" + stages)
         r.tracker.log_metrics({f"eval/{s}/{m}_ppl": v for s, row in ppl.items() for m, v in row.items()})
         r.tracker.log_metrics({f"eval/{s}/{m}_{k}": v for s, row in agree.items() for m, d in row.items()
                                for k, v in d.items()})

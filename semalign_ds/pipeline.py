@@ -30,6 +30,7 @@ from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer
 from semalign_ds.progress import bar
 from semalign_ds.resume import Progress
+from semalign_ds import tracking
 from semalign_ds.tracking import make_tracker
 from semalign_ds.transport import schema
 
@@ -94,9 +95,9 @@ def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
     progress.teacher_samples = max(progress.teacher_samples, int(restored)) + int(samples)
     counts.update(samples=samples, restored=restored)
     _log_teach(ctx, progress, store, {**counts, "tokens": tokens, "seconds": seconds})
-    train_stages(ctx, progress, plan, topology.Feed(ctx, store, store.kind))
+    history = train_stages(ctx, progress, plan, topology.Feed(ctx, store, store.kind))
     _drop_store(ctx, store)
-    return _finish(ctx, progress)
+    return _finish(ctx, progress, history)
 
 
 def _run_from_spool(ctx: RunContext, progress: Progress) -> dict:
@@ -109,8 +110,8 @@ def _run_from_spool(ctx: RunContext, progress: Progress) -> dict:
     progress.teacher_samples = round(reader.manifest.get("teacher_passes_per_sample", 1.0) * reader.num_samples)
     plan = run_budget(ctx)
     announce(ctx, plan, "spool", spool_bytes=reader.manifest["bytes"])
-    train_stages(ctx, progress, plan, topology.Feed(ctx, reader, "spool_read", check_tokens=True))
-    return _finish(ctx, progress)
+    history = train_stages(ctx, progress, plan, topology.Feed(ctx, reader, "spool_read", check_tokens=True))
+    return _finish(ctx, progress, history)
 
 
 def _run_disaggregated(cfg: RunConfig, world: distributed.DistInfo) -> dict:
@@ -151,7 +152,7 @@ def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
     feed_store.inner = topology.open_store(ctx, feed_store.binding, kind)
     resume.check_packets(ctx, progress, schema.digest(feed_store.binding))
     announce(ctx, plan, kind)
-    train_stages(ctx, progress, plan, topology.Feed(ctx, feed_store, "wire"))
+    history = train_stages(ctx, progress, plan, topology.Feed(ctx, feed_store, "wire"))
     feed_store.drain()
     stats = feed_store.stats()
     progress.teacher_samples += int(stats.pop("teacher_samples"))
@@ -160,7 +161,7 @@ def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
         ctx.tracker.log_metrics({**stats, "store/host_bytes": float(inner.nbytes if inner.kind == "memory" else 0),
                                  "store/disk_bytes": float(inner.nbytes if inner.kind == "disk" else 0)})
     _drop_store(ctx, feed_store.inner)
-    return _finish(ctx, progress)
+    return _finish(ctx, progress, history)
 
 
 def _drop_store(ctx: RunContext, store) -> None:
@@ -175,14 +176,14 @@ def _drop_store(ctx: RunContext, store) -> None:
         default.rmdir()
 
 
-def _finish(ctx: RunContext, progress: Progress) -> dict:
+def _finish(ctx: RunContext, progress: Progress, history: list[dict]) -> dict:
     import resource
 
     export_dir = export_student(ctx)
     if ctx.writes:  # ru_maxrss: KiB on Linux; the peak before evaluation loads the student a second time
         ctx.tracker.log_metrics({"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks),
                                  "host/peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0})
-    return evaluate.evaluate_run(ctx, export_dir)
+    return evaluate.evaluate_run(ctx, export_dir, report.stage_table(history) if history else "")
 
 
 def teach(cfg: RunConfig) -> dict:
@@ -231,7 +232,7 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     (out / "config.yaml").write_text(cfgmod.to_yaml(cfg)) if main else None
     torch.manual_seed(cfg.seed)
     tracker = make_tracker(cfg.tracking.enabled, main, cfg.tracking.uri, cfg.tracking.experiment,
-                           cfg.name, out, run_id=progress.mlflow_run_id)
+                           tracking.run_name(cfg, info.world_size), out, run_id=progress.mlflow_run_id)
     progress.mlflow_run_id = tracker.run_id
     tracker.log_params(cfgmod.flatten(cfg))
     tracker.set_tags({"config_hash": cfgmod.result_hash(cfg), "world_size": info.world_size,
@@ -418,9 +419,10 @@ def _sources(table: PairingTable) -> list:
 # ---------------------------------------------------------------- training
 
 
-def train_stages(ctx: RunContext, progress: Progress, plan: budgetmod.Budget, feed) -> None:
+def train_stages(ctx: RunContext, progress: Progress, plan: budgetmod.Budget, feed) -> list[dict]:
     """Every stage still to train, its packets from `feed` (topology.py); checkpoints inside and between.
-    Metrics go to MLflow on the run's global optimizer step (stage offsets from the plan)."""
+    Metrics go to MLflow on the run's global optimizer step (stage offsets from the plan); returns this process's
+    rows of metrics (global `step`, `stage`, losses) for the loss curves and eval.md's per-stage table."""
     from semalign_ds.engines.student import StudentStage
 
     offset, history = 0, []
@@ -438,10 +440,8 @@ def train_stages(ctx: RunContext, progress: Progress, plan: budgetmod.Budget, fe
                 ctx.tracker.log_metrics(feed.stats(), step=offset + stage.steps)
         offset += stage.steps
     if ctx.writes and history:
-        by_stage: dict[int, list[dict]] = {}
-        for row in history:
-            by_stage.setdefault(row["stage"], []).append({**row, "step": row["stage_step"]})
-        ctx.tracker.log_artifact(report.loss_curves(by_stage, ctx.out / "loss_curves.png"))
+        ctx.tracker.log_artifact(report.loss_curves(history, ctx.out / "loss_curves.png"))
+    return history
 
 
 def _run_stage(ctx: RunContext, progress: Progress, stage, plan_stage: budgetmod.Stage, start: int, offset: int,
@@ -460,7 +460,7 @@ def _run_stage(ctx: RunContext, progress: Progress, stage, plan_stage: budgetmod
         seconds = time.perf_counter() - t0
         tokens = metrics["tokens"] * cfg.schedule.grad_accum * ctx.info.world_size
         metrics.update(stage=k, tokens_per_s=tokens / seconds, **meter.flush())
-        history.append({**metrics, "step": offset + step + 1, "stage_step": step + 1})
+        history.append({**metrics, "step": offset + step + 1})
         if ctx.writes:
             ctx.tracker.log_metrics(metrics, step=offset + step + 1)
         if (step + 1) % cfg.runtime.checkpoint_every == 0 and step + 1 < total:
@@ -475,5 +475,6 @@ def export_student(ctx: RunContext) -> Path:
         ctx.student.save_pretrained(tmp, safe_serialization=True)
         ctx.tok_S.save_pretrained(tmp)
         resume.replace_dir(tmp, export)
+        ctx.tracker.log_student_model(export, ctx.cfg.tracking.log_model, ctx.cfg.tracking.log_model_copy_max_mb)
     distributed.barrier(ctx.group)
     return export

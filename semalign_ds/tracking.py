@@ -1,7 +1,11 @@
 """Tracking behind a small interface; the only module that imports mlflow. Rank 0 logs, other ranks get NullTracker.
 
-Local store by default (sqlite:///<output_dir>/mlflow.db); MLFLOW_TRACKING_URI or tracking.uri override it.
-A resumed run continues the same MLflow run (its id is kept in the checkpoint's progress file).
+Local store by default (sqlite:///<output_dir>/mlflow.db, artifacts in <output_dir>/mlartifacts); MLFLOW_TRACKING_URI
+or tracking.uri override it, and then artifacts go where that store or server says. A resumed run continues the same
+MLflow run (its id is kept in the run directory's marker). The local store records absolute artifact URIs, so a
+moved or copied run directory is relinked (`relink`) whenever semalign opens it. Metrics: per-step values on the
+global optimizer step (1-based across stages), summaries once per run (`log_summary`), the exported student as an
+MLflow LoggedModel (`log_student_model`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_summary(self, metrics: dict[str, float]) -> None: ...
+    def log_student_model(self, export_dir: str | Path, mode: str = "auto", copy_max_mb: float = 1024.0,
+                          step: int = 0, name: str = "student") -> str | None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -26,19 +33,33 @@ def tracking_uri(configured: str | None, output_dir: Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     output_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+    return local_store_uri(output_dir)
+
+
+def local_store_uri(output_dir: Path) -> str:
+    """The run directory's own store (the default when no tracking URI is configured)."""
+    return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
 
 
 class MlflowTracker(NullTracker):
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
-                 artifact_dir: Path | None = None):
+    def __init__(self, uri: str, experiment: str | None, run_name: str = "", run_id: str | None = None,
+                 artifact_dir: Path | None = None, attach: bool = False):
+        """A new run in `experiment`, or the run `run_id` continued (status back to RUNNING). `attach`: log into
+        an existing run without touching its status (`semalign eval` on a finished run); `finish` is then a no-op.
+        `artifact_dir`: where a new experiment keeps its artifacts (only for the run directory's own store)."""
         import mlflow
 
         self._mlflow = mlflow
         self._client = mlflow.MlflowClient(tracking_uri=uri)
+        self.uri, self._attached = uri, attach
+        if run_id is not None:
+            self._check_run(run_id, uri)
+        if attach:
+            self.run_id = run_id
+            return
         exp = self._client.get_experiment_by_name(experiment)
         if exp is None:
-            location = artifact_dir.resolve().as_uri() if artifact_dir and uri.startswith("sqlite") else None
+            location = artifact_dir.resolve().as_uri() if artifact_dir else None
             exp_id = self._client.create_experiment(experiment, artifact_location=location)
         else:
             exp_id = exp.experiment_id
@@ -47,7 +68,16 @@ class MlflowTracker(NullTracker):
         else:
             self._client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
-        self.uri = uri
+
+    def _check_run(self, run_id: str, uri: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.get_run(run_id)
+        except MlflowException:
+            raise ValueError(f"MLflow run {run_id} is not in the tracking store {uri}; use the store the run was "
+                             f"logged to (tracking.uri / MLFLOW_TRACKING_URI), or unset MLFLOW_TRACKING_URI to "
+                             f"use the run directory's own mlflow.db") from None
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -73,8 +103,54 @@ class MlflowTracker(NullTracker):
         for k, v in tags.items():
             self._client.set_tag(self.run_id, k, str(v))
 
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        """Run-level metrics (one value per run, no step axis): logged once; a key already logged with the same
+        value is not logged again (a continued run), a changed value is logged as the newer value."""
+        logged = self._client.get_run(self.run_id).data.metrics
+        fresh = {k: float(v) for k, v in metrics.items() if v is not None and logged.get(k) != float(v)}
+        self.log_metrics(fresh, step=0)
+
+    def log_student_model(self, export_dir: str | Path, mode: str = "auto", copy_max_mb: float = 1024.0,
+                          step: int = 0, name: str = "student") -> str | None:
+        """The exported student (a HF folder) as an MLflow LoggedModel of this run, linked both ways (the model's
+        source run; the run's model outputs). mode `copy`: its files go into the model's artifacts (download from
+        the UI); `link`: only a pointer (tag semalign.checkpoint_dir), no multi-GB copy; `auto`: copy up to
+        `copy_max_mb`, else link; `never`: nothing. Returns the model id (None for never)."""
+        if mode not in ("auto", "copy", "link", "never"):
+            raise ValueError(f"tracking.log_model={mode!r} must be one of auto, copy, link, never")
+        export_dir = Path(export_dir)
+        if mode == "never":
+            print(f"MLflow: the student is not logged as a model (tracking.log_model=never); it is in {export_dir}")
+            return None
+        if not (export_dir / "config.json").is_file():
+            raise ValueError(f"log_student_model: {export_dir} is not a Hugging Face checkpoint (no config.json)")
+        size_mb = sum(f.stat().st_size for f in export_dir.rglob("*") if f.is_file()) / 2**20
+        copy = mode == "copy" or (mode == "auto" and size_mb <= copy_max_mb)
+        model_id = self._create_model(export_dir, name, copy, size_mb)
+        if copy:
+            self._client.log_model_artifacts(model_id, str(export_dir))
+        self._client.finalize_logged_model(model_id, "READY")
+        from mlflow.entities import LoggedModelOutput
+
+        self._client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step)])
+        why = "tracking.log_model=link" if mode == "link" else f"over tracking.log_model_copy_max_mb={copy_max_mb:g}"
+        how = "copied into the model's artifacts" if copy else f"linked, not copied: {why}"
+        print(f"MLflow: logged the student as model {model_id} ({size_mb:.1f} MiB, {how}); checkpoint {export_dir}")
+        return model_id
+
+    def _create_model(self, export_dir: Path, name: str, copy: bool, size_mb: float) -> str:
+        experiment_id = self._client.get_run(self.run_id).info.experiment_id
+        tags = {_RELINKED_TAG: str(export_dir.resolve()), "semalign.size_mib": f"{size_mb:.1f}",
+                "semalign.storage": "copied" if copy else "linked"}
+        if not copy:
+            tags["mlflow.model.isExternal"] = "true"  # MLflow's own marker for a model stored outside MLflow
+        model = self._client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id, tags=tags,
+                                                 model_type="transformers-causal-lm")
+        return model.model_id
+
     def finish(self, status: str = "FINISHED") -> None:
-        self._client.set_terminated(self.run_id, status=status)
+        if not self._attached:
+            self._client.set_terminated(self.run_id, status=status)
 
 
 def environment_tags() -> dict[str, str]:
@@ -108,4 +184,112 @@ def make_tracker(enabled: bool, is_main: bool, uri: str | None, experiment: str,
     if not (enabled and is_main):
         return NullTracker()
     resolved = tracking_uri(uri, output_dir)
+    if resolved != local_store_uri(output_dir):  # a server or a shared store: its artifact root decides
+        return MlflowTracker(resolved, experiment, run_name, run_id)
+    relink(output_dir)
     return MlflowTracker(resolved, experiment, run_name, run_id, artifact_dir=output_dir / "mlartifacts")
+
+
+def attach_to_run_dir(run_dir: Path, configured_uri: str | None, run_id: str | None) -> NullTracker:
+    """The MLflow run a run directory owns, for logging into it afterwards (`semalign eval`): the same store the
+    run used, relinked first when it is the directory's own; NullTracker when the directory has no run id."""
+    if run_id is None:
+        return NullTracker()
+    uri = configured_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(run_dir)
+    if uri == local_store_uri(run_dir):
+        if not (Path(run_dir) / "mlflow.db").is_file():
+            raise ValueError(f"{run_dir} names MLflow run {run_id} but has no mlflow.db; set tracking.uri (or "
+                             f"MLFLOW_TRACKING_URI) to the store the run was logged to")
+        relink(run_dir)
+    return MlflowTracker(uri, None, run_id=run_id, attach=True)
+
+
+def run_id_from_dir(run_dir: Path) -> str | None:
+    """The MLflow run a run directory owns: its marker `semalign.json`, else (runs from before the marker)
+    `checkpoint/run.json`'s mlflow_run_id. None when neither names one."""
+    import json
+
+    for path in (Path(run_dir) / "semalign.json", Path(run_dir) / "checkpoint" / "run.json"):
+        if path.is_file():
+            run_id = json.loads(path.read_text()).get("mlflow_run_id")
+            if run_id:
+                return str(run_id)
+    return None
+
+
+def run_name(cfg, world_size: int | None = None) -> str:
+    """What differs between runs: `<name> | <method> | <schedule> | <topology>`, e.g.
+    `demo | relation_geometry+kl+ce | frontier | colocated x1`."""
+    m, s = cfg.method, cfg.schedule
+    terms = [t for t, w in ((m.layer_objective, m.w_layer), (m.output_objective, m.w_out)) if t != "none" and w]
+    terms += ["ce"] if m.w_label else []
+    method = "+".join(terms) or "none"
+    method += f" ({m.basis} basis)" if m.basis != "output" else ""
+    method += " random-basis" if m.random_basis else ""
+    schedule = s.mode + ("/lora" if s.adapter == "lora" else "")
+    topology = cfg.runtime.topology + (f" x{world_size}" if world_size else "")
+    return f"{cfg.name} | {method} | {schedule} | {topology}"
+
+
+_RELINKED_TAG = "semalign.checkpoint_dir"
+
+
+def relink(run_dir: Path) -> int:
+    """Point the run directory's own store (mlflow.db) at its mlartifacts/ where the directory is now.
+
+    The sqlite store keeps absolute artifact URIs, written where the run first ran; after a move or a copy they
+    point at the old place (moved: nothing is listed; copied: the original's files). This rewrites, in one
+    transaction, every artifact location under the old `<dir>/mlartifacts` (experiments, runs, logged models, and
+    the checkpoint path tag of a linked student model) to the current one. Returns the rows changed (0: already
+    in place). Only the directory's own store is touched; a tracking server keeps its locations.
+    """
+    import sqlite3
+
+    db = Path(run_dir) / "mlflow.db"
+    if not db.is_file():
+        return 0
+    new = (Path(run_dir).resolve() / "mlartifacts").as_uri()
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:
+            olds = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")
+                    if row[0] and row[0].rstrip("/").endswith("/mlartifacts") and row[0].rstrip("/") != new]
+            changed = sum(_rewrite(con, old.rstrip("/"), new) for old in olds)
+    finally:
+        con.close()
+    if changed:
+        _forget_cached_locations()
+    return changed
+
+
+def _forget_cached_locations() -> None:
+    """MLflow caches each run's / model's artifact repository per process; drop the stale ones after a relink."""
+    try:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._artifact_repos_cache.clear()
+    except (ImportError, AttributeError):
+        pass
+
+
+def _rewrite(con, old: str, new: str) -> int:
+    """Replace the prefix `old` by `new` in the store's artifact locations (and the old run dir in the tag)."""
+    changed = 0
+    for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                          ("logged_models", "artifact_location")):
+        changed += con.execute(
+            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+            f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+            (new, len(old) + 1, old, len(old) + 1, old + "/")).rowcount
+    old_dir, new_dir = _uri_path(old).rsplit("/mlartifacts", 1)[0], _uri_path(new).rsplit("/mlartifacts", 1)[0]
+    changed += con.execute(
+        "UPDATE logged_model_tags SET tag_value = ? || substr(tag_value, ?) WHERE tag_key = ? AND "
+        "substr(tag_value, 1, ?) = ?", (new_dir, len(old_dir) + 1, _RELINKED_TAG, len(old_dir) + 1,
+                                        old_dir + "/")).rowcount
+    return changed
+
+
+def _uri_path(uri: str) -> str:
+    from urllib.parse import unquote, urlparse
+
+    return unquote(urlparse(uri).path) if uri.startswith("file:") else uri

@@ -37,7 +37,8 @@ def run_config(spec: dict, pair: dict, base_overrides: list[str], mlflow_uri: st
     raw["teacher"]["path"], raw["student"]["path"] = pair["teacher"], pair["student"]
     raw["data"]["path"] = pair["transfer"]
     raw["eval"] = {"sets": {}}  # held-out scoring happens here, once per run, on the exported student
-    raw["tracking"] = {"enabled": mlflow_uri is not None, "uri": mlflow_uri, "experiment": experiment}
+    raw["tracking"] = {"enabled": mlflow_uri is not None, "uri": mlflow_uri, "experiment": experiment,
+                       "log_model": "never"}  # the students are deleted after scoring unless keep_models
     overrides = [*base_overrides, *spec["overrides"], f"schedule.lr={spec['lr']}", f"seed={spec['seed']}",
                  f"name={spec['id']}", f"output_dir={spec['out_dir']}"]
     return cfgmod.config_from_dict(raw, overrides)
@@ -79,7 +80,7 @@ def loss_history(uri: str | None, experiment: str, run_name: str) -> dict[str, d
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}'",
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName LIKE '{run_name} |%'",  # tracking.run_name
                               order_by=["attributes.start_time DESC"], max_results=1) if exp else []
     if not runs:
         return {}
