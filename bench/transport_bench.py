@@ -1,7 +1,7 @@
 """Benchmarks of the communication layer (transport/stream.py, transport/spool.py), each against a baseline
 measured in the same run.
 
-(1) Stream throughput: N packets teacher -> student through PacketSender/StreamSource (header + window +
+(1) Stream throughput: N packets teacher -> student through PacketSender/PacketReceiver (header + window +
     double buffering) against raw blocking dist.send/dist.recv of the same tensors (native dtypes, receive
     buffers preallocated) between the same two gloo ranks. Ratio = raw time / stream time (goal >= 0.8).
 (2) Teacher idle fraction: the teacher "computes" each packet for t_T (sleep: no CPU taken), the student
@@ -98,7 +98,8 @@ def _stream(rank: int, flats: list[dict], t_teacher: float = 0.0, t_student: flo
         out = {"idle_s": sender.idle_s, "wall_s": time.perf_counter() - t0, "bytes": sender.bytes_sent}
     else:
         receiver = stream.PacketReceiver(timeout_s=120.0, device=CPU)
-        for _ in stream.StreamSource(receiver, 1, 0, len(flats), lambda i: 0, "b"):
+        for i in range(len(flats)):
+            receiver.expect(0, stream.DATA, 0 if i + 1 < len(flats) else None)
             time.sleep(t_student)
         out = {"wall_s": time.perf_counter() - t0, "bytes": receiver.bytes_received}
     dist.barrier()

@@ -96,16 +96,16 @@ def test_stream_header_round_trip_and_guard():
         stream.encode_header(stream.DATA, {"x": "y" * stream.HEADER_BYTES}, "cpu")
 
 
-@pytest.mark.parametrize("T, S", [(1, 1), (2, 1), (1, 3), (3, 2), (4, 3)])
-def test_routing_gives_every_micro_batch_to_one_teacher_in_lockstep_rounds(T, S):
-    first, count = 5, 7
-    jobs = {}
-    for j in range(stream.rounds(T, S, count)):
-        for t in range(T):
-            job = stream.round_job(j, t, T, S, first, count)
-            if job is not None:
-                assert job not in jobs
-                jobs[job] = t
-    assert sorted(jobs) == [(i, s) for i in range(first, first + count) for s in range(S)]
-    # the student knows its source without the teacher's plan
-    assert all(stream.source_of(i, s, S, T, first) == t for (i, s), t in jobs.items())
+@pytest.mark.parametrize("N, S", [(48, 1), (48, 2), (50, 3), (23, 2)])
+def test_stream_jobs_send_every_sample_once_in_the_first_epochs_order(N, S):
+    from semalign_ds import data as datamod
+    from semalign_ds.topology import stream_jobs
+
+    jobs = stream_jobs(N, 4, S, seed=7)
+    sent = torch.cat([ids for _, ids in jobs]).tolist()
+    assert sorted(sent) == list(range(N))  # every sample once
+    for s in range(S):
+        mine = [ids for t, ids in jobs if t == s]
+        assert all(i % S == s for ids in mine for i in ids.tolist())  # to the rank that owns it
+        first = [datamod.micro_batch_ids(N, 4, S, s, 7, m) for m in range(datamod.micro_batches_per_epoch(N, 4, S))]
+        assert all(torch.equal(a, b) for a, b in zip(mine, first))  # what the first stage trains on first

@@ -1,10 +1,7 @@
 """Stream transport: teacher ranks send packets to student ranks by torch.distributed point-to-point, one world.
 
-Routing, any ratio (T teacher ranks, S student ranks): within a stage, student s's i-th micro-batch (counted from
-where the stage starts or resumes) is packet p = i * S + s, the colocated order of micro-batches and ranks, so a
-student sees the data colocated training with S ranks sees; teacher t emits the packets with p % T == t, in
-lockstep rounds of T packets (under ZeRO-3 every teacher rank must take part in every forward; a rank without a
-packet in the last round runs a spare one).
+What is sent, to whom and in which order is the caller's (topology.stream_jobs: every sample once, job p from
+teacher p % T in lockstep rounds); this module moves messages.
 Wire: per message a fixed HEADER_BYTES uint8 header (magic, kind, JSON meta: stage, index, binding digest, the
 tensor layout), then each tensor as a flat uint8 view of its storage (no copy; bool and bf16 travel on gloo and
 NCCL alike). Messages of one link arrive in the order sent.
@@ -24,13 +21,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from semalign_ds.transport import schema
-from semalign_ds.transport.packet import SupervisionPacket
 
 HEADER_BYTES = 4096
 MAGIC = b"SAPK"
@@ -40,28 +35,6 @@ KIND_NAMES = {DATA: "packet", END: "end of data", ERROR: "error", HELLO: "hello"
 
 class StreamError(RuntimeError):
     """The other side of the stream failed, hung, or broke the protocol."""
-
-
-# ---------------------------------------------------------------- routing
-
-
-def source_of(i: int, s: int, n_students: int, n_teachers: int, first: int = 0) -> int:
-    """Teacher index (0..T-1) that emits student s's micro-batch i of a stage streamed from micro-batch `first`
-    (a resumed stage starts its rounds at the resume point)."""
-    return ((i - first) * n_students + s) % n_teachers
-
-
-def round_job(j: int, t: int, n_teachers: int, n_students: int, first: int, count: int) -> tuple[int, int] | None:
-    """Teacher t's packet in lockstep round j of a stage whose micro-batches are first..first+count-1:
-    (micro-batch index i, student s), or None when the round has no packet for t (run a spare forward)."""
-    p = j * n_teachers + t
-    if p >= count * n_students:
-        return None
-    return first + p // n_students, p % n_students
-
-
-def rounds(n_teachers: int, n_students: int, count: int) -> int:
-    return -(-count * n_students // n_teachers)
 
 
 # ---------------------------------------------------------------- header
@@ -254,28 +227,3 @@ class PacketReceiver:
         if got != kind:
             raise StreamError(f"expected {KIND_NAMES[kind]} from teacher rank {src}, got {KIND_NAMES.get(got, got)}")
         return meta, flat
-
-
-@dataclass
-class StreamSource:
-    """PacketSource of one stage on one student: micro-batches first..first+count-1, each from its teacher."""
-
-    receiver: PacketReceiver
-    stage: int
-    first: int
-    count: int
-    route: Callable[[int], int]  # micro-batch index -> teacher's global rank
-    binding: str  # digest every packet must carry
-
-    def __iter__(self) -> Iterator[SupervisionPacket]:
-        for i in range(self.first, self.first + self.count):
-            last = i == self.first + self.count - 1
-            meta, flat = self.receiver.expect(self.route(i), DATA, None if last else self.route(i + 1))
-            if meta.get("stage") != self.stage or meta.get("index") != i:
-                raise StreamError(f"expected stage {self.stage} micro-batch {i} from teacher rank {self.route(i)}, "
-                                  f"got stage {meta.get('stage')} micro-batch {meta.get('index')}: the teacher and "
-                                  f"student resumed from different checkpoints")
-            if meta.get("binding") != self.binding:
-                raise StreamError(f"a packet from teacher rank {self.route(i)} is bound to another configuration "
-                                  f"({meta.get('binding')} != {self.binding})")
-            yield schema.packet_from_flat(flat)

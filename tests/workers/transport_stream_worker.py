@@ -50,13 +50,10 @@ def teacher(t: int) -> dict:
     sent, t0 = [], time.perf_counter()
     try:
         for k in STAGES:
-            for j in range(stream.rounds(T, S, args.count)):
-                job = stream.round_job(j, t, T, S, 0, args.count)
-                if job is None:
-                    continue
+            for p in range(t, args.count * S, T):  # job p: student p % S's micro-batch p // S, from teacher p % T
                 if t == 0 and len(sent) == args.after:
                     fault(args.mode)
-                i, s = job
+                i, s = divmod(p, S)
                 packet = stream_packet(k, i, s)
                 sender.send(LAYOUT.student_ranks[s], stream.DATA, {"stage": k, "index": i, "binding": DIGEST},
                             schema.packet_to_flat(packet))
@@ -82,13 +79,22 @@ def fault(mode: str) -> None:
         raise RuntimeError("teacher blew up on purpose")
 
 
+def received(receiver, k: int, route):
+    """Stage k's packets for this student in order, the next one's receives posted early (prefetch)."""
+    for i in range(args.count):
+        nxt = route(i + 1) if i + 1 < args.count else None
+        meta, flat = receiver.expect(route(i), stream.DATA, nxt)
+        assert meta["stage"] == k and meta["index"] == i and meta["binding"] == DIGEST, meta
+        yield schema.packet_from_flat(flat)
+
+
 def student(s: int) -> dict:
     receiver = stream.PacketReceiver(args.timeout, CPU)
     got = []
     try:
+        route = lambda i: LAYOUT.teacher_ranks[(i * S + s) % T]  # noqa: E731
         for k in STAGES:
-            route = lambda i: LAYOUT.teacher_ranks[stream.source_of(i, s, S, T)]  # noqa: E731
-            for i, packet in enumerate(stream.StreamSource(receiver, k, 0, args.count, route, DIGEST)):
+            for i, packet in enumerate(received(receiver, k, route)):
                 if args.mode in ("kill_student", "stall_student") and s == 0 and len(got) == args.after:
                     mark_fault(args.mode)
                     kill_self() if args.mode == "kill_student" else time.sleep(10 * args.timeout)
