@@ -206,7 +206,9 @@ def teach(cfg: RunConfig) -> dict:
             state.write_text(json.dumps({"config_hash": progress.config_hash, "pairing": True,
                                          "mlflow_run_id": progress.mlflow_run_id}))
         M_DsDt = supervision.build_map(ctx, table)
-        layers = sorted({l for s in run_budget(ctx).stages for l in s.layers})
+        plan = run_budget(ctx)
+        announce(ctx, plan, "spool", spool_bytes=len(ctx.blocks) * _bytes_per_sample(ctx, plan))
+        layers = _trained_layers(plan)
         manifest = topology.write_spool(ctx, _recipes(ctx, table, layers), M_DsDt,
                                         supervision.binding(ctx, table, M_DsDt), layers)
         if ctx.writes:
