@@ -70,10 +70,12 @@ class MethodConfig:
     layer_balance: Optional[float] = None
     """Gradient-balanced layer weight: when set (a fraction > 0), every micro-step sets the layer term's weight so
     that its gradient on the trainable parameters has this fraction of the norm of the weighted output term's
-    gradient (w_layer is then unused). Costs two extra backward passes per micro-step. null = fixed w_layer."""
+    gradient (w_layer must be > 0 to keep the term on; its value is then unused). Costs one extra forward and two
+    extra backward passes per micro-step; logs grad_cos_layer_kl and w_layer_effective. null = fixed w_layer."""
     log_grad_cosine: bool = False
     """Log grad_cos_layer_kl (cosine between the layer and output terms' gradients) every step without balancing
-    (the same two extra backward passes; always logged with layer_balance)."""
+    (the same extra forward and two backward passes; always logged with layer_balance). Watching only: not part of
+    the result hash."""
     output_objective: Literal["kl", "label_cosine", "ce", "none"] = "kl"
     top_k: int = 64
     """Teacher logits sent as top-k plus a tail bucket; 0 = full logits (colocated only)."""
@@ -283,7 +285,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 _NON_RESULT_KEYS = ("name", "output_dir", "runtime.progress", "runtime.resume", "runtime.checkpoint_every",
                     "runtime.dist_timeout_s", "runtime.topology", "transport.teacher_ranks", "transport.window",
                     "transport.timeout_s", "transport.spool_dir", "transport.store", "transport.store_dir",
-                    "transport.store_memory_fraction", "transport.keep_spool", "tracking", "eval")
+                    "transport.store_memory_fraction", "transport.keep_spool", "method.log_grad_cosine", "tracking",
+                    "eval")
 
 
 def _type_name(tp) -> str:

@@ -13,8 +13,9 @@ from semalign_ds.method.attribution import skip_layer
 
 def _heads(V=40, D_T=10, D_S=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    W_T, W_S = torch.randn(V, D_T, generator=g, dtype=torch.float64), torch.randn(V, D_S, generator=g, dtype=torch.float64)
-    g_T, g_S = 0.5 + torch.rand(D_T, generator=g, dtype=torch.float64), 0.5 + torch.rand(D_S, generator=g, dtype=torch.float64)
+    f64 = dict(generator=g, dtype=torch.float64)
+    W_T, W_S = torch.randn(V, D_T, **f64), torch.randn(V, D_S, **f64)
+    g_T, g_S = 0.5 + torch.rand(D_T, **f64), 0.5 + torch.rand(D_S, **f64)
     return W_T, g_T, W_S, g_S
 
 
@@ -124,6 +125,9 @@ def test_map_none_and_hidden_mse():
     hashes = {cfgmod.result_hash(cfgmod.config_from_dict({}, [f"method.map={m}"]))
               for m in ("pinv", "logit", "random", "none")}
     assert len(hashes) == 4
+    base = cfgmod.result_hash(cfgmod.config_from_dict({}))
+    assert cfgmod.result_hash(cfgmod.config_from_dict({}, ["method.log_grad_cosine=true"])) == base  # watching only
+    assert cfgmod.result_hash(cfgmod.config_from_dict({}, ["method.layer_balance=0.5"])) != base
     flat = cfgmod.flatten(cfgmod.config_from_dict({}, ["method.layer_balance=0.25", "pairing.attribution=ablation"]))
     assert flat["method.layer_balance"] == 0.25 and flat["pairing.attribution"] == "ablation"
     assert flat["method.map"] == "pinv" and flat["method.preset"] is None and "method.random_basis" not in flat

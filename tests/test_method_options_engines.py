@@ -97,8 +97,8 @@ def test_balanced_layer_weight_holds_the_gradient_ratio(single_rank_env):
     fixed = copy.deepcopy(base)
     plain = _one_step(fixed, ObjectiveSpec(w_label=0.0, w_out=2.0, w_layer=m["w_layer_effective"]))
     assert "w_layer_effective" not in plain and "grad_cos_layer_kl" not in plain
-    moved = [(a - b).abs().max() for a, b in zip(balanced.model.layers[1].parameters(), base.model.layers[1].parameters())]
-    assert max(moved) > 1e-4
+    layer2 = zip(balanced.model.layers[1].parameters(), base.model.layers[1].parameters())
+    assert max(float((a - b).abs().max()) for a, b in layer2) > 1e-4
     for a, b in zip(balanced.parameters(), fixed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -129,9 +129,13 @@ def _lm_loss(model, batches):
 
 def test_attribution_by_ablation_on_a_zero3_teacher(single_rank_env):
     """score(l) = loss without layer l - clean loss, as removing the layer from a plain copy gives; a layer that
-    adds nothing to the residual stream (its output projections zeroed) scores 0."""
+    adds nothing to the residual stream (its output projections zeroed) scores 0. The same engine emits mapped
+    targets with and without the per-token normalisation (the mse objective's)."""
     from semalign_ds.engines.ds_config import load_template, teacher_ds_config
     from semalign_ds.engines.teacher import TeacherEngine
+    from semalign_ds.method.targets import target_recipes
+    from semalign_ds.models.adapters import get_adapter
+    from semalign_ds.models.capture import capture_states
 
     model = _llama(4, seed=3)
     with torch.no_grad():
@@ -147,6 +151,12 @@ def test_attribution_by_ablation_on_a_zero3_teacher(single_rank_env):
         del pruned.model.layers[l]
         reference.append(_lm_loss(pruned, batches) - clean)
 
+    ids, mask = batches[1]
+    with torch.no_grad(), capture_states(get_adapter(model), {1, 2}) as states:
+        model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
+    residual = states[2] - states[1]
+    M = torch.randn(8, 16, generator=g)
+
     ds = teacher_ds_config(load_template(DS_CONFIGS / "teacher_zero3_offload_cpu.json"), offload="cpu", bf16=False,
                            micro_batch=2, world_size=1, device="cpu", hidden_size=16)
     teacher = TeacherEngine.wrap(model, ds)
@@ -154,3 +164,23 @@ def test_attribution_by_ablation_on_a_zero3_teacher(single_rank_env):
     assert scores.dtype == torch.float64 and clean_engine == pytest.approx(clean, rel=1e-5)
     assert torch.allclose(scores, torch.tensor(reference, dtype=torch.float64), atol=1e-5)
     assert abs(float(scores[2])) < 1e-5 and max(abs(r) for r in reference) > 1e-3
+
+    recipes = target_recipes([2], "layer")
+    for normalise, want in ((False, residual @ M.T), (True, residual @ M.T / residual.norm(dim=-1, keepdim=True))):
+        packet = teacher.emit(ids, mask, torch.arange(2), recipes, M, top_k=4, tau=1.0, need_logits=False,
+                              target_dtype=torch.float32, normalise_targets=normalise)
+        assert torch.allclose(packet.targets[1], want, atol=1e-5)
+
+
+def test_ablation_and_norm_gain_on_two_zero3_ranks(tmp_path):
+    """Two gloo ranks, each scoring its own batch: the all-reduced scores equal a plain model's over both batches,
+    on both ranks; the gathered final-norm gain equals the plain weight (tests/workers/ablation_worker.py)."""
+    from workers.engines_common import run_workers, tiny_llama
+
+    model_dir = tmp_path / "model"
+    tiny_llama(seed=5).save_pretrained(model_dir)
+    results = run_workers("ablation_worker.py", 2, tmp_path / "out", ["--model", str(model_dir)])
+    for r in results:
+        assert r["scores"] == pytest.approx(r["reference"], abs=1e-5)
+        assert r["clean"] == pytest.approx(r["clean_reference"], rel=1e-6) and r["gain_diff"] == 0.0
+    assert results[0]["scores"] == results[1]["scores"]

@@ -12,7 +12,8 @@ the engine and leaves every parameter frozen; the same student model object is r
 
 Loss per micro-batch: w_layer * layer + w_out * output + w_label * label, where
 - layer: relation_geometry | cosine | mse between R_S = h^(k) - h^(k-1) (target kind 'residual') or h^(k)
-  ('state') and packet.targets[k] (for mse the unnormalised M R_T); fisher_logits compares the student's head on h^(k) and on the target ('state');
+  ('state') and packet.targets[k] (for mse the unnormalised M R_T); fisher_logits compares the student's head on
+  h^(k) and on the target ('state');
   hidden_mse (baseline layer KD): mean squared error between R_S and P_k R_T, where packet.targets[k] is the
   UNaligned teacher residual (D_T wide) and P_k a learned D_T -> D_S linear map (zero-initialised) trained with
   the stage and dropped at finish();
