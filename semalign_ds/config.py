@@ -46,14 +46,36 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
+    preset: Optional[Literal["paper_v1", "paper_v2", "best"]] = None
+    """A named complete method configuration (PRESETS below): its values apply to every key of it that the config
+    file and the overrides leave unset; config.yaml and the MLflow params record the resolved values and the name.
+    null = no preset (the field defaults below). `best` is a placeholder equal to today's defaults for now."""
     basis: Literal["output", "input"] = "output"
-    """Semantic basis: pinv of the LM head (v1) or unit input-embedding rows (ablation)."""
-    random_basis: bool = False
-    """Ablation: a random basis of the same shape in place of S_T/S_S (no recomposition)."""
+    """Semantic basis of the pinv and random maps: pinv of the LM head (v1) or unit input-embedding rows."""
+    map: Literal["pinv", "logit", "random", "none"] = "pinv"
+    """The alignment map M (D_S x D_T) from teacher to student space. pinv: M = S_S S_T^T (the paper, METHOD §2);
+    logit: the logit-matching map pinv(W_S diag(g_S)) W_T diag(g_T) over the shared vocabulary (METHOD §8: the
+    student state whose logits best match the teacher's, least squares; g = final-norm gains); random: random
+    unit bases in place of S_T / S_S (ablation); none: no map, the targets are the raw teacher residuals (D_T
+    wide), only for relation_geometry (width-agnostic) and hidden_mse (its own learned projection; hidden_mse
+    implies none when method.map is not set)."""
     residual: Literal["layer", "span"] = "layer"
     """Teacher residual of source layer l (layer) or of the whole span of source layers (span)."""
-    layer_objective: Literal["relation_geometry", "cosine", "fisher_logits", "hidden_mse", "none"] = "relation_geometry"
-    """hidden_mse: baseline layer KD, MSE through a learned linear projection of the unaligned teacher residual."""
+    layer_objective: Literal["relation_geometry", "cosine", "fisher_logits", "mse", "hidden_mse",
+                             "none"] = "relation_geometry"
+    """relation_geometry (v2), cosine (v1), fisher_logits (ACL); mse: mean squared error between the student residual
+    and the mapped teacher residual M R_T WITHOUT the per-token normalisation (on unit vectors MSE = 2 - 2 cos, i.e.
+    the cosine objective again); hidden_mse: baseline layer KD, MSE through a learned linear projection of the
+    unaligned teacher residual (method.map none)."""
+    layer_balance: Optional[float] = None
+    """Gradient-balanced layer weight: when set (a fraction > 0), every micro-step sets the layer term's weight so
+    that its gradient on the trainable parameters has this fraction of the norm of the weighted output term's
+    gradient (w_layer must be > 0 to keep the term on; its value is then unused). Costs one extra forward and two
+    extra backward passes per micro-step; logs grad_cos_layer_kl and w_layer_effective. null = fixed w_layer."""
+    log_grad_cosine: bool = False
+    """Log grad_cos_layer_kl (cosine between the layer and output terms' gradients) every step without balancing
+    (the same extra forward and two backward passes; always logged with layer_balance). Watching only: not part of
+    the result hash."""
     output_objective: Literal["kl", "label_cosine", "ce", "none"] = "kl"
     top_k: int = 64
     """Teacher logits sent as top-k plus a tail bucket; 0 = full logits (colocated only)."""
@@ -78,6 +100,10 @@ class PairingConfig:
     """Mix two neighbouring teacher layers for non-integer depth ratios."""
     manual: Optional[list[int]] = None
     """Explicit source layer per student layer (overrides the formula)."""
+    attribution: Literal["grad_x_act", "ablation"] = "grad_x_act"
+    """How teacher layers are scored for the critical layer: grad_x_act (METHOD §3, one forward + backward per
+    batch) or ablation (METHOD §8: the rise of the teacher's LM loss when layer l's residual contribution is removed,
+    i.e. layer l returns its input; L_T + 1 forwards per batch). The critical layer is the argmax either way."""
     attribution_batches: int = 4
     """Micro-batches of transfer data (per rank) used for layer attribution."""
     attribution_micro_batch: Optional[int] = None
@@ -223,11 +249,44 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# method.preset: named complete method configurations (every key of PRESET_KEYS). A preset's value applies where
+# the config file and the overrides leave the key unset; an explicit value always wins. Not part of a preset: the
+# data, the budget (schedule.epochs_per_stage / tokens_per_stage), the learning rate and its schedule (the quality
+# benchmark equalises the budget and picks the rate per method on validation).
+PRESET_KEYS = ("method.basis", "method.map", "method.residual", "method.layer_objective", "method.output_objective",
+               "method.top_k", "method.tau", "method.w_layer", "method.w_out", "method.w_label",
+               "method.layer_balance", "pairing.critical_layer", "pairing.interpolate", "pairing.attribution",
+               "schedule.mode", "schedule.adapter", "schedule.lora_rank", "schedule.lora_alpha",
+               "schedule.lora_targets")
+_PAPER = {"method.basis": "output", "method.map": "pinv", "method.residual": "layer", "method.top_k": 64,
+          "method.tau": 1.0, "method.w_layer": 1.0, "method.w_out": 1.0, "method.w_label": 0.0,
+          "method.layer_balance": None, "pairing.critical_layer": True, "pairing.interpolate": False,
+          "pairing.attribution": "grad_x_act", "schedule.mode": "frontier", "schedule.lora_alpha": 32.0,
+          "schedule.lora_targets": None}
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's v1 (arXiv 2510.24208 v1; METHOD.md): output-side pinv bases folded into M = S_S S_T^T (§1-2);
+    # grad x act attribution with critical-layer re-pairing (§3); the cosine layer objective (§4, "v1") with the
+    # label-cosine output term as v1's label term (§5: no KL, no CE); frontier schedule (§6) with LoRA r = 16 on
+    # the family's up/down/v/o projections (§6-7, v1's appendix). v1 trained only k_dag, which is known only after
+    # attribution: here every stage trains (set schedule.stages to restrict).
+    "paper_v1": {**_PAPER, "method.layer_objective": "cosine", "method.output_objective": "label_cosine",
+                 "schedule.adapter": "lora", "schedule.lora_rank": 16},
+    # The paper's v2 as its abstract reads (METHOD.md §4-5 defaults): relation geometry + top-k KL (k = 64, tau 1),
+    # weights (1, 1, 0): no label term; pinv map, v1 pairing, full-parameter frontier schedule.
+    "paper_v2": {**_PAPER, "method.layer_objective": "relation_geometry", "method.output_objective": "kl",
+                 "schedule.adapter": "full", "schedule.lora_rank": 16},
+    # PLACEHOLDER: for now exactly today's defaults (v2 + a CE label term, w_label 1: docs/RESULTS.md, tiny pairs).
+    # Issue 11 replaces it with the configuration its quality benchmark chooses on VALIDATION (never on test).
+    "best": {**_PAPER, "method.layer_objective": "relation_geometry", "method.output_objective": "kl",
+             "method.w_label": 1.0, "schedule.adapter": "full", "schedule.lora_rank": 16},
+}
+
 # Fields that change how a run is watched, not what it computes (left out of the resume hash).
 _NON_RESULT_KEYS = ("name", "output_dir", "runtime.progress", "runtime.resume", "runtime.checkpoint_every",
                     "runtime.dist_timeout_s", "runtime.topology", "transport.teacher_ranks", "transport.window",
                     "transport.timeout_s", "transport.spool_dir", "transport.store", "transport.store_dir",
-                    "transport.store_memory_fraction", "transport.keep_spool", "tracking", "eval")
+                    "transport.store_memory_fraction", "transport.keep_spool", "method.log_grad_cosine", "tracking",
+                    "eval")
 
 
 def _type_name(tp) -> str:
@@ -272,6 +331,7 @@ _REPLACED = {
     "schedule.steps_per_stage": "schedule.epochs_per_stage (a stage budget in passes over the transfer set, the same "
                                 "on any number of ranks) or schedule.tokens_per_stage",
     "transport.epochs": "schedule.epochs_per_stage (every topology trains the same budget; nothing is capped)",
+    "method.random_basis": "method.map=random (method.map: pinv | logit | random | none)",
 }
 
 
@@ -318,8 +378,32 @@ def config_from_dict(raw: dict | None, overrides: list[str] = ()) -> RunConfig:
     for text in overrides:
         _set_dotted(raw, *parse_override(text))
     cfg = _build(RunConfig, raw)
+    resolve(cfg, _leaf_keys(raw))
     validate(cfg)
     return cfg
+
+
+def _leaf_keys(raw: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a raw config sets (what the user wrote in the file or the overrides)."""
+    keys = set()
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        keys.add(dotted)
+        if isinstance(value, dict):
+            keys |= _leaf_keys(value, dotted)
+    return keys
+
+
+def resolve(cfg: RunConfig, explicit: set[str]) -> None:
+    """Fill what the user left unset (`explicit`: the dotted keys they set): the preset's values, then
+    hidden_mse -> method.map none. Idempotent, so a saved config.yaml reloads to the same config."""
+    for key, value in PRESETS.get(cfg.method.preset, {}).items():
+        if key not in explicit:
+            section, name = key.split(".")
+            hints = typing.get_type_hints(type(getattr(cfg, section)))
+            setattr(getattr(cfg, section), name, _coerce(value, hints[name], key))
+    if cfg.method.layer_objective == "hidden_mse" and "method.map" not in explicit:
+        cfg.method.map = "none"  # its learned projection reads the raw teacher residual
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -361,6 +445,35 @@ def validate(cfg: RunConfig) -> None:
         _positive(cfg.eval.lm_eval.limit, "eval.lm_eval.limit")
     if cfg.data.val_sequences >= cfg.data.max_sequences:
         raise ValueError("config key 'data.val_sequences' must be smaller than 'data.max_sequences'")
+    _validate_method(cfg.method)
+
+
+def _validate_method(m: MethodConfig) -> None:
+    """The method options that constrain each other (map, layer objective, gradient balancing)."""
+    if m.map == "none" and m.layer_objective in ("cosine", "fisher_logits", "mse"):
+        raise ValueError(f"config keys 'method.map'=none and 'method.layer_objective'={m.layer_objective} do not go "
+                         f"together: {m.layer_objective} compares the student with the teacher's target in student "
+                         "space, which needs a map; set method.map to pinv, logit or random, or use "
+                         "method.layer_objective=relation_geometry (width-agnostic) with method.map=none")
+    if m.layer_objective == "hidden_mse" and m.map != "none":
+        raise ValueError(f"config keys 'method.layer_objective'=hidden_mse and 'method.map'={m.map} contradict each "
+                         "other: hidden_mse learns its own projection of the raw teacher residual; set "
+                         "method.map=none or leave method.map unset")
+    if m.map == "logit" and m.basis != "output":
+        raise ValueError("config key 'method.basis'=input has no effect with method.map=logit (the map is built "
+                         "from both LM heads and final-norm gains); leave method.basis=output")
+    if m.layer_balance is None and not m.log_grad_cosine:
+        return
+    key = "method.layer_balance" if m.layer_balance is not None else "method.log_grad_cosine"
+    if m.layer_balance is not None:
+        _positive(m.layer_balance, key)
+    if m.layer_objective == "none" or m.w_layer <= 0:
+        raise ValueError(f"config key {key!r} compares the layer and output terms' gradients but there is no layer "
+                         "term: set method.layer_objective and method.w_layer > 0, or unset it")
+    if m.output_objective == "none" or m.w_out <= 0:
+        raise ValueError(f"config key {key!r} holds the layer gradient against the output term's gradient but "
+                         "there is no output term (method.output_objective none or method.w_out 0): set "
+                         f"method.output_objective (e.g. kl) and method.w_out > 0, or unset {key}")
 
 
 def get_dotted(cfg: Any, dotted: str) -> Any:

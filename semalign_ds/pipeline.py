@@ -310,7 +310,7 @@ def _trained_layers(plan: budgetmod.Budget) -> list[int]:
 def _bytes_per_sample(ctx: RunContext, plan: budgetmod.Budget) -> int:
     cfg, adapter = ctx.cfg, get_adapter(ctx.student)
     width = adapter.hidden_size
-    if cfg.method.layer_objective == "hidden_mse":
+    if cfg.method.map == "none":  # raw teacher residuals travel (D_T wide)
         width = int(load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
                     .get_text_config().hidden_size)
     return supervision.packet_bytes_per_sample(cfg, ctx.blocks.seq_len, len(_trained_layers(plan)), width,
@@ -374,27 +374,39 @@ def pair_layers(ctx: RunContext, progress: Progress) -> PairingTable:
     cfg = ctx.cfg
     L_T, L_S = ctx.teacher.adapter.num_layers, get_adapter(ctx.student).num_layers
     scores_abs = scores_signed = None
+    meta = {}
     if cfg.pairing.manual is None and cfg.pairing.critical_layer:
-        scores_abs, scores_signed = _attribute(ctx, L_T)
+        scores_abs, scores_signed, meta = _attribute(ctx, L_T)
     table = build_pairing(L_T, L_S, scores_abs, cfg.pairing.critical_layer, cfg.pairing.interpolate,
                           cfg.pairing.manual, scores_signed)
+    table.meta.update(meta)
     record_pairing(ctx, progress, table)
     return table
 
 
-def _attribute(ctx: RunContext, L_T: int) -> tuple[list[float], list[float]]:
-    """Layer grad x activation on pairing.attribution_batches micro-batches of pairing.attribution_micro_batch
-    sequences per rank (forward + backward through the teacher, activations kept: hence its own micro-batch)."""
+def _attribute(ctx: RunContext, L_T: int) -> tuple[list[float], list[float] | None, dict]:
+    """Teacher layer scores on pairing.attribution_batches micro-batches of pairing.attribution_micro_batch
+    sequences per rank (its own micro-batch: grad x act keeps every layer's activations for the backward):
+    (scores, signed scores or None, table meta). pairing.attribution grad_x_act: |grad x activation| (and signed);
+    ablation: the rise of the teacher's LM loss with each layer's residual contribution removed (L_T + 1 forwards
+    per batch, no backward). Scores are all-reduced over ranks."""
     cfg, info, N = ctx.cfg, ctx.info, len(ctx.blocks)
     micro = cfg.pairing.attribution_micro_batch or cfg.data.micro_batch_size
     n = min(cfg.pairing.attribution_batches, datamod.micro_batches_per_epoch(N, micro, info.world_size))
     batches = [datamod.take(ctx.blocks, datamod.micro_batch_ids(N, micro, info.world_size, info.rank,
                                                                 cfg.seed + 7919, i)) for i in range(n)]
-    teacher_batches = [(ctx.vocab.to_teacher(b.ids_BT), b.mask_BT) for b in batches]
-    scores_abs, scores_signed = ctx.teacher.attribute(bar(teacher_batches, "attribution", ctx), range(1, L_T + 1))
+    teacher_batches = bar([(ctx.vocab.to_teacher(b.ids_BT), b.mask_BT) for b in batches], "attribution", ctx)
+    passes = n * micro * info.world_size / N
+    if cfg.pairing.attribution == "ablation":
+        scores, clean = ctx.teacher.attribute_by_ablation(teacher_batches, range(1, L_T + 1))
+        result = (scores.tolist(), None, {"attribution": "ablation", "clean_loss": clean})
+        passes *= L_T + 1  # forwards only
+    else:
+        scores_abs, scores_signed = ctx.teacher.attribute(teacher_batches, range(1, L_T + 1))
+        result = (scores_abs.tolist(), scores_signed.tolist(), {"attribution": "grad_x_act"})
     if ctx.writes:
-        ctx.tracker.log_metrics({"teacher_attribution_passes_per_sample": n * micro * info.world_size / N})
-    return scores_abs.tolist(), scores_signed.tolist()  # all-reduced over ranks
+        ctx.tracker.log_metrics({"teacher_attribution_passes_per_sample": passes})
+    return result
 
 
 def record_pairing(ctx: RunContext, progress: Progress, table: PairingTable) -> None:
@@ -405,7 +417,8 @@ def record_pairing(ctx: RunContext, progress: Progress, table: PairingTable) -> 
         ctx.tracker.log_artifact(path)
         if table.scores_abs:
             ctx.tracker.log_artifact(report.attribution_chart(table.scores_abs, _sources(table),
-                                                              ctx.out / "attribution.png"))
+                                                              ctx.out / "attribution.png",
+                                                              table.meta.get("attribution", "grad_x_act")))
     progress.pairing_done = True
 
 

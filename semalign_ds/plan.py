@@ -127,7 +127,7 @@ def packet_bytes(cfg, su: Setup) -> int:
     from semalign_ds.supervision import packet_bytes_per_sample
 
     layers = len({l for s in su.budget.stages for l in s.layers})
-    width = su.teacher.hidden if cfg.method.layer_objective == "hidden_mse" else su.student.hidden
+    width = su.teacher.hidden if cfg.method.map == "none" else su.student.hidden
     return packet_bytes_per_sample(cfg, su.T, layers, width, su.student.vocab)
 
 
@@ -194,10 +194,13 @@ def largest_fitting_batch(su: Setup, prof, captured: int, bpt: int, cap: float) 
     return 0
 
 
-def attribution_pass_seconds(su: Setup, prof) -> float:
-    """One attribution micro-batch: forward + backward through the teacher (params streamed twice)."""
+def attribution_pass_seconds(su: Setup, prof, method: str = "grad_x_act") -> float:
+    """One attribution micro-batch: forward + backward through the teacher (params streamed twice); by ablation
+    L_T + 1 forwards (pairing.attribution ablation)."""
     a = tp.teacher_pass_seconds(su.teacher, su.attr_B, su.T, su.tb, prof, world=su.t_world, nodes=su.nodes,
                                 offload=su.offload, dtype=su.dtype)
+    if method == "ablation":
+        return (su.teacher.layers + 1) * max(a["compute_s"], a["fetch_s"], a["gather_s"])
     return max(3 * a["compute_s"], 2 * a["fetch_s"], 2 * a["gather_s"])
 
 
@@ -213,10 +216,10 @@ def timings(cfg, su: Setup, prof) -> dict[str, float]:
     attribution = 0.0
     if cfg.pairing.critical_layer and cfg.pairing.manual is None:
         per_epoch = max(1, cfg.data.max_sequences // su.t_world // su.attr_B)
-        attribution = min(cfg.pairing.attribution_batches, per_epoch) * attribution_pass_seconds(su, prof)
+        attribution = min(cfg.pairing.attribution_batches, per_epoch) * attribution_pass_seconds(
+            su, prof, cfg.pairing.attribution)
     shared = min(su.teacher.vocab, su.student.vocab)
-    build = tp.map_build(su.teacher, su.student, shared, prof)["seconds"] if cfg.method.layer_objective != \
-        "hidden_mse" else 0.0
+    build = tp.map_build(su.teacher, su.student, shared, prof)["seconds"] if cfg.method.map != "none" else 0.0
     teach = math.ceil(cfg.data.max_sequences / (su.t_world * su.B)) * t["pass_s"]
     if su.topology == "disaggregated":  # the student trains its first epoch on packets as they arrive
         first = su.budget.stages[0]
@@ -358,7 +361,7 @@ def _attribution(plan: Plan, cfg, su: Setup, prof) -> None:
 
 
 def _map(plan: Plan, cfg, su: Setup, prof) -> None:
-    if cfg.method.layer_objective == "hidden_mse":
+    if cfg.method.map == "none":
         return
     build = tp.map_build(su.teacher, su.student, min(su.teacher.vocab, su.student.vocab), prof)
     plan.add("semantic bases + map", f"{duration(build['seconds'])} once per run on the first rank (float64 Gram "

@@ -37,7 +37,10 @@ def paired_layers(sources: list) -> dict[int, list[int]]:
     return paired
 
 
-def attribution_figure(scores: list[float], sources: list):
+ATTRIBUTION_LABELS = {"grad_x_act": "|grad x activation|", "ablation": "LM loss rise when the layer is ablated"}
+
+
+def attribution_figure(scores: list[float], sources: list, attribution: str = "grad_x_act"):
     """Bar per teacher layer (1..L_T); paired source layers orange, hatched and labelled with their student layers
     (S<k>); a paired layer whose bar is too small to see (score < 2% of the largest) gets a marker at its foot."""
     plt = _pyplot()
@@ -58,16 +61,16 @@ def attribution_figure(scores: list[float], sources: list):
         students = ",".join(f"S{k}" for k in paired[layer])
         ax.annotate(students + (" (~0)" if small else ""), (layer, scores[layer - 1]), xytext=(0, 4),
                     textcoords="offset points", ha="center", va="bottom", fontsize=8, rotation=90 if L_T > 24 else 0)
-    ax.set_ylim(0, top * 1.25)
+    ax.set_ylim(min(0.0, 1.25 * min(scores)), top * 1.25)  # ablation scores may be negative
     ax.set_xticks(layers if L_T <= 40 else layers[::max(1, L_T // 20)])
     ax.set_xlabel("teacher layer")
-    ax.set_ylabel("|grad x activation|")
+    ax.set_ylabel(ATTRIBUTION_LABELS[attribution])
     ax.set_title("Layer attribution\norange, hatched: source layer of student layer S<k>", fontsize=10)
     return fig
 
 
-def attribution_chart(scores: list[float], sources: list, path: Path) -> Path:
-    return _save(attribution_figure(scores, sources), path)
+def attribution_chart(scores: list[float], sources: list, path: Path, attribution: str = "grad_x_act") -> Path:
+    return _save(attribution_figure(scores, sources, attribution), path)
 
 
 def _stage_starts(history: list[dict]) -> list[tuple[int, int]]:

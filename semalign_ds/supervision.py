@@ -91,22 +91,42 @@ def semantic_basis(weight_VD: torch.Tensor, kind: str, random_basis: bool, seed:
 
 
 def build_map(ctx, table) -> torch.Tensor | None:
-    """M = S_S S_T^T over the shared vocabulary (D_S x D_T, float32 on the run's device), built once per run on
-    the first rank of the teacher group (bases cached by weight hash) and broadcast to the others; None for the
-    hidden_mse baseline, whose packets carry the unaligned teacher residuals (its projection is learned)."""
+    """The alignment map M (D_S x D_T, float32 on the run's device) of method.map, built once per run on the first
+    rank of the teacher group and broadcast to the others: pinv M = S_S S_T^T over the shared vocabulary (bases
+    cached by weight hash), random (random bases), logit (logit_matching_map of both heads and final-norm gains);
+    None for map none (relation_geometry on raw teacher residuals, the hidden_mse baseline's learned projection)."""
     cfg = ctx.cfg
-    if cfg.method.layer_objective == "hidden_mse":
+    if cfg.method.map == "none":
         return None
+    if cfg.method.map == "logit":
+        return _logit_map(ctx)
     kind, main, device = cfg.method.basis, ctx.info.is_main, ctx.info.device
     gather = ctx.teacher.head_weight if kind == "output" else ctx.teacher.input_embedding_weight
     teacher_w = gather(keep=main)  # collective under ZeRO-3: every teacher rank takes part
     adapter = get_adapter(ctx.student)
     M = torch.empty(adapter.hidden_size, ctx.teacher.adapter.hidden_size, dtype=torch.float32, device=device)
     if main:
+        random = cfg.method.map == "random"
         student_w = adapter.head_weight() if kind == "output" else adapter.embed.weight
-        S_T = semantic_basis(teacher_w, kind, cfg.method.random_basis, cfg.seed + 1, device)
-        S_S = semantic_basis(student_w.detach().float().cpu(), kind, cfg.method.random_basis, cfg.seed + 2, device)
+        S_T = semantic_basis(teacher_w, kind, random, cfg.seed + 1, device)
+        S_S = semantic_basis(student_w.detach().float().cpu(), kind, random, cfg.seed + 2, device)
         M.copy_(basismod.alignment_map(S_T.to(device), S_S.to(device), ctx.vocab.ids_T, ctx.vocab.ids_S))
+    return broadcast_from_first(M, ctx.group)
+
+
+def _logit_map(ctx) -> torch.Tensor:
+    """method.map logit: pinv(W_S diag(g_S)) W_T diag(g_T) over the shared vocabulary (METHOD.md §8), float64 on
+    the first rank's device, broadcast in float32. Not cached: cheap once the heads are gathered."""
+    main, device = ctx.info.is_main, ctx.info.device
+    W_T = ctx.teacher.head_weight(keep=main)  # both gathers are collective under ZeRO-3
+    g_T = ctx.teacher.final_norm_gain(keep=main)
+    adapter = get_adapter(ctx.student)
+    M = torch.empty(adapter.hidden_size, ctx.teacher.adapter.hidden_size, dtype=torch.float32, device=device)
+    if main:
+        norm_w = getattr(adapter.final_norm, "weight", None)
+        g_S = None if norm_w is None else norm_w.detach().float()
+        M.copy_(basismod.logit_matching_map(W_T.to(device), g_T, adapter.head_weight().detach().float().to(device),
+                                            g_S, ctx.vocab.ids_T, ctx.vocab.ids_S))
     return broadcast_from_first(M, ctx.group)
 
 
@@ -125,7 +145,8 @@ def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
          "student": schema.model_fingerprint(cfg.student.path, cfg.student.dtype),
          "data": schema.tensor_digest(ctx.blocks.ids_NT, ctx.blocks.mask_NT),
          "method": schema.digest({"top_k": m.top_k, "tau": m.tau, "target_dtype": m.target_dtype, "basis": m.basis,
-                                  "random_basis": m.random_basis, "seed": cfg.seed if m.random_basis else None,
+                                  "map": m.map, "seed": cfg.seed if m.map == "random" else None,
+                                  "normalised_targets": normalised_targets(cfg),
                                   "min_shared_tokens": m.min_shared_tokens, "logits": needs_teacher_logits(cfg),
                                   "kind": kind, "layer_objective": m.layer_objective}),
          "pairing_config": schema.digest({"pairing": vars(cfg.pairing), "residual": m.residual, "kind": kind,
@@ -137,6 +158,11 @@ def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
     if M_DsDt is not None:
         b["map"] = schema.tensor_digest(M_DsDt.float())
     return b
+
+
+def normalised_targets(cfg) -> bool:
+    """Targets are M R_T / ||R_T|| per token (METHOD §4), except for the `mse` layer objective: M R_T."""
+    return cfg.method.layer_objective != "mse"
 
 
 def needs_teacher_targets(cfg) -> bool:
@@ -161,6 +187,7 @@ def emit(ctx, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> Supe
         target_dtype=torch.bfloat16 if cfg.method.target_dtype == "bfloat16" else torch.float32,
         logit_ids_T=None if ctx.vocab.s2t is None else ctx.vocab.ids_T,
         logit_ids_S=None if ctx.vocab.s2t is None else ctx.vocab.ids_S,
+        normalise_targets=normalised_targets(cfg),
     )
     packet.ids_BT = batch.ids_BT.to(dev)
     return packet
@@ -168,7 +195,7 @@ def emit(ctx, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> Supe
 
 def packet_bytes_per_sample(cfg, seq_len: int, layers: int, width: int, vocab: int) -> int:
     """Bytes one sample's packet takes in a store or spool (the schema's flat tensors): ids + mask, `layers`
-    targets of `width` (D_S; D_T for hidden_mse), top-k values + ids + tail (or full logits), the sample id."""
+    targets of `width` (D_S; D_T with method.map none), top-k values + ids + tail (or full logits), the sample id."""
     per_token = 8 + 1
     if needs_teacher_targets(cfg):
         per_token += layers * width * (2 if cfg.method.target_dtype == "bfloat16" else 4)
@@ -198,7 +225,8 @@ def stage_kwargs(ctx, total_steps: int, train_layers: list[int] | None = None) -
                            hidden_size=get_adapter(ctx.student).hidden_size)
     m = cfg.method
     objective = ObjectiveSpec(layer_objective=m.layer_objective, output_objective=m.output_objective, tau=m.tau,
-                              w_layer=m.w_layer, w_out=m.w_out, w_label=m.w_label, target_kind=target_kind(cfg))
+                              w_layer=m.w_layer, w_out=m.w_out, w_label=m.w_label, target_kind=target_kind(cfg),
+                              layer_balance=m.layer_balance, log_grad_cosine=m.log_grad_cosine)
     targets = s.lora_targets or list(get_adapter(ctx.student).family.lora_targets)
     return dict(ds_config=ds, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=total_steps,
                 weight_decay=s.weight_decay, adapter_kind=s.adapter, lora_rank=s.lora_rank,

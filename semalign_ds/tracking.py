@@ -225,7 +225,8 @@ def run_name(cfg, world_size: int | None = None) -> str:
     terms += ["ce"] if m.w_label else []
     method = "+".join(terms) or "none"
     method += f" ({m.basis} basis)" if m.basis != "output" else ""
-    method += " random-basis" if m.random_basis else ""
+    method += f" map={m.map}" if m.map != "pinv" else ""
+    method += f" [{m.preset}]" if m.preset else ""
     schedule = s.mode + ("/lora" if s.adapter == "lora" else "")
     topology = cfg.runtime.topology + (f" x{world_size}" if world_size else "")
     return f"{cfg.name} | {method} | {schedule} | {topology}"

@@ -39,7 +39,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("semalign_v2_labels", "SemAlign v2 + labels", "semalign", ("method.w_label=1.0",)),
     Method("semalign_v1", "SemAlign v1 (cosine + label cosine)", "semalign",
            ("method.layer_objective=cosine", "method.output_objective=label_cosine")),
-    Method("abl_random_basis", "v2, random basis (no recomposition)", "ablation", ("method.random_basis=true",),
+    Method("abl_random_basis", "v2, random basis (no recomposition)", "ablation", ("method.map=random",),
            lr_from="semalign_v2"),
     Method("abl_no_kl", "v2 without KL (layer objective only)", "ablation", ("method.output_objective=none",),
            lr_from="semalign_v2"),

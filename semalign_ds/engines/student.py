@@ -11,13 +11,17 @@ by hand before every optimizer step, so a resumed stage continues exactly. `fini
 the engine and leaves every parameter frozen; the same student model object is reused by the next stage.
 
 Loss per micro-batch: w_layer * layer + w_out * output + w_label * label, where
-- layer: relation_geometry | cosine between R_S = h^(k) - h^(k-1) (target kind 'residual') or h^(k) ('state')
-  and packet.targets[k]; fisher_logits compares the student's head on h^(k) and on the target ('state');
+- layer: relation_geometry | cosine | mse between R_S = h^(k) - h^(k-1) (target kind 'residual') or h^(k)
+  ('state') and packet.targets[k] (for mse the unnormalised M R_T); fisher_logits compares the student's head on
+  h^(k) and on the target ('state');
   hidden_mse (baseline layer KD): mean squared error between R_S and P_k R_T, where packet.targets[k] is the
   UNaligned teacher residual (D_T wide) and P_k a learned D_T -> D_S linear map (zero-initialised) trained with
   the stage and dropped at finish();
 - output: kl (teacher top-k + tail bucket, or full logits) | label_cosine | ce on the final logits;
 - label: next-token cross-entropy (when w_label > 0).
+Gradient balancing (ObjectiveSpec.layer_balance): the layer weight is set every micro-step so that the layer term's
+gradient has a fixed fraction of the output term's gradient norm (StudentStage._balance; one extra forward and two
+extra backward passes per micro-step).
 Legend: B batch, T tokens, D_S student hidden, V vocabulary, K top-k; ids_BT, mask_BT, hidden_BTD, logits_BTV.
 """
 from __future__ import annotations
@@ -36,7 +40,7 @@ from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.capture import capture_states
 from semalign_ds.transport.packet import SupervisionPacket
 
-LAYER_OBJECTIVES = ("relation_geometry", "cosine", "fisher_logits", "hidden_mse", "none")
+LAYER_OBJECTIVES = ("relation_geometry", "cosine", "fisher_logits", "mse", "hidden_mse", "none")
 OUTPUT_OBJECTIVES = ("kl", "label_cosine", "ce", "none")
 
 
@@ -51,6 +55,8 @@ class ObjectiveSpec:
     w_out: float = 1.0
     w_label: float = 0.0
     target_kind: str = "residual"  # 'residual' (R_S vs aligned residual) or 'state' (h^(k) vs aligned state)
+    layer_balance: float | None = None  # gradient-balanced layer weight (a fraction of the output gradient's norm)
+    log_grad_cosine: bool = False  # measure cos(g_layer, g_out) every micro-step without balancing
 
     def __post_init__(self):
         if self.layer_objective not in LAYER_OBJECTIVES:
@@ -68,6 +74,13 @@ class ObjectiveSpec:
         if min(self.w_layer, self.w_out, self.w_label) < 0 or not self.active_terms():
             raise ValueError("the loss weights must be >= 0 and at least one active term (w_layer with a layer "
                              "objective, w_out with an output objective, or w_label) must be > 0")
+        if (self.layer_balance is not None or self.log_grad_cosine) and \
+                not {"layer", "out"} <= set(self.active_terms()):
+            raise ValueError("method.layer_balance / method.log_grad_cosine compare the layer and output terms' "
+                             "gradients: both terms must be active (a layer objective with w_layer > 0 and an "
+                             "output objective with w_out > 0)")
+        if self.layer_balance is not None and self.layer_balance <= 0:
+            raise ValueError(f"method.layer_balance must be > 0, got {self.layer_balance}")
 
     def active_terms(self) -> list[str]:
         terms = []
@@ -118,6 +131,13 @@ class _WithProjections(nn.Module):
 def _next_token(ids_BT: torch.Tensor, mask_BT: torch.Tensor, logits_BTV: torch.Tensor):
     """(logits at t, label ids_{t+1}, mask where both t and t+1 are real)."""
     return logits_BTV[:, :-1], ids_BT[:, 1:], mask_BT[:, :-1] & mask_BT[:, 1:]
+
+
+def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter], retain_graph: bool = False) -> torch.Tensor:
+    """d loss / d params as one float32 vector (zeros for parameters the loss does not reach). autograd.grad: the
+    parameters' .grad and their (ZeRO-2) accumulation hooks are untouched."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).float().reshape(-1) for p, g in zip(params, grads)])
 
 
 class _FrontierReached(Exception):
@@ -210,26 +230,53 @@ class StudentStage:
         lr = self.current_lr()
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+        weights = {name: getattr(self.objective, f"w_{name}") for name in self.objective.active_terms()}
+        balance = self._balance(packet, weights)
         states, logits = self._forward(packet)
         terms = self._losses(states, logits, packet)
         del logits  # the loss holds what backward needs; the B x T x V logits need not live through it
-        total = sum(getattr(self.objective, f"w_{name}") * value for name, value in terms.items())
+        total = sum(weights[name] * value for name, value in terms.items())
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(total)
         self.engine.step()
         self.steps += int(boundary)
-        metrics = {"loss": float(total.detach()), "lr": lr, "tokens": packet.num_tokens}
+        metrics = {"loss": float(total.detach()), "lr": lr, "tokens": packet.num_tokens, **balance}
         for name in ("layer", "out", "label"):
             metrics[f"{name}_loss"] = float(terms[name].detach()) if name in terms else 0.0
         return metrics
 
-    def _forward(self, packet: SupervisionPacket) -> tuple[dict, torch.Tensor | None]:
-        """(captured states, logits_BTV or None). Without an output or label term the forward stops after the
-        deepest trained layer: the layers above it and the head would only cost time."""
+    def _balance(self, packet: SupervisionPacket, weights: dict) -> dict[str, float]:
+        """Gradient balancing (method.layer_balance) and/or its measurement (method.log_grad_cosine).
+
+        The layer and output terms' gradients w.r.t. the trainable parameters are taken separately on a forward of
+        the bare module (the engine's forward hooks its outputs so that any backward through them starts DeepSpeed's
+        gradient reduction): one extra forward and two extra backward passes per micro-step (the layer term's
+        reaches only the frontier layer, the output term's runs through every layer above it). With
+        layer_balance = f the layer weight becomes w = f * ||w_out g_out|| / ||g_layer|| (detached; 0 when either
+        gradient is 0), so the layer term's gradient is f times the output term's in norm. Per rank, on its own
+        micro-batch. Updates `weights` in place; returns grad_cos_layer_kl and w_layer_effective (step metrics)."""
+        spec = self.objective
+        if spec.layer_balance is None and not spec.log_grad_cosine:
+            return {}
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        states, logits = self._forward(packet, self.engine.module)
+        terms = self._losses(states, logits, packet)
+        g_layer = _flat_grad(terms["layer"], params, retain_graph=True)
+        g_out = _flat_grad(terms["out"], params)
+        n_layer, n_out = g_layer.norm(), g_out.norm()
+        ok = bool(n_layer > 0 and n_out > 0)
+        cos = float(g_layer @ g_out / (n_layer * n_out)) if ok else 0.0
+        if spec.layer_balance is not None:
+            weights["layer"] = float(spec.layer_balance * weights["out"] * n_out / n_layer) if ok else 0.0
+        return {"grad_cos_layer_kl": cos, "w_layer_effective": weights["layer"]}
+
+    def _forward(self, packet: SupervisionPacket, module=None) -> tuple[dict, torch.Tensor | None]:
+        """(captured states, logits_BTV or None) from the engine (or `module`). Without an output or label term the
+        forward stops after the deepest trained layer: the layers above it and the head would only cost time."""
         inputs = dict(input_ids=packet.ids_BT, attention_mask=packet.mask_BT.long(), use_cache=False)
         with capture_states(self.adapter, {l - d for l in self.layers for d in (0, 1)}) as states:
             if {"out", "label"} & set(self.objective.active_terms()):
-                return states, self.engine(**inputs).logits
+                return states, (module or self.engine)(**inputs).logits
             top = self.adapter.layer(max(self.layers))
             handle = top.register_forward_hook(_stop_at_frontier)  # registered after the capture hook: runs after it
             try:
@@ -267,6 +314,8 @@ class StudentStage:
             return obj.relation_geometry(x, target, mask)
         if kind == "cosine":
             return obj.cosine_layer(x, target, mask)
+        if kind == "mse":
+            return obj.mse_layer(x, target, mask)
         if kind == "hidden_mse":
             return _hidden_mse(x, self.projections[str(l)](target.to(x.dtype)), mask)
         with torch.no_grad():

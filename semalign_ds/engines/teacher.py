@@ -32,7 +32,7 @@ from torch import nn
 
 from semalign_ds.distributed import setup_env
 from semalign_ds.engines.kl_lean import rows_per_chunk
-from semalign_ds.method.attribution import AttributionAccumulator
+from semalign_ds.method.attribution import AttributionAccumulator, skip_layer
 from semalign_ds.method.basis import align
 from semalign_ds.method.objectives import ce
 from semalign_ds.method.targets import TargetRecipe, recipe_target
@@ -254,6 +254,12 @@ class TeacherEngine:
         """The input embedding matrix, V x D_T, float32 on CPU (collective like head_weight)."""
         return self._gathered_cpu(self.adapter.embed.weight, keep)
 
+    def final_norm_gain(self, keep: bool = True) -> torch.Tensor | None:
+        """The final norm's gain g (D_T, float32 on CPU; collective like head_weight), or None on every rank when
+        the norm has no weight (g = 1)."""
+        weight = getattr(self.adapter.final_norm, "weight", None)
+        return None if weight is None else self._gathered_cpu(weight, keep)
+
     # ---- forward ----
 
     def _run(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, module: nn.Module | None = None, **kwargs):
@@ -274,13 +280,14 @@ class TeacherEngine:
     def emit(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, sample_ids_B: torch.Tensor,
              recipes: Mapping[int, TargetRecipe], M_DsDt: torch.Tensor | None, *, top_k: int, tau: float,
              need_logits: bool, target_dtype: torch.dtype, logit_ids_T: torch.Tensor | None = None,
-             logit_ids_S: torch.Tensor | None = None) -> SupervisionPacket:
+             logit_ids_S: torch.Tensor | None = None, normalise_targets: bool = True) -> SupervisionPacket:
         """One teacher pass -> a packet (tensors stay on the engine device; the transport moves them).
 
         targets[k] = align(M, recipe_target(states, recipes[k])) in target_dtype (student space, D_S wide);
         with M_DsDt None the unaligned teacher targets (D_T wide; the hidden_mse baseline).
         With need_logits: top_k > 0 gives top-k values/ids/tail at tau (ids in student vocabulary), top_k = 0
         the full logits (only without a vocabulary map).
+        normalise_targets=False: targets are M R_T without the per-token division by ||R_T|| (the mse objective).
         """
         if (logit_ids_T is None) != (logit_ids_S is None):
             raise ValueError("pass both logit_ids_T and logit_ids_S (the shared vocabulary map) or neither")
@@ -290,7 +297,8 @@ class TeacherEngine:
             targets = {k: recipe_target(states, r).to(target_dtype) for k, r in recipes.items()}
         else:
             M = M_DsDt.to(self.device, _align_dtype(M_DsDt, states, target_dtype))
-            targets = {k: align(M, recipe_target(states, r), out_dtype=target_dtype) for k, r in recipes.items()}
+            targets = {k: align(M, recipe_target(states, r), out_dtype=target_dtype, normalise=normalise_targets)
+                       for k, r in recipes.items()}
         packet = SupervisionPacket(ids_BT=ids_BT.to(self.device), mask_BT=mask_BT.to(self.device),
                                    sample_ids_B=sample_ids_B.to(self.device), targets=targets)
         if logits is not None:
@@ -345,3 +353,39 @@ class TeacherEngine:
         packed = packed.cpu()
         n = len(acc.layers)
         acc.sum_abs, acc.sum_signed, acc.n_tokens = packed[:n], packed[n:2 * n], packed[2 * n]
+
+    # ---- attribution by ablation (METHOD.md §8) ----
+
+    @torch.no_grad()
+    def attribute_by_ablation(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                              layers: Iterable[int]) -> tuple[torch.Tensor, float]:
+        """(score_L float64 on CPU, clean loss): score(l) = LM loss with layer l's residual contribution removed
+        (the layer returns its input) minus the clean LM loss, token-weighted over `batches` of all teacher ranks
+        (all-reduced, every rank gets the same). Entry i belongs to sorted(layers)[i].
+
+        Costs 1 + len(layers) forwards per batch, no backward. The ablated layer still runs (its output is
+        discarded), so every forward gathers the same ZeRO-3 parameters in the same order on every rank."""
+        layers = sorted(int(l) for l in layers)
+        sums = torch.zeros(len(layers) + 2, dtype=torch.float64)  # ablated losses..., clean loss, tokens
+        for ids_BT, mask_BT in batches:
+            ids, mask = ids_BT.to(self.device), mask_BT.to(self.device)
+            n = float((mask[:, :-1] & mask[:, 1:]).sum())
+            sums[-2] += n * float(_lm_loss(self._run(ids, mask).logits, ids, mask))
+            for i, l in enumerate(layers):
+                with skip_layer(self.adapter.layer(l)):
+                    sums[i] += n * float(_lm_loss(self._run(ids, mask).logits, ids, mask))
+            sums[-1] += n
+        sums = self._all_reduce_sums(sums)
+        if sums[-1] <= 0:
+            raise ValueError("no tokens were attributed: the attribution data yielded no valid next-token pairs")
+        clean = sums[-2] / sums[-1]
+        return sums[:-2] / sums[-1] - clean, float(clean)
+
+    def _all_reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return sums
+        packed = sums.to(self.device)
+        dist.all_reduce(packed, group=self.engine.data_parallel_group)
+        return packed.cpu()

@@ -1,4 +1,4 @@
-"""Layer Gradient x Activation attribution on the teacher (METHOD.md §3).
+"""Layer Gradient x Activation attribution on the teacher (METHOD.md §3), and the layer ablation hook (§8).
 
 score(l) = mean over valid tokens of | sum over channels of (dL/dh^(l)) * h^(l) |, and the signed
 variant without the absolute value. Shape legend: states maps layer l -> hidden_BTD (part of the
@@ -7,9 +7,11 @@ len(states), ordered by layer id. Only activation gradients are taken; parameter
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Mapping
 
 import torch
+from torch import nn
 
 
 def _token_scores(states: Mapping[int, torch.Tensor], loss: torch.Tensor,
@@ -83,3 +85,24 @@ class AttributionAccumulator:
         abs_L, signed_L = self.means()
         return ({l: float(v) for l, v in zip(self.layers, abs_L)},
                 {l: float(v) for l, v in zip(self.layers, signed_L)})
+
+
+def _identity_output(module, args, kwargs, output):
+    """Forward hook: the decoder layer's output hidden state replaced by its input (h^(l) = h^(l-1))."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    return hidden
+
+
+@contextmanager
+def skip_layer(layer: nn.Module):
+    """While inside, decoder `layer` adds nothing to the residual stream: it returns its input hidden state (it
+    still runs, so hooks of other tools, e.g. ZeRO-3 parameter gathering, see the same forward)."""
+    handle = layer.register_forward_hook(_identity_output, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

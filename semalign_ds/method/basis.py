@@ -107,14 +107,55 @@ def alignment_map(S_T_DV: torch.Tensor, S_S_DV: torch.Tensor, ids_T: torch.Tenso
 
 
 def align(M: torch.Tensor, x_BTD: torch.Tensor, eps: float = 1e-6,
-          out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x~ = M x / ||x|| per token, computed in M's dtype, returned in ``out_dtype`` (default x's dtype).
+          out_dtype: torch.dtype | None = None, normalise: bool = True) -> torch.Tensor:
+    """x~ = M x / ||x|| per token (M x with normalise=False: the `mse` layer objective), computed in M's dtype,
+    returned in ``out_dtype`` (default x's dtype).
 
     A zero vector (e.g. padding) maps to zero: its norm is clamped to ``eps``.
     """
     x = x_BTD.to(M.dtype)
-    y = (x @ M.T) / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    y = x @ M.T
+    if normalise:
+        y = y / x.norm(dim=-1, keepdim=True).clamp_min(eps)
     return y.to(out_dtype or x_BTD.dtype)
+
+
+def _scaled_rows(W_VD: torch.Tensor, ids: torch.Tensor, g_D: torch.Tensor | None) -> torch.Tensor:
+    rows = W_VD.index_select(0, ids.to(W_VD.device)).to(torch.float64)
+    return rows if g_D is None else rows * g_D.to(device=rows.device, dtype=torch.float64)
+
+
+def logit_matching_map(W_T_VD: torch.Tensor, g_T_D: torch.Tensor | None, W_S_VD: torch.Tensor,
+                       g_S_D: torch.Tensor | None, ids_T: torch.Tensor, ids_S: torch.Tensor,
+                       chunk: int = 8192) -> torch.Tensor:
+    """M_logit = pinv(A) B with A = W_S[ids_S] diag(g_S) (V' x D_S), B = W_T[ids_T] diag(g_T) (V' x D_T)
+    (METHOD.md §8): D_S x D_T, float64 on W_T's device.
+
+    A teacher state h is read by the head as B h (up to the final norm's scale, which the objectives' per-token
+    normalisation and the norm itself remove); M h is the student state whose head reading A M h is closest to it
+    in least squares over the shared vocabulary. g = the final norm's gains (None = 1, a norm without weight).
+    Computed like output_basis: the D_S x D_S Gram matrix A^T A and A^T B accumulated over vocabulary chunks in
+    float64 (the Gram squares A's condition number), then pinv(A) B = (A^T A)^+ A^T B with pinv's cutoff.
+    """
+    if ids_T.shape != ids_S.shape or ids_T.dim() != 1:
+        raise ValueError(f"ids_T {tuple(ids_T.shape)} and ids_S {tuple(ids_S.shape)} must be equal-length 1-D")
+    for name, W, g in (("W_T", W_T_VD, g_T_D), ("W_S", W_S_VD, g_S_D)):
+        if W.dim() != 2 or (g is not None and g.shape != (W.shape[1],)):
+            raise ValueError(f"{name} must be V x D with a gain of length D, got {tuple(W.shape)} and "
+                             f"{None if g is None else tuple(g.shape)}")
+    device = W_T_VD.device
+    D_S, D_T = W_S_VD.shape[1], W_T_VD.shape[1]
+    gram = torch.zeros(D_S, D_S, dtype=torch.float64, device=device)
+    cross = torch.zeros(D_S, D_T, dtype=torch.float64, device=device)
+    for start in range(0, ids_T.numel(), chunk):
+        A = _scaled_rows(W_S_VD, ids_S[start:start + chunk], g_S_D).to(device)
+        B = _scaled_rows(W_T_VD, ids_T[start:start + chunk], g_T_D).to(device)
+        gram.addmm_(A.T, A)
+        cross.addmm_(A.T, B)
+    evals, evecs = torch.linalg.eigh(gram)
+    cutoff = (max(ids_S.numel(), D_S) * torch.finfo(torch.float32).eps) ** 2 * evals.max().clamp_min(0)
+    inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
+    return (evecs * inv) @ (evecs.T @ cross)
 
 
 def naive_align(x_BTD: torch.Tensor, S_T_DV: torch.Tensor, S_S_DV: torch.Tensor, ids_T: torch.Tensor,

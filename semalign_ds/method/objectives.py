@@ -109,6 +109,16 @@ def cosine_layer(x_BTD: torch.Tensor, target_BTD: torch.Tensor, mask_BT: torch.T
     return 1.0 - cos.mean() if cos.numel() else _zero(x_BTD)
 
 
+def mse_layer(x_BTD: torch.Tensor, target_BTD: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """`mse` layer objective: mean over valid tokens of the per-channel mean squared error between the student's
+    residual and the mapped teacher residual M R_T, which is NOT normalised per token: with the normalisation both
+    sides would be compared as unit vectors, and ||a - b||^2 = 2 - 2 cos(a, b) is the cosine objective again."""
+    mask = _mask(mask_BT, x_BTD)
+    dtype = _dtype(x_BTD, target_BTD)
+    err = (x_BTD[mask].to(dtype) - target_BTD[mask].to(dtype)).pow(2).mean(-1)
+    return _masked_mean(err, x_BTD)
+
+
 # ---- logit objectives ----
 
 def fisher_logits(zs_BTV: torch.Tensor, zt_BTV: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
