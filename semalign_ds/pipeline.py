@@ -34,6 +34,7 @@ from semalign_ds import tracking
 from semalign_ds.tracking import make_tracker
 from semalign_ds.transport import schema
 
+ATTRIBUTION_SEED = 7919  # the batches attribution reads: a property of the data, not of the training seed
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -394,7 +395,7 @@ def _attribute(ctx: RunContext, L_T: int) -> tuple[list[float], list[float] | No
     micro = cfg.pairing.attribution_micro_batch or cfg.data.micro_batch_size
     n = min(cfg.pairing.attribution_batches, datamod.micro_batches_per_epoch(N, micro, info.world_size))
     batches = [datamod.take(ctx.blocks, datamod.micro_batch_ids(N, micro, info.world_size, info.rank,
-                                                                cfg.seed + 7919, i)) for i in range(n)]
+                                                                ATTRIBUTION_SEED, i)) for i in range(n)]
     teacher_batches = bar([(ctx.vocab.to_teacher(b.ids_BT), b.mask_BT) for b in batches], "attribution", ctx)
     passes = n * micro * info.world_size / N
     if cfg.pairing.attribution == "ablation":

@@ -136,10 +136,11 @@ def target_kind(cfg) -> str:
 
 def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
     """The hashes that bind packets to this configuration (transport/schema.py); `pairing` and `map` only
-    where the pairing table and M are at hand (the teacher side)."""
+    where the pairing table and M are at hand (the teacher side). Only what changes the packets is bound (the
+    target kind and normalisation, not the layer objective's name; not the student's training seed), so runs that
+    differ in nothing else share one spool."""
     cfg, m = ctx.cfg, ctx.cfg.method
     kind = target_kind(cfg)
-    attributed = cfg.pairing.manual is None and cfg.pairing.critical_layer
     b = {"schema": str(schema.SCHEMA_VERSION),
          "teacher": schema.model_fingerprint(cfg.teacher.path, cfg.teacher.dtype, weights=False),
          "student": schema.model_fingerprint(cfg.student.path, cfg.student.dtype),
@@ -148,9 +149,8 @@ def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
                                   "map": m.map, "seed": cfg.seed if m.map == "random" else None,
                                   "normalised_targets": normalised_targets(cfg),
                                   "min_shared_tokens": m.min_shared_tokens, "logits": needs_teacher_logits(cfg),
-                                  "kind": kind, "layer_objective": m.layer_objective}),
-         "pairing_config": schema.digest({"pairing": vars(cfg.pairing), "residual": m.residual, "kind": kind,
-                                          "seed": cfg.seed if attributed else None})}
+                                  "kind": kind, "targets": needs_teacher_targets(cfg)}),
+         "pairing_config": schema.digest({"pairing": vars(cfg.pairing), "residual": m.residual, "kind": kind})}
     if schema.weight_files(cfg.teacher.path):
         b["teacher_weights"] = schema.model_fingerprint(cfg.teacher.path)
     if table is not None:
