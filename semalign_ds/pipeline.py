@@ -62,6 +62,7 @@ class Run:
 
 def run(cfg: RunConfig) -> dict:
     """Run a whole transfer; returns the evaluation summary (also written to <output_dir>/eval.json)."""
+    cfg = resolved_models(cfg)
     info = _init(cfg)
     if cfg.runtime.topology == "disaggregated":
         return _run_disaggregated(cfg, info)
@@ -69,6 +70,13 @@ def run(cfg: RunConfig) -> dict:
         return _run_from_spool(cfg, info)
     r = prepare(cfg, info)
     return _guarded(r, lambda: _run_colocated(r))
+
+
+def resolved_models(cfg: RunConfig) -> RunConfig:
+    """The config with GGUF checkpoints (teacher/student.gguf_file) replaced by their cached safetensors folders."""
+    from semalign_ds.models.gguf import resolved_config
+
+    return resolved_config(cfg)
 
 
 def _init(cfg: RunConfig) -> distributed.DistInfo:
@@ -160,6 +168,7 @@ def teach(cfg: RunConfig) -> dict:
     transport.spool_dir (resumes an interrupted spool); returns the manifest."""
     if not cfg.transport.spool_dir:
         raise ValueError("`semalign teach` needs an output directory: --out DIR (transport.spool_dir)")
+    cfg = resolved_models(cfg)
     info = _init(cfg)
     out = Path(cfg.transport.spool_dir)
     state = out / "teach.json"
@@ -209,8 +218,8 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     tok_S = load_tokenizer(cfg.student.path, "student.path", cfg.student.trust_remote_code)
     student = _load_student(cfg, info, out, progress)
     teacher_config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
-    blocks = _load_blocks(cfg, tok_S, [student.config, teacher_config])
-    vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, blocks, int(teacher_config.get_text_config().vocab_size))
+    vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, int(teacher_config.get_text_config().vocab_size))
+    blocks = _load_blocks(cfg, tok_S, student.config, teacher_config, tok_T if vocab.cross else None)
     _check_layers(cfg, teacher_config, student)
     hidden_T = int(teacher_config.get_text_config().hidden_size)
     teacher = None if role == "student" else _build_teacher(cfg, info, hidden_T, mpu)
@@ -239,10 +248,16 @@ def _load_student(cfg: RunConfig, info, out: Path, progress: dict) -> torch.nn.M
     return student
 
 
-def _load_blocks(cfg: RunConfig, tok_S, model_configs) -> datamod.TokenBlocks:
-    datamod.check_seq_len(cfg.data.seq_len, *model_configs)
+def _load_blocks(cfg: RunConfig, tok_S, student_config, teacher_config, tok_T=None) -> datamod.TokenBlocks:
+    """The packed transfer data; with a different teacher tokenizer (tok_T) also the teacher's tokens of each block
+    and the alignment (its length is checked against the teacher's positions there)."""
+    from semalign_ds.models.loading import model_max_positions
+
+    datamod.check_seq_len(cfg.data.seq_len, student_config, *([] if tok_T is not None else [teacher_config]))
     texts = datamod.load_texts(cfg.data, "data.path")
-    return datamod.pack_sequences(texts, tok_S, cfg.data.seq_len, cfg.data.max_sequences)
+    return datamod.pack_sequences(texts, tok_S, cfg.data.seq_len, cfg.data.max_sequences, teacher_tokenizer=tok_T,
+                                  teacher_seq_len=cfg.data.teacher_seq_len,
+                                  teacher_max_positions=model_max_positions(teacher_config))
 
 
 def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):
@@ -269,7 +284,7 @@ def pair_layers(r: Run) -> PairingTable:
     if cfg.pairing.manual is None and cfg.pairing.critical_layer:
         n = min(cfg.pairing.attribution_batches, max(1, len(r.blocks) // r.cfg.data.micro_batch_size))
         batches = [supervision.rank_batch(r, cfg.seed + 7919, i) for i in range(n)]
-        teacher_batches = [(r.vocab.to_teacher(b.ids_BT), b.mask_BT) for b in batches]
+        teacher_batches = [supervision.teacher_view(b) for b in batches]
         scores_abs, scores_signed = r.teacher.attribute(bar(teacher_batches, "attribution", r), range(1, L_T + 1))
         scores_abs, scores_signed = scores_abs.tolist(), scores_signed.tolist()  # all-reduced over ranks
     table = build_pairing(L_T, L_S, scores_abs, cfg.pairing.critical_layer, cfg.pairing.interpolate,

@@ -24,31 +24,30 @@ from semalign_ds.transport.packet import SupervisionPacket
 class VocabMap:
     ids_T: torch.Tensor  # shared teacher ids, index-aligned with ids_S
     ids_S: torch.Tensor
-    s2t: torch.Tensor | None  # student id -> teacher id (-1 unshared); None when the tokenizers are the same
-
-    def to_teacher(self, ids_BT: torch.Tensor) -> torch.Tensor:
-        return ids_BT if self.s2t is None else self.s2t.to(ids_BT.device)[ids_BT]
+    cross: bool  # the tokenizers differ: the teacher reads its own tokens (TokenBlocks carry them)
 
 
-def vocab_map(cfg, tok_T, tok_S, student, blocks: datamod.TokenBlocks, teacher_vocab_size: int) -> VocabMap:
+def same_tokenizer(tok_T, tok_S) -> bool:
+    """The fast path: one vocabulary (same strings, same ids), so the teacher can read the student's ids."""
+    return tok_T is tok_S or tok_T.get_vocab() == tok_S.get_vocab()
+
+
+def vocab_map(cfg, tok_T, tok_S, student, teacher_vocab_size: int) -> VocabMap:
     V_S = get_adapter(student, "student.path").vocab_size
     ids_T, ids_S = basismod.shared_vocabulary(tok_T, tok_S, cfg.method.min_shared_tokens, teacher_vocab_size, V_S)
-    if cfg.method.top_k > ids_T.numel():
-        raise ValueError(f"method.top_k={cfg.method.top_k} is larger than the shared vocabulary "
-                         f"({ids_T.numel()} tokens); lower method.top_k")
-    same = ids_T.numel() == ids_S.numel() and torch.equal(ids_T, ids_S) and tok_T.get_vocab() == tok_S.get_vocab()
-    if same:
-        return VocabMap(ids_T, ids_S, None)
-    s2t = torch.full((V_S,), -1, dtype=torch.long)
-    s2t[ids_S] = ids_T
-    used = torch.unique(blocks.ids_NT[blocks.mask_NT])
-    missing = used[s2t[used] < 0]
-    if missing.numel():
-        sample = tok_S.convert_ids_to_tokens(missing[:5].tolist())
-        raise ValueError(f"{missing.numel()} token types of the transfer data (e.g. {sample}) are not in the "
-                         f"teacher's vocabulary, so the teacher cannot read the student's tokens; use a student "
-                         f"tokenizer whose tokens the teacher's vocabulary contains")
-    return VocabMap(ids_T, ids_S, s2t)
+    limit, what = ((ids_T.numel(), "the shared vocabulary") if cfg.method.output_objective == "kl"
+                   else (teacher_vocab_size, "the teacher's vocabulary"))
+    if cfg.method.top_k > limit:
+        raise ValueError(f"method.top_k={cfg.method.top_k} is larger than {what} ({limit} tokens); lower "
+                         f"method.top_k")
+    return VocabMap(ids_T, ids_S, not same_tokenizer(tok_T, tok_S))
+
+
+def teacher_view(batch: datamod.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) the teacher reads for a batch: its own tokens (cross-tokenizer) or the student's."""
+    if batch.teacher_ids_BU is not None:
+        return batch.teacher_ids_BU, batch.teacher_mask_BU
+    return batch.ids_BT, batch.mask_BT
 
 
 def _cache_dir() -> Path:
@@ -103,9 +102,7 @@ def rank_batch(r, seed: int, index: int, rank: int | None = None, world: int | N
 
 def rows_batch(r, first: int, count: int) -> datamod.Batch:
     """Samples first..first+count-1 in sample-id order (the spool writer's order)."""
-    b = r.blocks
-    return datamod.Batch(b.sample_ids_N[first:first + count], b.ids_NT[first:first + count],
-                         b.mask_NT[first:first + count])
+    return r.blocks.take(slice(first, first + count))
 
 
 def binding(r, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
@@ -117,11 +114,12 @@ def binding(r, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
     b = {"schema": str(schema.SCHEMA_VERSION),
          "teacher": schema.model_fingerprint(cfg.teacher.path, cfg.teacher.dtype, weights=False),
          "student": schema.model_fingerprint(cfg.student.path, cfg.student.dtype),
-         "data": schema.tensor_digest(r.blocks.ids_NT, r.blocks.mask_NT),
+         "data": _data_digest(r.blocks),
          "method": schema.digest({"top_k": m.top_k, "tau": m.tau, "target_dtype": m.target_dtype, "basis": m.basis,
                                   "random_basis": m.random_basis, "seed": cfg.seed if m.random_basis else None,
                                   "min_shared_tokens": m.min_shared_tokens, "logits": needs_teacher_logits(cfg),
-                                  "kind": kind, "layer_objective": m.layer_objective}),
+                                  "kind": kind, "layer_objective": m.layer_objective,
+                                  "output_objective": m.output_objective}),
          "pairing_config": schema.digest({"pairing": vars(cfg.pairing), "residual": m.residual, "kind": kind,
                                           "seed": cfg.seed if attributed else None})}
     if schema.weight_files(cfg.teacher.path):
@@ -133,12 +131,20 @@ def binding(r, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
     return b
 
 
+def _data_digest(blocks: datamod.TokenBlocks) -> str:
+    """The packed student ids and mask; cross-tokenizer blocks add the teacher's tokens and the alignment."""
+    if not blocks.cross:
+        return schema.tensor_digest(blocks.ids_NT, blocks.mask_NT)
+    return schema.tensor_digest(blocks.ids_NT, blocks.mask_NT, blocks.teacher_ids_NU, blocks.teacher_mask_NU,
+                                blocks.align_NT, blocks.exact_NT)
+
+
 def needs_teacher_targets(cfg) -> bool:
     return cfg.method.layer_objective != "none" and cfg.method.w_layer > 0
 
 
 def needs_teacher_logits(cfg) -> bool:
-    return cfg.method.output_objective == "kl" and cfg.method.w_out > 0
+    return cfg.method.output_objective in ("kl", "uld") and cfg.method.w_out > 0
 
 
 def emit(r, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> SupervisionPacket:
@@ -148,17 +154,28 @@ def emit(r, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> Superv
         return SupervisionPacket(ids_BT=batch.ids_BT.to(dev), mask_BT=batch.mask_BT.to(dev),
                                  sample_ids_B=batch.sample_ids_B.to(dev))
     recipes = recipes if needs_teacher_targets(cfg) else {}
-    ids_T = r.vocab.to_teacher(batch.ids_BT).to(dev)
+    ids_T, mask_T = teacher_view(batch)
+    shared = r.vocab.cross and cfg.method.output_objective == "kl"  # kl across tokenizers: the shared ids
     packet = r.teacher.emit(
-        ids_T, batch.mask_BT.to(dev), batch.sample_ids_B, recipes, M_DsDt,
+        ids_T.to(dev), mask_T.to(dev), batch.sample_ids_B, recipes, M_DsDt,
         top_k=cfg.method.top_k, tau=cfg.method.tau, need_logits=needs_teacher_logits(cfg),
         target_dtype=torch.bfloat16 if cfg.method.target_dtype == "bfloat16" else torch.float32,
-        logit_ids_T=None if r.vocab.s2t is None else r.vocab.ids_T,
-        logit_ids_S=None if r.vocab.s2t is None else r.vocab.ids_S,
+        logit_ids_T=r.vocab.ids_T if shared else None, logit_ids_S=r.vocab.ids_S if shared else None,
+        sorted_only=cfg.method.output_objective == "uld", student=student_positions(batch, dev),
     )
     packet.ids_BT = batch.ids_BT.to(dev)
     r.progress["teacher_passes"] = r.progress.get("teacher_passes", 0) + batch.ids_BT.shape[0] / max(1, len(r.blocks))
     return packet
+
+
+def student_positions(batch: datamod.Batch, device):
+    """The student's side of a cross-tokenizer batch for the teacher engine (None on the same-tokenizer path)."""
+    from semalign_ds.engines.teacher import StudentPositions
+
+    if batch.align_BT is None:
+        return None
+    return StudentPositions(batch.ids_BT.to(device), batch.mask_BT.to(device), batch.align_BT.to(device),
+                            batch.exact_BT.to(device))
 
 
 def stage_plan(cfg, stages: list[int], steps_per_stage: int) -> list[tuple[int, list[int], int]]:

@@ -182,7 +182,7 @@ def test_batch_at_equals_iterating_across_epochs():
     iterated = [b for epoch in range(3) for b in batches(blocks, batch_size=3, seed=5, epoch=epoch)]
     for step, expected in enumerate(iterated):
         got = batch_at(blocks, batch_size=3, seed=5, step=step)
-        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+        assert all(torch.equal(g, e) for g, e in zip(got[:3], expected[:3])) and got[3:] == expected[3:]
 
 
 def test_batching_errors():
