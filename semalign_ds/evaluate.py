@@ -186,32 +186,6 @@ def _student_pairs(batches: list) -> list[Batch]:
     return [(b.ids_BT, b.mask_BT) for b in batches]
 
 
-def _teacher_logits(r, batch) -> torch.Tensor:
-    """Teacher logits on the tokens it reads (collective under ZeRO-3: every rank evaluates the same batches)."""
-    from semalign_ds.supervision import teacher_view
-
-    ids, mask = teacher_view(batch)
-    return r.teacher.forward_states(ids, mask, set(), need_logits=True)[1].float()
-
-
-@torch.no_grad()
-def _teacher_perplexity(r, batches: list) -> float:
-    """exp(teacher NLL / student token pairs): with the same tokenizer the teacher's own perplexity; across
-    tokenizers per student-token equivalent (the teacher's total NLL over the same characters, on its own tokens,
-    divided by the student's number of predicted tokens: a bits-per-character normalisation in student units,
-    comparable with the students' column. Each block's first token is not predicted by either model; the
-    teacher's first token is usually the shorter, so the teacher is charged for slightly more text)."""
-    from semalign_ds.supervision import teacher_view
-
-    total, count = 0.0, 0
-    for batch in batches:
-        ids, mask = (t.to(r.info.device) for t in teacher_view(batch))
-        loss_sum, _ = next_token_loss_sum(_teacher_logits(r, batch), ids, mask)
-        m = batch.mask_BT
-        total, count = total + loss_sum, count + int((m[:, :-1] & m[:, 1:]).sum())
-    return math.exp(total / max(count, 1))
-
-
 def _bucket_sums(zs_BTV: torch.Tensor, zt_BTV: torch.Tensor, valid_BT: torch.Tensor, ids_T: torch.Tensor,
                  ids_S: torch.Tensor) -> tuple[float, float, int]:
     """KL(teacher || student) over the shared vocabulary plus one bucket for the rest of each side's mass, and
@@ -231,26 +205,39 @@ def _bucket_sums(zs_BTV: torch.Tensor, zt_BTV: torch.Tensor, valid_BT: torch.Ten
 
 
 @torch.no_grad()
-def _cross_agreement(r, student: torch.nn.Module, batches: list) -> dict[str, float]:
-    """Agreement across tokenizers, at exact positions only (both predict a token starting at the same character)."""
+def _teacher_columns(r, students: dict, batches: list) -> tuple[float, dict]:
+    """The teacher's perplexity and each student's agreement with it, one teacher forward per batch.
+
+    Same tokenizer: the teacher's own perplexity; KL and top-1 over every real token and the whole vocabulary.
+    Different tokenizers: the teacher's perplexity per student-token equivalent, exp(the teacher's total NLL over
+    the same characters, on its own tokens, / the student's number of predicted tokens): a bits-per-character
+    normalisation in student units, comparable with the students' column (each block's first token is predicted
+    by neither model; the teacher's first token is usually the shorter, so it is charged for slightly more text);
+    KL and top-1 only at exact positions (both predict a token starting at the same character), over the shared
+    vocabulary plus one bucket for the rest of each side's mass.
+    """
     from semalign_ds.engines.teacher import gather_positions
+    from semalign_ds.supervision import teacher_view
 
     dev = r.info.device
-    kl_sum, top1_sum, count = 0.0, 0.0, 0
+    nll, pairs = 0.0, 0
+    sums = {name: [0.0, 0.0, 0] for name in students}
     for batch in batches:
-        zt = gather_positions(_teacher_logits(r, batch), batch.align_BT.to(dev))
-        zs = model_logits(student, batch.ids_BT.to(dev), batch.mask_BT.to(dev))
-        valid = (batch.mask_BT & batch.exact_BT & (batch.align_BT >= 0)).to(dev)
-        k, t, n = _bucket_sums(zs, zt, valid, r.vocab.ids_T, r.vocab.ids_S)
-        kl_sum, top1_sum, count = kl_sum + k, top1_sum + t, count + n
-    return {"kl": kl_sum / max(count, 1), "top1": top1_sum / max(count, 1)}
-
-
-def _agreement(r, student, batches: list) -> dict[str, float]:
-    if r.vocab.cross:
-        return _cross_agreement(r, student, batches)
-    teacher_fn = lambda ids, mask: r.teacher.forward_states(ids, mask, set(), need_logits=True)[1].float()  # noqa: E731
-    return teacher_agreement(student, teacher_fn, _student_pairs(batches), r.info.device)
+        ids_T, mask_T = (t.to(dev) for t in teacher_view(batch))
+        zt = r.teacher.forward_states(ids_T, mask_T, set(), need_logits=True)[1].float()
+        nll += next_token_loss_sum(zt, ids_T, mask_T)[0]
+        ids, mask = batch.ids_BT.to(dev), batch.mask_BT.to(dev)
+        pairs += int((mask[:, :-1] & mask[:, 1:]).sum())
+        if r.vocab.cross:
+            zt = gather_positions(zt, batch.align_BT.to(dev))
+            valid = mask & (batch.exact_BT & (batch.align_BT >= 0)).to(dev)
+        for name, model in students.items():
+            zs = model_logits(model, ids, mask)
+            got = (_bucket_sums(zs, zt, valid, r.vocab.ids_T, r.vocab.ids_S) if r.vocab.cross
+                   else _agreement_sums(zs, zt, mask))
+            sums[name] = [a + b for a, b in zip(sums[name], got)]
+    agree = {name: {"kl": k / max(n, 1), "top1": t / max(n, 1)} for name, (k, t, n) in sums.items()}
+    return math.exp(nll / max(pairs, 1)), agree
 
 
 def evaluate_run(r, export_dir) -> dict:
@@ -272,9 +259,8 @@ def evaluate_run(r, export_dir) -> dict:
         agree[name] = {}
         if r.teacher is None:  # a student trained from a spool or a stream has no teacher engine
             continue
-        ppl[name]["teacher"] = _teacher_perplexity(r, batches)
-        agree[name] = {"student_before": _agreement(r, before, batches),
-                       "student_after": _agreement(r, r.student, batches)}
+        ppl[name]["teacher"], agree[name] = _teacher_columns(
+            r, {"student_before": before, "student_after": r.student}, batches)
     summary = {"perplexity": ppl, "agreement": agree, "table": _summary_table(ppl, agree, r.vocab.cross),
                "student_dir": str(export_dir), "tracking_uri": getattr(r.tracker, "uri", None)}
     if r.info.is_main:
@@ -286,11 +272,6 @@ def evaluate_run(r, export_dir) -> dict:
         r.tracker.log_artifact(r.out / "eval.md")
         r.tracker.log_artifact(r.out / "eval.json")
     return summary
-
-
-CROSS_NOTE = ("different tokenizers: the teacher's perplexity is per student-token equivalent (its NLL over the same "
-              "characters / the student's token count); KL and top-1 at exact positions, over the shared vocabulary "
-              "plus one bucket for the rest")
 
 
 def _summary_table(ppl: dict, agree: dict, cross: bool = False) -> str:
