@@ -89,11 +89,11 @@ def test_hand_checked_alignment_with_smollm2(smollm2):
     assert blocks.exact_NT[0].tolist() == [True, True, True, True, True, True, False, True, True, False]
 
 
-def _config(tmp: Path, teacher: Path, student: Path, data: Path, eval_sets: dict, **sections) -> Path:
+def _config(tmp: Path, teacher: Path, student: Path, data_path: Path, eval_sets: dict, **sections) -> Path:
     raw = {"name": "real", "output_dir": str(tmp / "run"),
            "teacher": {"path": str(teacher), "dtype": "float32"},
            "student": {"path": str(student), "dtype": "float32"},
-           "data": {"path": str(data), "seq_len": 32, "max_sequences": 8, "micro_batch_size": 4},
+           "data": {"path": str(data_path), "seq_len": 32, "max_sequences": 8, "micro_batch_size": 4},
            "method": {"top_k": 16, "min_shared_tokens": 100, "target_dtype": "float32"},
            "pairing": {"attribution_batches": 1},
            "schedule": {"steps_per_stage": 6, "warmup_steps": 0, "lr": 1.0e-2},
@@ -142,7 +142,9 @@ def cross_data(demo_tiny, tmp_path_factory) -> Path:
 def test_cross_tokenizer_spool_teach_then_train(smollm2, demo_tiny, cross_data, tmp_path):
     """Student (b) through `semalign teach` + `semalign train --from-spool`: the spooled packet of the
     hand-checked string carries the teacher's outputs at the aligned positions, and the student's loss falls."""
-    cfg = _config(tmp_path, smollm2, demo_tiny.student_path, cross_data, {"transfer": str(cross_data)})
+    # 24 samples: 6 micro-batches of 4, so one pass over the spool covers the 6 steps of the stage
+    cfg = _config(tmp_path, smollm2, demo_tiny.student_path, cross_data, {"transfer": str(cross_data)},
+                  data={"max_sequences": 24})
     spool_dir = tmp_path / "spool"
     semalign("teach", "--config", cfg, "--out", spool_dir, timeout=900)
     _check_spooled_packet(smollm2, demo_tiny.student_path, cross_data, spool_dir)
@@ -164,7 +166,7 @@ def _check_spooled_packet(teacher: Path, student: Path, data: Path, spool_dir: P
     manifest = json.loads((spool_dir / "manifest.json").read_text())
     packet = SpoolReader(spool_dir, manifest["binding"]).packet(torch.tensor([0]), [])
     tok_T, tok_S = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
-    blocks = pack_sequences(load_texts({"path": str(data)}), tok_S, 32, 8, teacher_tokenizer=tok_T)
+    blocks = pack_sequences(load_texts({"path": str(data)}), tok_S, 32, 24, teacher_tokenizer=tok_T)
     align, exact, mask = blocks.align_NT[0], blocks.exact_NT[0], blocks.mask_NT[0]
     assert torch.equal(packet.ids_BT[0], blocks.ids_NT[0])
     assert torch.equal(packet.state_mask_BT[0], mask & (align >= 0))
