@@ -44,9 +44,11 @@ def vocab_map(cfg, tok_T, tok_S, student, teacher_vocab_size: int) -> VocabMap:
 
 
 def teacher_view(batch: datamod.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) the teacher reads for a batch: its own tokens (cross-tokenizer) or the student's."""
+    """(ids, mask) the teacher reads for a batch: its own tokens (cross-tokenizer; trimmed to the batch's longest
+    row, as real tokens come first and the model is causal) or the student's."""
     if batch.teacher_ids_BU is not None:
-        return batch.teacher_ids_BU, batch.teacher_mask_BU
+        width = max(int(batch.teacher_mask_BU.sum(1).max()), 1)
+        return batch.teacher_ids_BU[:, :width], batch.teacher_mask_BU[:, :width]
     return batch.ids_BT, batch.mask_BT
 
 

