@@ -106,10 +106,10 @@ def test_hand_checked_alignment_with_smollm2(smollm2):
     assert blocks.exact_NT[0].tolist() == [True, True, True, True, True, True, False, True, True, False]
 
 
-def _config(tmp: Path, teacher: Path, student: Path, data_path: Path, eval_sets: dict, **sections) -> Path:
+def _config(tmp: Path, teacher_path: Path, student_path: Path, data_path: Path, eval_sets: dict, **sections) -> Path:
     raw = {"name": "real", "output_dir": str(tmp / "run"),
-           "teacher": {"path": str(teacher), "dtype": "float32"},
-           "student": {"path": str(student), "dtype": "float32"},
+           "teacher": {"path": str(teacher_path), "dtype": "float32"},
+           "student": {"path": str(student_path), "dtype": "float32"},
            "data": {"path": str(data_path), "seq_len": 32, "max_sequences": 8, "micro_batch_size": 4},
            "method": {"top_k": 16, "min_shared_tokens": 100, "target_dtype": "float32"},
            "pairing": {"attribution_batches": 1},
@@ -136,7 +136,8 @@ def _mlflow_finished(run: Path) -> None:
 
 
 def test_pruned_self_same_tokenizer_run(smollm2, pruned, demo_tiny, tmp_path):
-    """Student (a): the fast path (no alignment tensors) with a real 49k-vocabulary GQA teacher."""
+    """Student (a): the fast path (no alignment tensors) with a real 49k-vocabulary GQA teacher, through `semalign
+    run`."""
     data = demo_tiny.transfer_jsonl
     cfg = _config(tmp_path, smollm2, pruned, data, {"transfer": str(data)}, schedule={"lr": 1.0e-3})
     semalign("run", "--config", cfg, timeout=900)
@@ -209,14 +210,14 @@ def _check_spooled_packet(teacher: Path, student: Path, data: Path, spool_dir: P
         assert abs(float(packet.tail_BT[0, t]) - float(tail)) < 1e-4
 
 
-def test_demo_with_smollm2_teacher_tiny_uld(smollm2, demo_tiny, tmp_path, monkeypatch):
-    """`semalign demo --teacher smollm2` in its tiny form (a colocated `semalign run` inside), with the ULD output
-    objective, which needs no shared ids: the real teacher, the demo's student, the verdict."""
+def test_demo_with_smollm2_teacher_tiny(smollm2, demo_tiny, tmp_path, monkeypatch):
+    """`semalign demo --teacher smollm2` in its tiny form (a colocated `semalign run` inside, kl over the shared
+    vocabulary): the real teacher, the demo's student, the verdict."""
     monkeypatch.setenv("SEMALIGN_MODELS_CACHE", MODELS_CACHE)  # the demo finds the cached SmolLM2 there
     out = tmp_path / "demo"
     proc = semalign("demo", "--scale", "tiny", "--teacher", "smollm2", "--cache-dir", demo_tiny.cache_dir.parent,
-                    f"output_dir={out}", "runtime.progress=false", "method.output_objective=uld",
-                    "schedule.steps_per_stage=6", "schedule.lr=0.01", "data.max_sequences=24",
+                    f"output_dir={out}", "runtime.progress=false", "schedule.steps_per_stage=6", "schedule.lr=0.02",
+                    "schedule.warmup_steps=0", "data.max_sequences=24",
                     f"eval.sets.transfer={demo_tiny.transfer_jsonl}", "eval.max_sequences=8", timeout=900)
     assert "per student token" in proc.stdout and "exact pos." in proc.stdout and "teacher margin" in proc.stdout
     summary = json.loads((out / "eval.json").read_text())
