@@ -229,3 +229,4 @@ def test_demo_with_smollm2_teacher_tiny(smollm2, demo_tiny, tmp_path, monkeypatc
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["teacher"]["path"] == str(smollm2) and config["student"]["path"] == str(demo_tiny.student_path)
     assert (out / "student" / "model.safetensors").is_file()
+    _mlflow_finished(out)
