@@ -288,7 +288,7 @@ def _summary_table(ppl: dict, agree: dict, cross: bool = False) -> str:
                 row[f"{name} top-1 match"] = agree[name][model]["top1"]
         rows.append(row)
     columns = ["model"] + [c for c in rows[0] if c != "model"]
-    if cross:  # say in the header what the teacher's numbers mean (docstring of _teacher_columns)
+    if cross and rows[-1]["model"] == "teacher":  # say what the teacher's numbers mean (see _teacher_columns)
         columns = [(c, c.replace(" ppl", " ppl (teacher: per student token)").replace(
             "KL to teacher", "KL to teacher (exact pos., shared vocab + rest)")) for c in columns]
     return format_table(rows, columns)
