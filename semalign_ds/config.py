@@ -25,6 +25,10 @@ class ModelConfig:
     """Compute dtype of the model's weights."""
     trust_remote_code: bool = False
     """Run code shipped with the checkpoint; off unless you trust it."""
+    gguf_file: Optional[str] = None
+    """A GGUF checkpoint (a file name inside `path`, or an absolute path; needs the `gguf` package): it is
+    dequantised and converted once into a safetensors folder cached under $SEMALIGN_CACHE (keyed by the file's
+    hash), which the run then loads. null = `path` is a Hugging Face safetensors folder."""
 
 
 @dataclass
@@ -35,7 +39,10 @@ class DataConfig:
     text_field: str = "text"
     """Column holding the text (JSONL/parquet)."""
     seq_len: int = 512
-    """Tokens per packed sequence; must not exceed either model's limit."""
+    """Student tokens per packed sequence; must not exceed either model's limit."""
+    teacher_seq_len: Optional[int] = None
+    """Different tokenizers only: teacher positions per block (the teacher reads each block's characters with its
+    own tokenizer); null = the longest block's need rounded up to a multiple of 8. Too short is an error."""
     max_sequences: int = 1000
     """Transfer-set size in packed sequences (the paper used 1000 examples)."""
     val_sequences: int = 0
@@ -76,7 +83,9 @@ class MethodConfig:
     """Log grad_cos_layer_kl (cosine between the layer and output terms' gradients) every step without balancing
     (the same extra forward and two backward passes; always logged with layer_balance). Watching only: not part of
     the result hash."""
-    output_objective: Literal["kl", "label_cosine", "ce", "none"] = "kl"
+    output_objective: Literal["kl", "uld", "label_cosine", "ce", "none"] = "kl"
+    """kl: KL to the teacher's top-k (+ tail bucket; across tokenizers over the shared vocabulary, the rest of the
+    teacher's mass in the tail, at exact positions); uld: sorted-probability matching (needs no shared ids)."""
     top_k: int = 64
     """Teacher logits sent as top-k plus a tail bucket; 0 = full logits (colocated only)."""
     tau: float = 1.0
@@ -439,6 +448,11 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < cfg.transport.store_memory_fraction <= 1:
         raise ValueError(f"config key 'transport.store_memory_fraction' must be in (0, 1], got "
                          f"{cfg.transport.store_memory_fraction}")
+    if cfg.data.teacher_seq_len is not None:
+        _positive(cfg.data.teacher_seq_len, "data.teacher_seq_len")
+    if cfg.method.output_objective == "uld" and cfg.method.top_k == 0:
+        raise ValueError("config key 'method.top_k' must be > 0 with method.output_objective 'uld' (the teacher "
+                         "sends its top-k probabilities, sorted)")
     if cfg.schedule.stages is not None and not cfg.schedule.stages:
         raise ValueError("config key 'schedule.stages' is empty; list student layers (1-indexed) or use null for all")
     if cfg.eval.lm_eval.limit is not None:

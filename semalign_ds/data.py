@@ -4,6 +4,10 @@ fixed-length blocks, and served as deterministic batches that a resumed run can 
 Shapes: N packed sequences, T = seq_len tokens, B batch rows, R data-parallel ranks.
     ids_NT (int64), mask_NT (bool, True = real token), sample_ids_N (int64, 0..N-1)
     Batch: sample_ids_B, ids_BT, mask_BT
+Cross-tokenizer blocks (a teacher tokenizer that differs; alignment.py) also carry, per block, the teacher's
+reading of the same characters and the position alignment (U teacher positions):
+    teacher_ids_NU (int64), teacher_mask_NU (bool), align_NT (int64, teacher position or -1), exact_NT (bool)
+and a Batch the same rows of them (None for same-tokenizer runs).
 Batching (rank-partitioned, so a rank only ever needs the teacher packets of its own samples): rank r of R
 owns the samples i with i % R == r; each epoch is a fresh permutation of them drawn from (seed, epoch, r), cut
 into (N // R) // B micro-batches of B. Micro-batch m of a rank maps to epoch m // per_epoch, so
@@ -30,13 +34,35 @@ _BUILDERS = {"jsonl": "json", "text": "text", "parquet": "parquet"}
 _TOKENIZE_CHUNK = 256  # documents per tokenizer call
 
 
+class Batch(NamedTuple):
+    """One batch of packed blocks: sample_ids_B (int64), ids_BT (int64), mask_BT (bool); cross-tokenizer runs
+    also the teacher's ids/mask (B x U) and the alignment (B x T), else None."""
+
+    sample_ids_B: torch.Tensor
+    ids_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    teacher_ids_BU: torch.Tensor | None = None
+    teacher_mask_BU: torch.Tensor | None = None
+    align_BT: torch.Tensor | None = None
+    exact_BT: torch.Tensor | None = None
+
+    def rows(self, index) -> "Batch":
+        """The rows `index` (a slice or index tensor) of every field that is present."""
+        return Batch(*(None if t is None else t[index] for t in self))
+
+
 @dataclass(frozen=True)
 class TokenBlocks:
-    """Packed token blocks: ids_NT (int64), mask_NT (bool), sample_ids_N (int64 arange)."""
+    """Packed token blocks: ids_NT (int64), mask_NT (bool), sample_ids_N (int64 arange); with a different teacher
+    tokenizer also teacher_ids_NU, teacher_mask_NU, align_NT, exact_NT (alignment.py), else None."""
 
     ids_NT: torch.Tensor
     mask_NT: torch.Tensor
     sample_ids_N: torch.Tensor
+    teacher_ids_NU: torch.Tensor | None = None
+    teacher_mask_NU: torch.Tensor | None = None
+    align_NT: torch.Tensor | None = None
+    exact_NT: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.ids_NT.shape[0])
@@ -45,13 +71,15 @@ class TokenBlocks:
     def seq_len(self) -> int:
         return int(self.ids_NT.shape[1])
 
+    @property
+    def cross(self) -> bool:
+        """True when the teacher reads its own tokens (the blocks carry an alignment)."""
+        return self.align_NT is not None
 
-class Batch(NamedTuple):
-    """One batch of packed blocks: sample_ids_B (int64), ids_BT (int64), mask_BT (bool)."""
-
-    sample_ids_B: torch.Tensor
-    ids_BT: torch.Tensor
-    mask_BT: torch.Tensor
+    def take(self, index) -> Batch:
+        """Rows `index` (a slice or index tensor) as a Batch, every present field included."""
+        return Batch(self.sample_ids_N, self.ids_NT, self.mask_NT, self.teacher_ids_NU, self.teacher_mask_NU,
+                     self.align_NT, self.exact_NT).rows(index)
 
 
 # ---------------------------------------------------------------- reading files
@@ -201,29 +229,66 @@ def _pad_id(tokenizer) -> int:
 
 
 def pack_sequences(texts: Sequence[str], tokenizer, seq_len: int, max_sequences: int | None = None,
-                   eos: bool = True, key: str = "data") -> TokenBlocks:
+                   eos: bool = True, key: str = "data", teacher_tokenizer=None, teacher_seq_len: int | None = None,
+                   teacher_max_positions: int | None = None) -> TokenBlocks:
     """Tokenise documents (no BOS/special tokens), append EOS to each, and cut the stream into blocks.
 
     The last block may be partial: padded with the pad id (else EOS, else 0) and mask False there.
     At most `max_sequences` blocks (None = all). Deterministic for fixed inputs.
+    With `teacher_tokenizer` (a different tokenizer than the student's) the blocks also carry the teacher's
+    reading of each block and the alignment (alignment.py); the student's ids are the same either way.
     """
-    if seq_len < 1:
-        raise ValueError(f"{key}.seq_len={seq_len} must be a positive number of tokens")
-    if max_sequences is not None and max_sequences < 1:
-        raise ValueError(f"{key}.max_sequences={max_sequences} must be positive (or null for all data)")
-    eos_id = tokenizer.eos_token_id if eos else None
-    if eos and eos_id is None:
-        raise ValueError("the tokenizer has no EOS token to separate documents; use a tokenizer with one "
-                         "or pack with eos=False")
+    if teacher_tokenizer is not None:
+        return _pack_cross(texts, tokenizer, seq_len, max_sequences, eos, key, teacher_tokenizer, teacher_seq_len,
+                           teacher_max_positions)
+    _check_pack_args(seq_len, max_sequences, key)
+    eos_id = _eos_id(tokenizer, eos)
     limit = None if max_sequences is None else max_sequences * seq_len
     stream = torch.tensor(_token_stream(texts, tokenizer, eos_id, limit), dtype=torch.int64)
     if stream.numel() == 0:
         raise ValueError(f"{key}: the documents produced no tokens; add text")
+    return _blocks_from_stream(stream, seq_len, _pad_id(tokenizer))
+
+
+def _check_pack_args(seq_len: int, max_sequences: int | None, key: str) -> None:
+    if seq_len < 1:
+        raise ValueError(f"{key}.seq_len={seq_len} must be a positive number of tokens")
+    if max_sequences is not None and max_sequences < 1:
+        raise ValueError(f"{key}.max_sequences={max_sequences} must be positive (or null for all data)")
+
+
+def _eos_id(tokenizer, eos: bool) -> int | None:
+    eos_id = tokenizer.eos_token_id if eos else None
+    if eos and eos_id is None:
+        raise ValueError("the tokenizer has no EOS token to separate documents; use a tokenizer with one "
+                         "or pack with eos=False")
+    return eos_id
+
+
+def _blocks_from_stream(stream: torch.Tensor, seq_len: int, pad_id: int) -> TokenBlocks:
     n = -(-stream.numel() // seq_len)
-    ids_NT = torch.full((n * seq_len,), _pad_id(tokenizer), dtype=torch.int64)
+    ids_NT = torch.full((n * seq_len,), pad_id, dtype=torch.int64)
     mask_NT = torch.zeros(n * seq_len, dtype=torch.bool)
     ids_NT[:stream.numel()], mask_NT[:stream.numel()] = stream, True
     return TokenBlocks(ids_NT.view(n, seq_len), mask_NT.view(n, seq_len), torch.arange(n, dtype=torch.int64))
+
+
+def _pack_cross(texts, tokenizer, seq_len, max_sequences, eos, key, tok_T, teacher_seq_len, teacher_max):
+    from semalign_ds import alignment
+
+    _check_pack_args(seq_len, max_sequences, key)
+    alignment.require_fast(tokenizer, "student.path")
+    alignment.require_fast(tok_T, "teacher.path")
+    eos_id = _eos_id(tokenizer, eos)
+    limit = None if max_sequences is None else max_sequences * seq_len
+    stream = alignment.student_stream(list(texts), tokenizer, eos_id, limit)
+    if len(stream.ids) == 0:
+        raise ValueError(f"{key}: the documents produced no tokens; add text")
+    plain = _blocks_from_stream(torch.from_numpy(stream.ids), seq_len, _pad_id(tokenizer))
+    cross = alignment.teacher_blocks(list(texts), stream, seq_len, tok_T, _pad_id(tok_T),
+                                     _eos_id(tok_T, eos), teacher_seq_len, teacher_max, key)
+    return TokenBlocks(plain.ids_NT, plain.mask_NT, plain.sample_ids_N, cross.teacher_ids_NU, cross.teacher_mask_NU,
+                       cross.align_NT, cross.exact_NT)
 
 
 def check_seq_len(seq_len: int, *configs, key: str = "data.seq_len") -> None:
@@ -281,4 +346,4 @@ def micro_batch_ids(num_sequences: int, micro_batch: int, world: int, rank: int,
 
 def take(blocks: TokenBlocks, sample_ids_B: torch.Tensor) -> Batch:
     """The rows of these sample ids, in the given order."""
-    return Batch(blocks.sample_ids_N[sample_ids_B], blocks.ids_NT[sample_ids_B], blocks.mask_NT[sample_ids_B])
+    return blocks.take(sample_ids_B)

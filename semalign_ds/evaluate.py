@@ -164,39 +164,80 @@ def format_table(rows: Sequence[dict], columns: Sequence[str | tuple[str, str]])
 # ---------------------------------------------------------------- the end-of-run evaluation
 
 
-def _eval_batches(r, name: str, path: str) -> list[Batch]:
+def _eval_batches(r, name: str, path: str) -> list:
+    """The eval set packed like the transfer data (data.Batch rows); with a different teacher tokenizer and a
+    teacher at hand also the teacher's tokens and the alignment."""
     from semalign_ds import data as datamod
+    from semalign_ds.models.loading import model_max_positions
 
     cfg = r.cfg
     spec = {"path": path, "format": "auto", "text_field": cfg.data.text_field}
     texts = datamod.load_texts(spec, f"eval.sets.{name}")
-    blocks = datamod.pack_sequences(texts, r.tok_S, cfg.data.seq_len, cfg.eval.max_sequences)
+    cross = r.vocab.cross and r.teacher is not None
+    blocks = datamod.pack_sequences(
+        texts, r.tok_S, cfg.data.seq_len, cfg.eval.max_sequences, key=f"eval.sets.{name}",
+        teacher_tokenizer=r.tok_T if cross else None,
+        teacher_max_positions=model_max_positions(r.teacher.model.config) if cross else None)
     bs = cfg.eval.batch_size
-    return [(blocks.ids_NT[i:i + bs], blocks.mask_NT[i:i + bs]) for i in range(0, len(blocks), bs)]
+    return [blocks.take(slice(i, i + bs)) for i in range(0, len(blocks), bs)]
 
 
-def _teacher_logits(r, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Teacher logits (collective under ZeRO-3: every rank evaluates the same batches)."""
-    return r.teacher.forward_states(r.vocab.to_teacher(ids_BT), mask_BT, set(), need_logits=True)[1].float()
+def _student_pairs(batches: list) -> list[Batch]:
+    return [(b.ids_BT, b.mask_BT) for b in batches]
 
 
-def _teacher_logits_student_vocab(r, ids_BT: torch.Tensor, mask_BT: torch.Tensor, V_S: int) -> torch.Tensor:
-    z_T = _teacher_logits(r, ids_BT, mask_BT)
-    if r.vocab.s2t is None:
-        return z_T
-    z_S = torch.full((*z_T.shape[:2], V_S), -1e4, device=z_T.device)  # unshared ids: ~zero teacher mass
-    z_S[..., r.vocab.ids_S.to(z_T.device)] = z_T[..., r.vocab.ids_T.to(z_T.device)]
-    return z_S
+def _bucket_sums(zs_BTV: torch.Tensor, zt_BTV: torch.Tensor, valid_BT: torch.Tensor, ids_T: torch.Tensor,
+                 ids_S: torch.Tensor) -> tuple[float, float, int]:
+    """KL(teacher || student) over the shared vocabulary plus one bucket for the rest of each side's mass, and
+    top-1 agreement (the teacher's argmax over its whole vocabulary, if shared, equals the student's)."""
+    zs, zt = zs_BTV[valid_BT].float(), zt_BTV[valid_BT].float()
+    if zs.shape[0] == 0:
+        return 0.0, 0.0, 0
+    p_all, q_all = torch.softmax(zt, -1), torch.softmax(zs, -1)
+    p, q = p_all[:, ids_T.to(zt.device)], q_all[:, ids_S.to(zs.device)]
+    p = torch.cat([p, (1 - p.sum(-1, keepdim=True)).clamp_min(0)], -1)
+    q = torch.cat([q, (1 - q.sum(-1, keepdim=True)).clamp_min(0)], -1).clamp_min(1e-30)
+    kl = (p * (torch.log(p.clamp_min(1e-30)) - torch.log(q))).sum(-1)
+    t2s = torch.full((zt.shape[-1],), -1, dtype=torch.long, device=zt.device)
+    t2s[ids_T.to(zt.device)] = ids_S.to(zt.device)
+    top1 = t2s[zt.argmax(-1)] == zs.argmax(-1)
+    return float(kl.double().sum()), float(top1.sum()), int(valid_BT.sum())
 
 
 @torch.no_grad()
-def _teacher_perplexity(r, batches: list[Batch]) -> float:
-    total, count = 0.0, 0
-    for ids_BT, mask_BT in batches:
-        ids_BT, mask_BT = ids_BT.to(r.info.device), mask_BT.to(r.info.device)
-        loss_sum, n = next_token_loss_sum(_teacher_logits(r, ids_BT, mask_BT), r.vocab.to_teacher(ids_BT), mask_BT)
-        total, count = total + loss_sum, count + n
-    return math.exp(total / max(count, 1))
+def _teacher_columns(r, students: dict, batches: list) -> tuple[float, dict]:
+    """The teacher's perplexity and each student's agreement with it, one teacher forward per batch.
+
+    Same tokenizer: the teacher's own perplexity; KL and top-1 over every real token and the whole vocabulary.
+    Different tokenizers: the teacher's perplexity per student-token equivalent, exp(the teacher's total NLL over
+    the same characters, on its own tokens, / the student's number of predicted tokens): a bits-per-character
+    normalisation in student units, comparable with the students' column (each block's first token is predicted
+    by neither model; the teacher's first token is usually the shorter, so it is charged for slightly more text);
+    KL and top-1 only at exact positions (both predict a token starting at the same character), over the shared
+    vocabulary plus one bucket for the rest of each side's mass.
+    """
+    from semalign_ds.engines.teacher import gather_positions
+    from semalign_ds.supervision import teacher_view
+
+    dev = r.info.device
+    nll, pairs = 0.0, 0
+    sums = {name: [0.0, 0.0, 0] for name in students}
+    for batch in batches:
+        ids_T, mask_T = (t.to(dev) for t in teacher_view(batch))
+        zt = r.teacher.forward_states(ids_T, mask_T, set(), need_logits=True)[1].float()
+        nll += next_token_loss_sum(zt, ids_T, mask_T)[0]
+        ids, mask = batch.ids_BT.to(dev), batch.mask_BT.to(dev)
+        pairs += int((mask[:, :-1] & mask[:, 1:]).sum())
+        if r.vocab.cross:
+            zt = gather_positions(zt, batch.align_BT.to(dev))
+            valid = mask & (batch.exact_BT & (batch.align_BT >= 0)).to(dev)
+        for name, model in students.items():
+            zs = model_logits(model, ids, mask)
+            got = (_bucket_sums(zs, zt, valid, r.vocab.ids_T, r.vocab.ids_S) if r.vocab.cross
+                   else _agreement_sums(zs, zt, mask))
+            sums[name] = [a + b for a, b in zip(sums[name], got)]
+    agree = {name: {"kl": k / max(n, 1), "top1": t / max(n, 1)} for name, (k, t, n) in sums.items()}
+    return math.exp(nll / max(pairs, 1)), agree
 
 
 def evaluate_run(r, export_dir, stage_table: str = "") -> dict:
@@ -205,27 +246,23 @@ def evaluate_run(r, export_dir, stage_table: str = "") -> dict:
     MLflow."""
     import json
 
-    from semalign_ds.models.adapters import get_adapter
     from semalign_ds.models.loading import load_causal_lm
     from semalign_ds.progress import bar
 
     cfg, dev = r.cfg, r.info.device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.student.dtype]
     before = load_causal_lm(cfg.student.path, dtype, dev, cfg.student.trust_remote_code, key="student.path")
-    V_S = get_adapter(r.student).vocab_size
     ppl, agree = {}, {}
     for name, path in bar(list(cfg.eval.sets.items()), "evaluation", r):
         batches = _eval_batches(r, name, path)
-        teacher_fn = lambda ids, mask: _teacher_logits_student_vocab(r, ids, mask, V_S)
-        ppl[name] = {"student_before": perplexity(before, batches, dev),
-                     "student_after": perplexity(r.student, batches, dev)}
+        ppl[name] = {"student_before": perplexity(before, _student_pairs(batches), dev),
+                     "student_after": perplexity(r.student, _student_pairs(batches), dev)}
         agree[name] = {}
         if r.teacher is None:  # a student trained from a spool or a stream has no teacher engine
             continue
-        ppl[name]["teacher"] = _teacher_perplexity(r, batches)
-        agree[name] = {"student_before": teacher_agreement(before, teacher_fn, batches, dev),
-                       "student_after": teacher_agreement(r.student, teacher_fn, batches, dev)}
-    summary = {"perplexity": ppl, "agreement": agree, "table": _summary_table(ppl, agree),
+        ppl[name]["teacher"], agree[name] = _teacher_columns(
+            r, {"student_before": before, "student_after": r.student}, batches)
+    summary = {"perplexity": ppl, "agreement": agree, "table": _summary_table(ppl, agree, r.vocab.cross),
                "student_dir": str(export_dir), "tracking_uri": getattr(r.tracker, "uri", None)}
     if r.info.is_main:
         (r.out / "eval.json").write_text(json.dumps(summary, indent=2))
@@ -239,7 +276,7 @@ def evaluate_run(r, export_dir, stage_table: str = "") -> dict:
     return summary
 
 
-def _summary_table(ppl: dict, agree: dict) -> str:
+def _summary_table(ppl: dict, agree: dict, cross: bool = False) -> str:
     rows = []
     for model, label in (("student_before", "student before"), ("student_after", "student after"),
                          ("teacher", "teacher")):
@@ -253,4 +290,7 @@ def _summary_table(ppl: dict, agree: dict) -> str:
                 row[f"{name} top-1 match"] = agree[name][model]["top1"]
         rows.append(row)
     columns = ["model"] + [c for c in rows[0] if c != "model"]
+    if cross and rows[-1]["model"] == "teacher":  # say what the teacher's numbers mean (see _teacher_columns)
+        columns = [(c, c.replace(" ppl", " ppl (teacher: per student token)").replace(
+            "KL to teacher", "KL to teacher (exact pos., shared vocab + rest)")) for c in columns]
     return format_table(rows, columns)

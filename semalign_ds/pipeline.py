@@ -40,6 +40,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def run(cfg: RunConfig) -> dict:
     """Run a whole transfer; returns the evaluation summary (also written to <output_dir>/eval.json)."""
+    cfg = resolved_models(cfg)
     info = _init(cfg)
     if cfg.runtime.topology == "disaggregated":
         return _run_disaggregated(cfg, info)
@@ -51,6 +52,13 @@ def run(cfg: RunConfig) -> dict:
         return _guarded(ctx, lambda: _run_from_spool(ctx, progress))
     ctx, progress = prepare(cfg, info)
     return _guarded(ctx, lambda: _run_colocated(ctx, progress))
+
+
+def resolved_models(cfg: RunConfig) -> RunConfig:
+    """The config with GGUF checkpoints (teacher/student.gguf_file) replaced by their cached safetensors folders."""
+    from semalign_ds.models.gguf import resolved_config
+
+    return resolved_config(cfg)
 
 
 def _init(cfg: RunConfig) -> distributed.DistInfo:
@@ -192,6 +200,7 @@ def teach(cfg: RunConfig) -> dict:
     transport.spool_dir (resumes an interrupted spool); returns the manifest."""
     if not cfg.transport.spool_dir:
         raise ValueError("`semalign teach` needs an output directory: --out DIR (transport.spool_dir)")
+    cfg = resolved_models(cfg)
     info = _init(cfg)
     out = Path(cfg.transport.spool_dir)
     state = out / "teach.json"
@@ -246,8 +255,8 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     tok_S = load_tokenizer(cfg.student.path, "student.path", cfg.student.trust_remote_code)
     student = _load_student(cfg, info, progress)
     teacher_config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
-    blocks = _load_blocks(cfg, tok_S, [student.config, teacher_config])
-    vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, blocks, int(teacher_config.get_text_config().vocab_size))
+    vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, int(teacher_config.get_text_config().vocab_size))
+    blocks = _load_blocks(cfg, tok_S, student.config, teacher_config, tok_T if vocab.cross else None)
     _check_layers(cfg, teacher_config, student)
     hidden_T = int(teacher_config.get_text_config().hidden_size)
     teacher = None if role == "student" else _build_teacher(cfg, info, hidden_T, mpu)
@@ -276,10 +285,16 @@ def _load_student(cfg: RunConfig, info, progress: Progress) -> torch.nn.Module:
     return student
 
 
-def _load_blocks(cfg: RunConfig, tok_S, model_configs) -> datamod.TokenBlocks:
-    datamod.check_seq_len(cfg.data.seq_len, *model_configs)
+def _load_blocks(cfg: RunConfig, tok_S, student_config, teacher_config, tok_T=None) -> datamod.TokenBlocks:
+    """The packed transfer data; with a different teacher tokenizer (tok_T) also the teacher's tokens of each block
+    and the alignment (its length is checked against the teacher's positions there)."""
+    from semalign_ds.models.loading import model_max_positions
+
+    datamod.check_seq_len(cfg.data.seq_len, student_config, *([] if tok_T is not None else [teacher_config]))
     texts = datamod.load_texts(cfg.data, "data.path")
-    return datamod.pack_sequences(texts, tok_S, cfg.data.seq_len, cfg.data.max_sequences)
+    return datamod.pack_sequences(texts, tok_S, cfg.data.seq_len, cfg.data.max_sequences, teacher_tokenizer=tok_T,
+                                  teacher_seq_len=cfg.data.teacher_seq_len,
+                                  teacher_max_positions=model_max_positions(teacher_config))
 
 
 def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):
@@ -396,7 +411,7 @@ def _attribute(ctx: RunContext, L_T: int) -> tuple[list[float], list[float] | No
     n = min(cfg.pairing.attribution_batches, datamod.micro_batches_per_epoch(N, micro, info.world_size))
     batches = [datamod.take(ctx.blocks, datamod.micro_batch_ids(N, micro, info.world_size, info.rank,
                                                                 ATTRIBUTION_SEED, i)) for i in range(n)]
-    teacher_batches = bar([(ctx.vocab.to_teacher(b.ids_BT), b.mask_BT) for b in batches], "attribution", ctx)
+    teacher_batches = bar([supervision.teacher_view(b) for b in batches], "attribution", ctx)
     passes = n * micro * info.world_size / N
     if cfg.pairing.attribution == "ablation":
         scores, clean = ctx.teacher.attribute_by_ablation(teacher_batches, range(1, L_T + 1))

@@ -27,31 +27,32 @@ from semalign_ds.transport.packet import SupervisionPacket
 class VocabMap:
     ids_T: torch.Tensor  # shared teacher ids, index-aligned with ids_S
     ids_S: torch.Tensor
-    s2t: torch.Tensor | None  # student id -> teacher id (-1 unshared); None when the tokenizers are the same
-
-    def to_teacher(self, ids_BT: torch.Tensor) -> torch.Tensor:
-        return ids_BT if self.s2t is None else self.s2t.to(ids_BT.device)[ids_BT]
+    cross: bool  # the tokenizers differ: the teacher reads its own tokens (TokenBlocks carry them)
 
 
-def vocab_map(cfg, tok_T, tok_S, student, blocks: datamod.TokenBlocks, teacher_vocab_size: int) -> VocabMap:
+def same_tokenizer(tok_T, tok_S) -> bool:
+    """The fast path: one vocabulary (same strings, same ids), so the teacher can read the student's ids."""
+    return tok_T is tok_S or tok_T.get_vocab() == tok_S.get_vocab()
+
+
+def vocab_map(cfg, tok_T, tok_S, student, teacher_vocab_size: int) -> VocabMap:
     V_S = get_adapter(student, "student.path").vocab_size
     ids_T, ids_S = basismod.shared_vocabulary(tok_T, tok_S, cfg.method.min_shared_tokens, teacher_vocab_size, V_S)
-    if cfg.method.top_k > ids_T.numel():
-        raise ValueError(f"method.top_k={cfg.method.top_k} is larger than the shared vocabulary "
-                         f"({ids_T.numel()} tokens); lower method.top_k")
-    same = ids_T.numel() == ids_S.numel() and torch.equal(ids_T, ids_S) and tok_T.get_vocab() == tok_S.get_vocab()
-    if same:
-        return VocabMap(ids_T, ids_S, None)
-    s2t = torch.full((V_S,), -1, dtype=torch.long)
-    s2t[ids_S] = ids_T
-    used = torch.unique(blocks.ids_NT[blocks.mask_NT])
-    missing = used[s2t[used] < 0]
-    if missing.numel():
-        sample = tok_S.convert_ids_to_tokens(missing[:5].tolist())
-        raise ValueError(f"{missing.numel()} token types of the transfer data (e.g. {sample}) are not in the "
-                         f"teacher's vocabulary, so the teacher cannot read the student's tokens; use a student "
-                         f"tokenizer whose tokens the teacher's vocabulary contains")
-    return VocabMap(ids_T, ids_S, s2t)
+    limit, what = ((ids_T.numel(), "the shared vocabulary") if cfg.method.output_objective == "kl"
+                   else (teacher_vocab_size, "the teacher's vocabulary"))
+    if cfg.method.top_k > limit:
+        raise ValueError(f"method.top_k={cfg.method.top_k} is larger than {what} ({limit} tokens); lower "
+                         f"method.top_k")
+    return VocabMap(ids_T, ids_S, not same_tokenizer(tok_T, tok_S))
+
+
+def teacher_view(batch: datamod.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) the teacher reads for a batch: its own tokens (cross-tokenizer; trimmed to the batch's longest
+    row, as real tokens come first and the model is causal) or the student's."""
+    if batch.teacher_ids_BU is not None:
+        width = max(int(batch.teacher_mask_BU.sum(1).max()), 1)
+        return batch.teacher_ids_BU[:, :width], batch.teacher_mask_BU[:, :width]
+    return batch.ids_BT, batch.mask_BT
 
 
 def _cache_dir() -> Path:
@@ -144,12 +145,13 @@ def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
     b = {"schema": str(schema.SCHEMA_VERSION),
          "teacher": schema.model_fingerprint(cfg.teacher.path, cfg.teacher.dtype, weights=False),
          "student": schema.model_fingerprint(cfg.student.path, cfg.student.dtype),
-         "data": schema.tensor_digest(ctx.blocks.ids_NT, ctx.blocks.mask_NT),
+         "data": _data_digest(ctx.blocks),
          "method": schema.digest({"top_k": m.top_k, "tau": m.tau, "target_dtype": m.target_dtype, "basis": m.basis,
                                   "map": m.map, "seed": cfg.seed if m.map == "random" else None,
                                   "normalised_targets": normalised_targets(cfg),
                                   "min_shared_tokens": m.min_shared_tokens, "logits": needs_teacher_logits(cfg),
-                                  "kind": kind, "targets": needs_teacher_targets(cfg)}),
+                                  "kind": kind, "targets": needs_teacher_targets(cfg),
+                                  "output_objective": m.output_objective}),
          "pairing_config": schema.digest({"pairing": vars(cfg.pairing), "residual": m.residual, "kind": kind})}
     if schema.weight_files(cfg.teacher.path):
         b["teacher_weights"] = schema.model_fingerprint(cfg.teacher.path)
@@ -165,12 +167,20 @@ def normalised_targets(cfg) -> bool:
     return cfg.method.layer_objective != "mse"
 
 
+def _data_digest(blocks: datamod.TokenBlocks) -> str:
+    """The packed student ids and mask; cross-tokenizer blocks add the teacher's tokens and the alignment."""
+    if not blocks.cross:
+        return schema.tensor_digest(blocks.ids_NT, blocks.mask_NT)
+    return schema.tensor_digest(blocks.ids_NT, blocks.mask_NT, blocks.teacher_ids_NU, blocks.teacher_mask_NU,
+                                blocks.align_NT, blocks.exact_NT)
+
+
 def needs_teacher_targets(cfg) -> bool:
     return cfg.method.layer_objective != "none" and cfg.method.w_layer > 0
 
 
 def needs_teacher_logits(cfg) -> bool:
-    return cfg.method.output_objective == "kl" and cfg.method.w_out > 0
+    return cfg.method.output_objective in ("kl", "uld") and cfg.method.w_out > 0
 
 
 def emit(ctx, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> SupervisionPacket:
@@ -180,13 +190,14 @@ def emit(ctx, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> Supe
         return SupervisionPacket(ids_BT=batch.ids_BT.to(dev), mask_BT=batch.mask_BT.to(dev),
                                  sample_ids_B=batch.sample_ids_B.to(dev))
     recipes = recipes if needs_teacher_targets(cfg) else {}
-    ids_T = ctx.vocab.to_teacher(batch.ids_BT).to(dev)
+    ids_T, mask_T = teacher_view(batch)
+    shared = ctx.vocab.cross and cfg.method.output_objective == "kl"  # kl across tokenizers: the shared ids
     packet = ctx.teacher.emit(
-        ids_T, batch.mask_BT.to(dev), batch.sample_ids_B, recipes, M_DsDt,
+        ids_T.to(dev), mask_T.to(dev), batch.sample_ids_B, recipes, M_DsDt,
         top_k=cfg.method.top_k, tau=cfg.method.tau, need_logits=needs_teacher_logits(cfg),
         target_dtype=torch.bfloat16 if cfg.method.target_dtype == "bfloat16" else torch.float32,
-        logit_ids_T=None if ctx.vocab.s2t is None else ctx.vocab.ids_T,
-        logit_ids_S=None if ctx.vocab.s2t is None else ctx.vocab.ids_S,
+        logit_ids_T=ctx.vocab.ids_T if shared else None, logit_ids_S=ctx.vocab.ids_S if shared else None,
+        sorted_only=cfg.method.output_objective == "uld", student=student_positions(batch, dev),
         normalise_targets=normalised_targets(cfg),
     )
     packet.ids_BT = batch.ids_BT.to(dev)
@@ -202,6 +213,17 @@ def packet_bytes_per_sample(cfg, seq_len: int, layers: int, width: int, vocab: i
     if needs_teacher_logits(cfg):
         per_token += 8 * cfg.method.top_k + 4 if cfg.method.top_k > 0 else 4 * vocab  # int32 ids on disk
     return seq_len * per_token + 8
+
+
+def student_positions(batch: datamod.Batch, device):
+    """The student's side of a cross-tokenizer batch for the teacher engine (None on the same-tokenizer path)."""
+    from semalign_ds.engines.teacher import StudentPositions
+
+    if batch.align_BT is None:
+        return None
+    return StudentPositions(batch.ids_BT.to(device), batch.mask_BT.to(device), batch.align_BT.to(device),
+                            batch.exact_BT.to(device))
+
 
 
 def _teacher_hidden(cfg) -> int | None:

@@ -26,6 +26,7 @@ def test_zero3_teacher_matches_plain_forward(model_dir, tmp_path, nproc):
         assert r["topk_idx_equal"] and r["topk_value_diff"] < TOL and r["tail_diff"] < TOL
         assert r["full_logits_diff"] < TOL and r["no_topk_with_full"]
         assert r["mapped_idx_equal"] and r["mapped_value_diff"] < TOL and r["mapped_tail_diff"] < TOL
+        assert r["cross_target_diff"] < TOL and r["cross_value_diff"] < TOL and r["cross_masks"]
         assert r["head_shape"] == [128, 32] and r["head_diff"] == 0.0 and r["embed_diff"] == 0.0
         assert r["sample_ids"] == [rank, rank + 10]
         assert r["wrap_state_diff"] < TOL and r["wrap_logits_none"]

@@ -173,7 +173,8 @@ def test_packet_binding_tells_maps_and_target_normalisation_apart(tmp_path):
 
     from semalign_ds import supervision
 
-    blocks = SimpleNamespace(ids_NT=torch.zeros(2, 4, dtype=torch.long), mask_NT=torch.ones(2, 4, dtype=torch.bool))
+    blocks = SimpleNamespace(ids_NT=torch.zeros(2, 4, dtype=torch.long), mask_NT=torch.ones(2, 4, dtype=torch.bool),
+                             cross=False)
 
     def method_digest(*overrides):
         cfg = cfgmod.config_from_dict({"teacher": {"path": str(tmp_path)}, "student": {"path": str(tmp_path)}},

@@ -76,7 +76,7 @@ def test_shards_are_standard_safetensors_and_deterministic(tmp_path, written):
 
 
 def test_reader_returns_any_rows_in_any_order_and_only_the_asked_targets(written):
-    reader = spool.SpoolReader(written, {"schema": "1", "data": "d1"})
+    reader = spool.SpoolReader(written, {"schema": str(schema.SCHEMA_VERSION), "data": "d1"})
     sample_ids = torch.tensor([9, 0, 5, 10, 4])
     p = reader.packet(sample_ids, [2])
     want = {int(s): rows(int(s), 1) for s in sample_ids}

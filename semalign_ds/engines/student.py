@@ -17,7 +17,10 @@ Loss per micro-batch: w_layer * layer + w_out * output + w_label * label, where
   hidden_mse (baseline layer KD): mean squared error between R_S and P_k R_T, where packet.targets[k] is the
   UNaligned teacher residual (D_T wide) and P_k a learned D_T -> D_S linear map (zero-initialised) trained with
   the stage and dropped at finish();
-- output: kl (teacher top-k + tail bucket, or full logits) | label_cosine | ce on the final logits;
+- output: kl (teacher top-k + tail bucket, or full logits) | uld (sorted-probability matching, no shared ids) |
+  label_cosine | ce on the final logits;
+Cross-tokenizer packets carry masks: the layer losses run over packet.layer_mask_BT (positions with an aligned
+teacher state), kl/uld over packet.output_mask_BT (exact positions); the label term over every real token.
 - label: next-token cross-entropy (when w_label > 0).
 Gradient balancing (ObjectiveSpec.layer_balance): the layer weight is set every micro-step so that the layer term's
 gradient has a fixed fraction of the output term's gradient norm (StudentStage._balance; one extra forward and two
@@ -41,7 +44,7 @@ from semalign_ds.models.capture import capture_states
 from semalign_ds.transport.packet import SupervisionPacket
 
 LAYER_OBJECTIVES = ("relation_geometry", "cosine", "fisher_logits", "mse", "hidden_mse", "none")
-OUTPUT_OBJECTIVES = ("kl", "label_cosine", "ce", "none")
+OUTPUT_OBJECTIVES = ("kl", "uld", "label_cosine", "ce", "none")
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,7 @@ class StudentStage:
         if missing:
             raise ValueError(f"the packet has no target for student layer(s) {missing} (it has "
                              f"{sorted(packet.targets)}); the teacher must emit this stage's recipe")
-        losses = [self._one_layer_loss(l, states, packet.targets[l], packet.mask_BT) for l in self.layers]
+        losses = [self._one_layer_loss(l, states, packet.targets[l], packet.layer_mask_BT) for l in self.layers]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def _one_layer_loss(self, l: int, states: dict, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -323,7 +326,12 @@ class StudentStage:
         return obj.fisher_logits(self.adapter.logits(x), zt, mask)
 
     def _output_loss(self, logits_BTV: torch.Tensor, packet: SupervisionPacket) -> torch.Tensor:
-        kind, mask, tau = self.objective.output_objective, packet.mask_BT, self.objective.tau
+        kind, mask, tau = self.objective.output_objective, packet.output_mask_BT, self.objective.tau
+        if kind == "uld":
+            if packet.top_values_BTK is None:
+                raise ValueError("method.output_objective is 'uld' but the packet carries no teacher top-k "
+                                 "probabilities; let the teacher emit them (method.top_k > 0)")
+            return obj.uld_topk(logits_BTV, packet.top_values_BTK, packet.tail_BT, mask, tau)
         if kind == "kl":
             if packet.top_idx_BTK is not None:
                 return kl_topk_lean(logits_BTV, packet.top_values_BTK, packet.top_idx_BTK, packet.tail_BT, mask, tau)
@@ -331,7 +339,7 @@ class StudentStage:
                 return obj.kl_full(logits_BTV, packet.full_logits_BTV, mask, tau)
             raise ValueError("method.output_objective is 'kl' but the packet carries no teacher logits; let the "
                              "teacher emit logits (top-k or full)")
-        zs, labels, valid = _next_token(packet.ids_BT, mask, logits_BTV)
+        zs, labels, valid = _next_token(packet.ids_BT, packet.mask_BT, logits_BTV)
         return obj.label_cosine(zs, labels, valid) if kind == "label_cosine" else obj.ce(zs, labels, valid)
 
     # ---- end of stage ----

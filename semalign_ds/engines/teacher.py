@@ -13,10 +13,15 @@ ranks must be the world's first ranks). On a subgroup the checkpoint is partitio
 broadcasts on the world group and would wait for the student ranks forever, is switched off in this process
 (shared/notes/deepspeed-cpu.md §3d; it is a sanity check only, every teacher rank runs the same model).
 
-Vocabulary: the teacher reads the *same token ids* as the student (the student's input is not retokenised).
-With a different teacher tokenizer the caller passes the shared vocabulary map (logit_ids_T, logit_ids_S):
-teacher logits are restricted to logit_ids_T and the emitted top-k ids are translated to student ids; the
-pipeline refuses cross-tokenizer runs unless the map covers the transfer ids.
+Vocabulary: with the student's tokenizer the teacher reads the student's token ids (the fast path). With a
+different tokenizer it reads its own tokens of the same characters (B x U) and the caller passes a
+`StudentPositions` (the student's ids/mask and, per student position, the aligned teacher position and whether it
+is exact; alignment.py): captured states and logits are gathered at the aligned positions, so the packet stays
+student-shaped (B x T), and its state/out masks leave unaligned positions out of every teacher loss. For the `kl`
+output objective the caller also passes the shared vocabulary map (logit_ids_T, logit_ids_S): the top-k runs over
+the shared teacher ids, the emitted ids are student ids, and the tail bucket holds all other teacher mass (outside
+the top-k and outside the shared vocabulary). For `uld` (sorted_only) the top-k runs over the whole teacher
+vocabulary and no ids are emitted.
 
 Legend: B batch, T tokens, D_T / D_S teacher / student hidden size, V vocabulary, K top-k, L layers.
 ids_BT int64, mask_BT bool (True = real token), hidden_BTD, logits_BTV, M_DsDt the alignment map.
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -81,6 +86,23 @@ def _align_dtype(M: torch.Tensor, states: dict, target_dtype: torch.dtype) -> to
     return torch.bfloat16 if target_dtype == state_dtype == torch.bfloat16 else M.dtype
 
 
+class StudentPositions(NamedTuple):
+    """The student's side of a cross-tokenizer batch: ids_BT, mask_BT, align_BT (teacher position or -1), exact_BT."""
+
+    ids_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    align_BT: torch.Tensor
+    exact_BT: torch.Tensor
+
+
+def gather_positions(x_BU: torch.Tensor, align_BT: torch.Tensor) -> torch.Tensor:
+    """x at the aligned teacher positions (B x U x ... -> B x T x ...); zeros where align is -1."""
+    align = align_BT.to(x_BU.device)
+    idx = align.clamp_min(0).reshape(*align.shape, *([1] * (x_BU.dim() - 2)))
+    out = x_BU.gather(1, idx.expand(*align.shape, *x_BU.shape[2:]))
+    return out.masked_fill((align < 0).reshape(idx.shape), 0)
+
+
 def topk_tail(logits_BTV: torch.Tensor, k: int, tau: float, logit_ids_T: torch.Tensor | None = None,
               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """objectives.teacher_topk(logits.float()[..., logit_ids_T], k, tau), lean: float32 copies of `chunk` tokens
@@ -98,12 +120,14 @@ def topk_tail(logits_BTV: torch.Tensor, k: int, tau: float, logit_ids_T: torch.T
 
 
 def _topk_rows(z_NV: torch.Tensor, k: int, tau: float, ids: torch.Tensor | None):
+    """The tail is 1 - the top-k's share of the WHOLE teacher distribution (with `ids`: the top-k among the
+    shared ids; mass outside the shared vocabulary lands in the tail)."""
     z = z_NV.float()
+    lse_all = torch.logsumexp(z if tau == 1.0 else z / tau, dim=-1)
     if ids is not None:
         z = z.index_select(-1, ids)
     values, idx = z.topk(k, dim=-1)
-    scaled = z if tau == 1.0 else z / tau
-    lse_top = (torch.logsumexp(values / tau, dim=-1) - torch.logsumexp(scaled, dim=-1)).clamp_max(0.0)
+    lse_top = (torch.logsumexp(values / tau, dim=-1) - lse_all).clamp_max(0.0)
     return values, idx, (-torch.expm1(lse_top)).clamp_min(0.0)
 
 
@@ -280,19 +304,25 @@ class TeacherEngine:
     def emit(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, sample_ids_B: torch.Tensor,
              recipes: Mapping[int, TargetRecipe], M_DsDt: torch.Tensor | None, *, top_k: int, tau: float,
              need_logits: bool, target_dtype: torch.dtype, logit_ids_T: torch.Tensor | None = None,
-             logit_ids_S: torch.Tensor | None = None, normalise_targets: bool = True) -> SupervisionPacket:
+             logit_ids_S: torch.Tensor | None = None, sorted_only: bool = False,
+             student: StudentPositions | None = None, normalise_targets: bool = True) -> SupervisionPacket:
         """One teacher pass -> a packet (tensors stay on the engine device; the transport moves them).
 
         targets[k] = align(M, recipe_target(states, recipes[k])) in target_dtype (student space, D_S wide);
         with M_DsDt None the unaligned teacher targets (D_T wide; the hidden_mse baseline).
-        With need_logits: top_k > 0 gives top-k values/ids/tail at tau (ids in student vocabulary), top_k = 0
-        the full logits (only without a vocabulary map).
+        With need_logits: top_k > 0 gives top-k values/ids/tail at tau (ids in student vocabulary; no ids with
+        sorted_only), top_k = 0 the full logits (only without a vocabulary map).
+        With `student` (cross-tokenizer) ids_BT/mask_BT are the teacher's own tokens (B x U) and everything is
+        gathered at student.align_BT (see the module docstring).
         normalise_targets=False: targets are M R_T without the per-token division by ||R_T|| (the mse objective).
         """
         if (logit_ids_T is None) != (logit_ids_S is None):
             raise ValueError("pass both logit_ids_T and logit_ids_S (the shared vocabulary map) or neither")
         layers = set().union(*(r.teacher_layers for r in recipes.values())) if recipes else set()
         states, logits = self.forward_states(ids_BT, mask_BT, layers, need_logits)
+        if student is not None:
+            states = {l: gather_positions(h, student.align_BT) for l, h in states.items()}
+            ids_BT, mask_BT = student.ids_BT, student.mask_BT
         if M_DsDt is None:  # hidden_mse baseline: the raw teacher residuals (D_T wide), no alignment
             targets = {k: recipe_target(states, r).to(target_dtype) for k, r in recipes.items()}
         else:
@@ -302,21 +332,27 @@ class TeacherEngine:
         packet = SupervisionPacket(ids_BT=ids_BT.to(self.device), mask_BT=mask_BT.to(self.device),
                                    sample_ids_B=sample_ids_B.to(self.device), targets=targets)
         if logits is not None:
-            self._attach_logits(packet, logits, top_k, tau, logit_ids_T, logit_ids_S)
+            self._attach_logits(packet, logits, top_k, tau, logit_ids_T, logit_ids_S, sorted_only, student)
+        if student is not None:
+            valid = student.mask_BT.to(self.device) & (student.align_BT.to(self.device) >= 0)
+            packet.state_mask_BT, packet.out_mask_BT = valid, valid & student.exact_BT.to(self.device)
         return packet
 
     def _attach_logits(self, packet: SupervisionPacket, logits_BTV: torch.Tensor, top_k: int, tau: float,
-                       logit_ids_T: torch.Tensor | None, logit_ids_S: torch.Tensor | None) -> None:
+                       logit_ids_T: torch.Tensor | None, logit_ids_S: torch.Tensor | None, sorted_only: bool,
+                       student: StudentPositions | None) -> None:
         if top_k <= 0:
-            if logit_ids_T is not None:
-                raise ValueError("full teacher logits (objectives.topk=0) need the same vocabulary in teacher and "
-                                 "student; with a shared vocabulary map set objectives.topk > 0")
+            if logit_ids_T is not None or student is not None or sorted_only:
+                raise ValueError("full teacher logits (method.top_k=0) need the same tokenizer in teacher and "
+                                 "student and the kl objective; set method.top_k > 0")
             packet.full_logits_BTV = logits_BTV.float()
             return
         values, idx, tail = topk_tail(logits_BTV, top_k, tau, logit_ids_T)
+        if student is not None:  # top-k of the U teacher positions first, then K-wide gathers
+            values, idx, tail = (gather_positions(t, student.align_BT) for t in (values, idx, tail))
         if logit_ids_S is not None:
             idx = logit_ids_S.to(idx.device)[idx]
-        packet.top_values_BTK, packet.top_idx_BTK, packet.tail_BT = values, idx, tail
+        packet.top_values_BTK, packet.top_idx_BTK, packet.tail_BT = values, (None if sorted_only else idx), tail
 
     # ---- attribution ----
 

@@ -207,3 +207,33 @@ def ce(zs_BTV: torch.Tensor, labels_BT: torch.Tensor, mask_BT: torch.Tensor | No
     if z.shape[0] == 0:
         return _zero(zs_BTV)
     return F.cross_entropy(z, labels_BT.to(z.device)[mask])
+
+
+# ---- cross-tokenizer output objective without shared ids ----
+
+def uld_topk(zs_BTV: torch.Tensor, top_values_BTK: torch.Tensor, tail_BT: torch.Tensor,
+             mask_BT: torch.Tensor | None = None, tau: float = 1.0) -> torch.Tensor:
+    """Sorted-probability matching (ULD, Boizard et al. 2024; TRL's GOLD uses it across tokenizers): the
+    distance between the two next-token distributions with their vocabularies forgotten, i.e. the L1
+    distance between the probability vectors sorted in descending order (the closed form of the Wasserstein-1
+    distance with a uniform cost when the shorter vector is padded with zeros). Needs no shared token ids.
+
+    The teacher travels as its top-k probabilities (sorted, from `top_values_BTK` at tau, scaled by 1 - tail)
+    plus its tail mass: per token  sum_{i<=k} |p_(i) - q_(i)| + |p_tail - q_tail|, q_(i) the student's k
+    largest probabilities, q_tail = 1 - their sum. The tail term lower-bounds the distance over the ranks
+    beyond k (triangle inequality), so this equals the full sorted L1 when the teacher's top-k holds all its
+    mass and never exceeds it. Mean over valid tokens, in [0, 2].
+    """
+    mask = _mask(mask_BT, zs_BTV)
+    dtype = _dtype(zs_BTV, top_values_BTK)
+    K = top_values_BTK.shape[-1]
+    q = torch.softmax(zs_BTV[mask].to(dtype) / tau, dim=-1)
+    if q.shape[-1] < K:
+        q = F.pad(q, (0, K - q.shape[-1]))
+    q_top = q.topk(K, dim=-1).values
+    tail = tail_BT[mask].to(device=q.device, dtype=dtype).clamp(0.0, 1.0)
+    p_sorted = torch.softmax(top_values_BTK[mask].to(device=q.device, dtype=dtype) / tau, dim=-1)
+    p_sorted = p_sorted.sort(dim=-1, descending=True).values * (1.0 - tail).unsqueeze(-1)
+    q_tail = (1.0 - q_top.sum(-1)).clamp_min(0.0)
+    per_tok = (p_sorted - q_top).abs().sum(-1) + (tail - q_tail).abs()
+    return _masked_mean(per_tok, zs_BTV)

@@ -6,7 +6,9 @@ tokenizer files. Every check names the config key the path came from (e.g. 'teac
     -> not a causal LM (architectures without a *ForCausalLM / *LMHeadModel class)
     -> family not in ADAPTERS (lists the supported ones)
     -> weights that are not safetensors (.bin, .pt, .h5, ... are refused: no pickle)
-Nothing here touches the Hugging Face hub (local_files_only=True). Device and dtype are explicit.
+A folder with GGUF files but no config.json is refused with the hint to set `<model>.gguf_file` (models/gguf.py
+converts GGUF checkpoints to such folders). Nothing here touches the Hugging Face hub (local_files_only=True).
+Device and dtype are explicit.
 No tensors are created here beyond the model's own parameters.
 """
 from __future__ import annotations
@@ -45,6 +47,10 @@ def _raw_config(directory: Path, key: str) -> dict:
     """config.json as a dict, or ValueError if it is absent or not valid JSON."""
     config_file = directory / "config.json"
     if not config_file.is_file():
+        ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+        if ggufs:
+            raise ValueError(f"{key}={str(directory)!r} has no config.json but holds GGUF files ({', '.join(ggufs)}); "
+                             f"set {key.rsplit('.', 1)[0]}.gguf_file to one of them (converted once to safetensors)")
         raise ValueError(f"{key}={str(directory)!r} has no config.json; it is not a Hugging Face model "
                          "directory (save the model with save_pretrained into it)")
     try:

@@ -6,6 +6,11 @@ Legend: B batch, T tokens, D_S student hidden size, K top-k, V vocabulary.
   fisher_logits) already mapped through M into student space
 - top_values_BTK / top_idx_BTK / tail_BT: teacher top-k logits, their vocabulary ids (student ids), and the
   teacher probability mass outside the top-k at temperature tau; or full_logits_BTV where they are at hand.
+  top_idx_BTK is None for the uld output objective (sorted probabilities need no ids).
+- Cross-tokenizer packets (the teacher read its own tokens; data/alignment.py) stay student-shaped and add
+  state_mask_BT (bool: real student tokens that have an aligned teacher state; the layer losses' mask) and
+  out_mask_BT (bool: those whose aligned teacher token ends exactly where the student token ends; the output
+  loss's mask). Both are None for same-tokenizer packets, whose losses use mask_BT.
 """
 from __future__ import annotations
 
@@ -25,10 +30,22 @@ class SupervisionPacket:
     top_idx_BTK: torch.Tensor | None = None
     tail_BT: torch.Tensor | None = None
     full_logits_BTV: torch.Tensor | None = None
+    state_mask_BT: torch.Tensor | None = None
+    out_mask_BT: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.mask_BT.sum())
+
+    @property
+    def layer_mask_BT(self) -> torch.Tensor:
+        """Where the layer losses apply: the aligned positions (cross-tokenizer), else every real token."""
+        return self.mask_BT if self.state_mask_BT is None else self.state_mask_BT
+
+    @property
+    def output_mask_BT(self) -> torch.Tensor:
+        """Where the teacher's output distribution is a target: exact positions (cross-tokenizer), else mask_BT."""
+        return self.mask_BT if self.out_mask_BT is None else self.out_mask_BT
 
     def to(self, device: torch.device | str) -> "SupervisionPacket":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
@@ -38,11 +55,12 @@ class SupervisionPacket:
             targets={k: move(v) for k, v in self.targets.items()},
             top_values_BTK=move(self.top_values_BTK), top_idx_BTK=move(self.top_idx_BTK),
             tail_BT=move(self.tail_BT), full_logits_BTV=move(self.full_logits_BTV),
+            state_mask_BT=move(self.state_mask_BT), out_mask_BT=move(self.out_mask_BT),
         )
 
     def nbytes(self) -> int:
         tensors = [self.ids_BT, self.mask_BT, self.sample_ids_B, self.top_values_BTK, self.top_idx_BTK,
-                   self.tail_BT, self.full_logits_BTV, *self.targets.values()]
+                   self.tail_BT, self.full_logits_BTV, self.state_mask_BT, self.out_mask_BT, *self.targets.values()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -3,8 +3,10 @@
 A packet travels (stream) or persists (spool) as a flat dict of named tensors, never pickled:
     ids (B x T int64), mask (B x T bool), sample_ids (B int64),
     target.{k} (B x T x D_S, method.target_dtype) for each student layer k it carries,
-    top_values (B x T x K float32), top_idx (B x T x K int32 on the wire/disk, int64 in memory), tail (B x T float32)
-    or full_logits (B x T x V float32).
+    top_values (B x T x K float32), top_idx (B x T x K int32 on the wire/disk, int64 in memory; absent for the
+    uld objective), tail (B x T float32) or full_logits (B x T x V float32),
+    state_mask, out_mask (B x T bool; cross-tokenizer packets only: aligned / exact positions).
+Schema 2 (2026-11) added the cross-tokenizer masks and uld packets; schema 1 spools are refused.
 Legend: B rows, T tokens, D_S student hidden size, K top-k, V vocabulary.
 
 Binding: a dict of named hex digests saying what produced the packets:
@@ -28,7 +30,7 @@ import torch
 
 from semalign_ds.transport.packet import SupervisionPacket
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
           "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -86,7 +88,8 @@ def check_binding(expected: dict, got: dict, source: str, fix: str) -> None:
     """ValueError naming each binding key present in both that differs (and what config it comes from)."""
     if str(got.get("schema")) != str(expected.get("schema", SCHEMA_VERSION)):
         raise ValueError(f"{source} uses packet schema {got.get('schema')}, this version reads schema "
-                         f"{SCHEMA_VERSION}; {fix}")
+                         f"{SCHEMA_VERSION} (it was written by another version of semalign_ds: rerun `semalign "
+                         f"teach` with this one); {fix}")
     bad = [k for k in sorted(set(expected) & set(got)) if expected[k] != got[k]]
     if bad:
         detail = "; ".join(f"{k} ({_EXPLAINED.get(k, k)}): {got[k]} != this run's {expected[k]}" for k in bad)
@@ -101,11 +104,14 @@ def packet_to_flat(packet: SupervisionPacket) -> dict[str, torch.Tensor]:
     flat = {"ids": packet.ids_BT, "mask": packet.mask_BT.bool(), "sample_ids": packet.sample_ids_B}
     for k, target in sorted(packet.targets.items()):
         flat[f"target.{k}"] = target
+    if packet.top_values_BTK is not None:
+        flat.update(top_values=packet.top_values_BTK, tail=packet.tail_BT)
     if packet.top_idx_BTK is not None:
-        flat.update(top_values=packet.top_values_BTK, top_idx=packet.top_idx_BTK.to(torch.int32),
-                    tail=packet.tail_BT)
+        flat["top_idx"] = packet.top_idx_BTK.to(torch.int32)
     if packet.full_logits_BTV is not None:
         flat["full_logits"] = packet.full_logits_BTV
+    if packet.state_mask_BT is not None:
+        flat.update(state_mask=packet.state_mask_BT.bool(), out_mask=packet.out_mask_BT.bool())
     return {name: t.contiguous() for name, t in flat.items()}
 
 
@@ -119,7 +125,13 @@ def packet_from_flat(flat: dict[str, torch.Tensor]) -> SupervisionPacket:
     return SupervisionPacket(ids_BT=flat["ids"].long(), mask_BT=flat["mask"].bool(),
                              sample_ids_B=flat["sample_ids"].long(), targets=targets,
                              top_values_BTK=flat.get("top_values"), top_idx_BTK=None if idx is None else idx.long(),
-                             tail_BT=flat.get("tail"), full_logits_BTV=flat.get("full_logits"))
+                             tail_BT=flat.get("tail"), full_logits_BTV=flat.get("full_logits"),
+                             state_mask_BT=_bool_or_none(flat.get("state_mask")),
+                             out_mask_BT=_bool_or_none(flat.get("out_mask")))
+
+
+def _bool_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.bool()
 
 
 def layout_of(flat: dict[str, torch.Tensor]) -> list[list]:

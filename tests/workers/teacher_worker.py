@@ -12,7 +12,7 @@ import argparse  # noqa: E402
 import torch  # noqa: E402
 
 from semalign_ds.engines.ds_config import load_template, teacher_ds_config  # noqa: E402
-from semalign_ds.engines.teacher import TeacherEngine  # noqa: E402
+from semalign_ds.engines.teacher import StudentPositions, TeacherEngine  # noqa: E402
 from semalign_ds.method.basis import align  # noqa: E402
 from semalign_ds.method.objectives import teacher_topk  # noqa: E402
 from semalign_ds.method.targets import recipe_target, target_recipes  # noqa: E402
@@ -95,10 +95,36 @@ ids_T = torch.randperm(128, generator=torch.Generator().manual_seed(3))[:100]
 ids_S = torch.arange(100) + 20
 mapped = teacher.emit(ids, mask, torch.tensor([rank]), {}, M, top_k=5, tau=1.0, need_logits=True,
                       target_dtype=torch.float32, logit_ids_T=ids_T, logit_ids_S=ids_S)
-mv, mi, mt = teacher_topk(logits[..., ids_T], 5, 1.0)
+mv, mi, _ = teacher_topk(logits[..., ids_T], 5, 1.0)
+mt = 1 - torch.softmax(logits.float(), -1)[..., ids_T].gather(-1, mi).sum(-1)  # tail: all mass but the top-k
 result["mapped_idx_equal"] = bool(torch.equal(mapped.top_idx_BTK.cpu(), ids_S[mi]))
 result["mapped_value_diff"] = maxdiff(mapped.top_values_BTK, mv)
 result["mapped_tail_diff"] = maxdiff(mapped.tail_BT, mt)
+
+# cross-tokenizer: the teacher reads its tokens (B x U), the packet is gathered at the student's aligned positions
+T_S = 5
+align_BT = torch.randint(-1, ids.shape[1], (ids.shape[0], T_S), generator=torch.Generator().manual_seed(11 + rank))
+align_BT[1, 0] = -1  # at least one student position without a teacher state
+exact_BT = torch.rand(ids.shape[0], T_S, generator=torch.Generator().manual_seed(12)) > 0.5
+s_mask = torch.ones(ids.shape[0], T_S, dtype=torch.bool)
+s_mask[0, -1] = False
+s_ids = torch.arange(ids.shape[0] * T_S).reshape(ids.shape[0], T_S)
+cross = teacher.emit(ids, mask, torch.tensor([rank, rank + 10]), recipes, M, top_k=8, tau=2.0, need_logits=True,
+                     target_dtype=torch.float32, sorted_only=True,
+                     student=StudentPositions(s_ids, s_mask, align_BT, exact_BT))
+
+
+def at(x):
+    got = x.gather(1, align_BT.clamp_min(0).reshape(*align_BT.shape, *([1] * (x.dim() - 2))).expand(
+        *align_BT.shape, *x.shape[2:]))
+    return got.masked_fill((align_BT < 0).reshape(*align_BT.shape, *([1] * (x.dim() - 2))), 0)
+
+
+result["cross_target_diff"] = max(maxdiff(cross.targets[k], at(ref_targets[k])) for k in recipes)
+result["cross_value_diff"] = maxdiff(cross.top_values_BTK, at(values)) + maxdiff(cross.tail_BT, at(tail))
+result["cross_masks"] = (bool(torch.equal(cross.state_mask_BT.cpu(), s_mask & (align_BT >= 0)))
+                         and bool(torch.equal(cross.out_mask_BT.cpu(), s_mask & (align_BT >= 0) & exact_BT))
+                         and cross.top_idx_BTK is None and bool(torch.equal(cross.ids_BT.cpu(), s_ids)))
 
 result["head_diff"] = maxdiff(teacher.head_weight(), ref.lm_head.weight)
 result["embed_diff"] = maxdiff(teacher.input_embedding_weight(), ref.model.embed_tokens.weight)
