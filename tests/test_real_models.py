@@ -113,7 +113,7 @@ def _config(tmp: Path, teacher_path: Path, student_path: Path, data_path: Path, 
            "data": {"path": str(data_path), "seq_len": 32, "max_sequences": 8, "micro_batch_size": 4},
            "method": {"top_k": 16, "min_shared_tokens": 100, "target_dtype": "float32"},
            "pairing": {"attribution_batches": 1},
-           "schedule": {"steps_per_stage": 6, "warmup_steps": 0, "lr": 1.0e-2},
+           "schedule": {"epochs_per_stage": 3.0, "warmup_steps": 0, "lr": 1.0e-2},  # 6 steps of 4 of 8
            "runtime": {"device": "cpu", "checkpoint_every": 50, "progress": False},
            "eval": {"sets": eval_sets, "max_sequences": 8, "batch_size": 4}}
     for key, value in sections.items():
@@ -163,9 +163,10 @@ def test_cross_tokenizer_spool_teach_then_train(smollm2, smollm2_gguf, demo_tiny
     (teacher.gguf_file, converted once): the spooled packet of the hand-checked string carries the teacher's
     outputs at the aligned positions, and the student's loss falls."""
     monkeypatch.setenv("SEMALIGN_CACHE", str(Path(MODELS_CACHE).parent))  # keep the GGUF conversion across runs
-    # 24 samples: 6 micro-batches of 4, so one pass over the spool covers the 6 steps of the stage
+    # 24 samples: one epoch is 6 steps of 4
     cfg = _config(tmp_path, smollm2_gguf.parent, demo_tiny.student_path, cross_data, {"transfer": str(cross_data)},
-                  data={"max_sequences": 24}, teacher={"gguf_file": smollm2_gguf.name})
+                  data={"max_sequences": 24}, teacher={"gguf_file": smollm2_gguf.name},
+                  schedule={"epochs_per_stage": 1.0})
     spool_dir = tmp_path / "spool"
     semalign("teach", "--config", cfg, "--out", spool_dir, timeout=900)
     _check_spooled_packet(smollm2, demo_tiny.student_path, cross_data, spool_dir)
@@ -216,7 +217,7 @@ def test_demo_with_smollm2_teacher_tiny(smollm2, demo_tiny, tmp_path, monkeypatc
     monkeypatch.setenv("SEMALIGN_MODELS_CACHE", MODELS_CACHE)  # the demo finds the cached SmolLM2 there
     out = tmp_path / "demo"
     proc = semalign("demo", "--scale", "tiny", "--teacher", "smollm2", "--cache-dir", demo_tiny.cache_dir.parent,
-                    f"output_dir={out}", "runtime.progress=false", "schedule.steps_per_stage=6", "schedule.lr=0.02",
+                    f"output_dir={out}", "runtime.progress=false", "schedule.epochs_per_stage=3", "schedule.lr=0.02",
                     "schedule.warmup_steps=0", "data.max_sequences=24",
                     f"eval.sets.transfer={demo_tiny.transfer_jsonl}", "eval.max_sequences=8", timeout=900)
     assert "per student token" in proc.stdout and "exact pos." in proc.stdout and "teacher margin" in proc.stdout
