@@ -21,17 +21,15 @@ import torch
 
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
-from semalign_ds import distributed, report, throughput
+from semalign_ds import distributed, ownership, report, signals, throughput
 from semalign_ds.config import RunConfig
 from semalign_ds.method.pairing import PairingTable, build_pairing
 from semalign_ds.method.targets import target_recipes
 from semalign_ds.models.adapters import get_adapter
-from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer
-from semalign_ds.progress import bar
+from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer, torch_dtype
+from semalign_ds.progress import bar, phase
 from semalign_ds.tracking import make_tracker
 from semalign_ds import evaluate, resume, supervision, topology
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -78,12 +76,15 @@ def _init(cfg: RunConfig) -> distributed.DistInfo:
 
 
 def _guarded(r: Run, body):
+    """Every exit ends the MLflow run: FINISHED, KILLED (a signal or Ctrl-C) or FAILED with the error as a tag."""
     try:
         result = body()
         r.tracker.finish("FINISHED")
         return result
-    except BaseException:
-        r.tracker.finish("FAILED")
+    except BaseException as err:
+        killed = isinstance(err, (KeyboardInterrupt, signals.Preempted))
+        r.tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        r.tracker.finish("KILLED" if killed else "FAILED")
         raise
 
 
@@ -197,14 +198,6 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     main = info.is_main and role != "teacher"
     (out / "config.yaml").write_text(cfgmod.to_yaml(cfg)) if main else None
     torch.manual_seed(cfg.seed)
-    tracker = make_tracker(cfg.tracking.enabled, main, cfg.tracking.uri, cfg.tracking.experiment,
-                           cfg.name, out, run_id=progress.get("mlflow_run_id"))
-    progress["mlflow_run_id"] = tracker.run_id
-    tracker.log_params(cfgmod.flatten(cfg))
-    tracker.set_tags({"config_hash": cfgmod.result_hash(cfg), "world_size": info.world_size,
-                      "topology": cfg.runtime.topology, "role": role})
-    if main:
-        tracker.log_artifact(out / "config.yaml")
     tok_T = load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     tok_S = load_tokenizer(cfg.student.path, "student.path", cfg.student.trust_remote_code)
     student = _load_student(cfg, info, out, progress)
@@ -214,6 +207,17 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     _check_layers(cfg, teacher_config, student)
     hidden_T = int(teacher_config.get_text_config().hidden_size)
     teacher = None if role == "student" else _build_teacher(cfg, info, hidden_T, mpu)
+    # the MLflow run exists only once everything loaded (a load error leaves none RUNNING); the directory's
+    # marker names it, so a rerun continues it
+    tracker = make_tracker(cfg.tracking.enabled, main, cfg.tracking.uri, cfg.tracking.experiment,
+                           cfg.name, out, run_id=progress.get("mlflow_run_id") or ownership.mlflow_run_id(out))
+    progress["mlflow_run_id"] = tracker.run_id
+    tracker.log_params(cfgmod.flatten(cfg))
+    tracker.set_tags({"config_hash": cfgmod.result_hash(cfg), "world_size": info.world_size,
+                      "topology": cfg.runtime.topology, "role": role})
+    if main:
+        ownership.note_mlflow_run(out, tracker.run_id)
+        tracker.log_artifact(out / "config.yaml")
     return Run(cfg, info, out, tracker, tok_T, tok_S, student, teacher, blocks, vocab, progress, role=role,
                group=group, mpu=mpu)
 
@@ -231,7 +235,7 @@ def _check_layers(cfg: RunConfig, teacher_config, student) -> None:
 
 def _load_student(cfg: RunConfig, info, out: Path, progress: dict) -> torch.nn.Module:
     path = progress.get("model_dir") or cfg.student.path  # resume: the checkpoint's weights
-    student = load_causal_lm(path, DTYPES[cfg.student.dtype], info.device,
+    student = load_causal_lm(path, torch_dtype(cfg.student.dtype), info.device,
                              cfg.student.trust_remote_code, key="student.path")
     student.eval()  # dropout off: targets are matched deterministically and resume is exact
     for p in student.parameters():
@@ -241,7 +245,7 @@ def _load_student(cfg: RunConfig, info, out: Path, progress: dict) -> torch.nn.M
 
 def _load_blocks(cfg: RunConfig, tok_S, model_configs) -> datamod.TokenBlocks:
     datamod.check_seq_len(cfg.data.seq_len, *model_configs)
-    texts = datamod.load_texts(cfg.data, "data.path")
+    texts = datamod.load_texts(cfg.data, "data")
     return datamod.pack_sequences(texts, tok_S, cfg.data.seq_len, cfg.data.max_sequences)
 
 
@@ -253,9 +257,10 @@ def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):
     ds = teacher_ds_config(template, offload=cfg.teacher_engine.offload, nvme_path=cfg.teacher_engine.nvme_path,
                            bf16=cfg.teacher.dtype == "bfloat16", micro_batch=cfg.data.micro_batch_size,
                            world_size=info.world_size, device=info.device, hidden_size=hidden_size)
-    return TeacherEngine.from_pretrained(cfg.teacher.path, ds_config=ds, dtype=DTYPES[cfg.teacher.dtype],
-                                         device=info.device, trust_remote_code=cfg.teacher.trust_remote_code,
-                                         mpu=mpu)
+    with phase("teacher load", enabled=info.is_main and cfg.runtime.progress):
+        return TeacherEngine.from_pretrained(cfg.teacher.path, ds_config=ds, dtype=torch_dtype(cfg.teacher.dtype),
+                                             device=info.device, trust_remote_code=cfg.teacher.trust_remote_code,
+                                             mpu=mpu)
 
 
 def pair_layers(r: Run) -> PairingTable:
@@ -352,7 +357,9 @@ def _run_stage(r: Run, stage, k: int, start: int, total: int, source) -> None:
     history = r.history.setdefault(k, [])
     packets = iter(source)
     meter = throughput.RunMeter.for_run(r)  # teacher/student tokens/s, tokens per pass, H2D GB/s, bytes/token
-    for step in bar(range(start, total), f"stage {k} (student layer {k})", r, initial=start, total=total):
+    steps = bar(range(start, total), f"stage {k} (student layer {k})", r, initial=start, total=total)
+    on_signal = lambda done: resume.save_inside(r, stage, done)  # noqa: E731  SIGTERM/USR1: checkpoint, exit 75
+    for step in signals.graceful_steps(steps, on_signal, r.group, r.info.device):
         t0 = time.perf_counter()
         metrics = {}
         for micro in range(cfg.schedule.grad_accum):
@@ -380,6 +387,5 @@ def export_student(r: Run) -> Path:
         r.tok_S.save_pretrained(tmp)
         resume.replace_dir(tmp, export)
         r.tracker.log_metrics({"teacher_passes_per_sample": r.progress.get("teacher_passes", 0)})
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier(group=r.group)
+    distributed.barrier(r.group)
     return export

@@ -15,15 +15,12 @@ from pathlib import Path
 import torch
 
 from semalign_ds import config as cfgmod
+from semalign_ds.distributed import barrier
+from semalign_ds.progress import phase
 
 CKPT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 RUN_FILE = "run.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _barrier(group=None) -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier(group=group)
 
 
 def _current(out: Path) -> Path | None:
@@ -45,10 +42,10 @@ def read_progress(out: Path, cfg) -> dict:
             f"output_dir {str(out)!r} holds a checkpoint of a different configuration (config hash "
             f"{progress.get('config_hash')} != {want}; its config is in {out / 'config.yaml'}); use another "
             f"output_dir, or set runtime.resume=false to start over and overwrite it")
-    _barrier()
+    barrier()
     if ckpt.name == OLD and torch.distributed.get_rank() == 0:
         ckpt.rename(out / CKPT)
-    _barrier()
+    barrier()
     progress["model_dir"] = str(out / CKPT / "model")
     return progress
 
@@ -61,7 +58,7 @@ def _write(r, stage=None, step: int | None = None) -> None:
     if r.info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(group)
+    barrier(group)
     if stage is not None:
         save_stage_state(tmp, stage, step)
     elif r.info.is_main:
@@ -72,7 +69,7 @@ def _write(r, stage=None, step: int | None = None) -> None:
                     stage=stage.k if stage is not None else None, step=step)
         (tmp / RUN_FILE).write_text(json.dumps(meta, indent=2))
         _commit(r.out)
-    _barrier(group)
+    barrier(group)
 
 
 def _commit(out: Path) -> None:
@@ -103,7 +100,8 @@ def resume_stage(r, stage, k: int) -> int:
                          f"stage {k}; resume it with the same number of ranks")
     from semalign_ds.engines.checkpoint import load_stage_state
 
-    load_stage_state(r.out / CKPT, stage)
+    with phase(f"resume stage {k} at step {p['step']}", r):
+        load_stage_state(r.out / CKPT, stage)
     return int(p["step"])
 
 

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from semalign_ds import data as datamod
 from semalign_ds.method import basis as basismod
 from semalign_ds.models.adapters import get_adapter
+from semalign_ds.models.loading import torch_dtype
+from semalign_ds.progress import phase
 from semalign_ds.transport import schema
 from semalign_ds.transport.packet import SupervisionPacket
 
@@ -82,9 +84,10 @@ def build_map(r, table) -> torch.Tensor | None:
     teacher_w = r.teacher.head_weight() if kind == "output" else r.teacher.input_embedding_weight()
     adapter = get_adapter(r.student)
     student_w = adapter.head_weight() if kind == "output" else adapter.embed.weight
-    S_T = semantic_basis(teacher_w.detach().float().cpu(), kind, cfg.method.random_basis, cfg.seed + 1)
-    S_S = semantic_basis(student_w.detach().float().cpu(), kind, cfg.method.random_basis, cfg.seed + 2)
-    M = basismod.alignment_map(S_T, S_S, r.vocab.ids_T, r.vocab.ids_S)
+    with phase("semantic bases + alignment map", r):
+        S_T = semantic_basis(teacher_w.detach().float().cpu(), kind, cfg.method.random_basis, cfg.seed + 1)
+        S_S = semantic_basis(student_w.detach().float().cpu(), kind, cfg.method.random_basis, cfg.seed + 2)
+        M = basismod.alignment_map(S_T, S_S, r.vocab.ids_T, r.vocab.ids_S)
     return M.to(r.info.device)
 
 
@@ -152,7 +155,7 @@ def emit(r, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> Superv
     packet = r.teacher.emit(
         ids_T, batch.mask_BT.to(dev), batch.sample_ids_B, recipes, M_DsDt,
         top_k=cfg.method.top_k, tau=cfg.method.tau, need_logits=needs_teacher_logits(cfg),
-        target_dtype=torch.bfloat16 if cfg.method.target_dtype == "bfloat16" else torch.float32,
+        target_dtype=torch_dtype(cfg.method.target_dtype),
         logit_ids_T=None if r.vocab.s2t is None else r.vocab.ids_T,
         logit_ids_S=None if r.vocab.s2t is None else r.vocab.ids_S,
     )

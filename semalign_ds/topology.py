@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from semalign_ds import resume, supervision
-from semalign_ds.distributed import DistInfo, RankLayout
+from semalign_ds import resume, signals, supervision
+from semalign_ds.distributed import DistInfo, RankLayout, barrier
 from semalign_ds.method.pairing import PairingTable
+from semalign_ds.progress import bar
 from semalign_ds.transport import schema, spool, stream
 from semalign_ds.transport.packet import InProcessSource, SupervisionPacket
 
@@ -126,22 +127,23 @@ def write_spool(r, recipes: dict, M_DsDt, binding: dict, stages: list[int]) -> d
     cfg = r.cfg
     plan = spool.open_plan(Path(cfg.transport.spool_dir), binding, len(r.blocks), cfg.transport.shard_sequences,
                            stages)
-    _barrier(r.group)
+    barrier(r.group)
     pending = plan.pending()
-    _barrier(r.group)  # every rank saw the same committed shards before anyone writes
+    barrier(r.group)  # every rank saw the same committed shards before anyone writes
     world, rank = r.info.world_size, r.info.rank
     per_shard = -(-plan.shard_rows // cfg.data.micro_batch_size)
     t0, spares = time.perf_counter(), 0
-    for first in range(0, len(pending), world):
+    rounds = bar(range(0, len(pending), world), "spool shards", r, unit="round")
+    for first in signals.graceful_steps(rounds, None, r.group, r.info.device):  # committed shards are the resume
         j = pending[first + rank] if first + rank < len(pending) else None
         spares += _write_shard(r, plan, j, per_shard, recipes, M_DsDt, spare=world > 1)
-    _barrier(r.group)
+    barrier(r.group)
     extra = {"teacher_passes_per_sample": 1.0, "seq_len": r.blocks.seq_len, "top_k": cfg.method.top_k,
              "target_dtype": cfg.method.target_dtype,
              "reference_bytes_per_token": schema.bytes_per_token_model(len(stages), _student_hidden(r),
                                                                         cfg.method.top_k)}
     manifest = spool.write_manifest(plan, extra) if r.info.is_main else {}
-    _barrier(r.group)
+    barrier(r.group)
     r.progress.update(spool_write_s=time.perf_counter() - t0, spare_forwards=spares, shards_written=len(pending))
     return manifest
 
@@ -177,11 +179,6 @@ def _student_hidden(r) -> int:
     from semalign_ds.models.adapters import get_adapter
 
     return get_adapter(r.student).hidden_size
-
-
-def _barrier(group) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
 
 
 # ---------------------------------------------------------------- stream

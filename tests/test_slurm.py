@@ -94,7 +94,7 @@ def test_render_cli_prints_and_submits_nothing(tmp_path, plain_config):
     for tool in ("sbatch", "srun", "salloc"):
         (fake_bin / tool).write_text(f"#!/bin/sh\necho called >> {tmp_path}/submitted\n")
         (fake_bin / tool).chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", PYTHONPATH=str(REPO))  # this checkout's code
     cmd = [sys.executable, "-m", "semalign_ds.cli", "slurm", "render", "--config", str(plain_config)]
     ok = subprocess.run([*cmd, "--template", "colocated"], env=env, cwd=tmp_path, capture_output=True, text=True,
                         timeout=120)
