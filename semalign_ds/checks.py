@@ -172,8 +172,9 @@ def spool_to_read(spool_dir: str) -> dict:
             raise ValueError(f"{key}={spool_dir!r} is a run's output directory, not a spool; point --from-spool at "
                              f"the directory `semalign teach --out` wrote")
         if marker:
-            raise ValueError(f"the spool in {spool_dir!r} is unfinished (teach status: {marker.get('status')}); "
-                             f"rerun `semalign teach` with the same config and --out {spool_dir} to finish it")
+            raise ValueError(f"the spool in {spool_dir!r} has no {spool.MANIFEST} yet: it is unfinished (teach status: "
+                             f"{marker.get('status')}); rerun `semalign teach` with the same config and --out "
+                             f"{spool_dir} to finish it")
         raise ValueError(f"{key}={spool_dir!r} has no {spool.MANIFEST}: it is not a spool; point --from-spool at the "
                          f"directory `semalign teach --out` wrote")
     try:

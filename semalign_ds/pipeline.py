@@ -21,7 +21,7 @@ import torch
 
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
-from semalign_ds import distributed, ownership, report, signals, throughput
+from semalign_ds import distributed, files, ownership, report, signals, throughput
 from semalign_ds.config import RunConfig
 from semalign_ds.method.pairing import PairingTable, build_pairing
 from semalign_ds.method.targets import target_recipes
@@ -30,6 +30,7 @@ from semalign_ds.models.loading import load_causal_lm, load_config, load_tokeniz
 from semalign_ds.progress import bar, phase
 from semalign_ds.tracking import make_tracker
 from semalign_ds import evaluate, resume, supervision, topology
+from semalign_ds.transport import spool
 
 
 @dataclass
@@ -83,7 +84,7 @@ def _guarded(r: Run, body):
         return result
     except BaseException as err:
         killed = isinstance(err, (KeyboardInterrupt, signals.Preempted))
-        r.tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        r.tracker.set_tags({"stopped_by" if killed else "error": f"{type(err).__name__}: {err}"[:5000]})
         r.tracker.finish("KILLED" if killed else "FAILED")
         raise
 
@@ -178,6 +179,9 @@ def teach(cfg: RunConfig) -> dict:
         recipes = _recipes(r, table)
         stages = stage_list(cfg, get_adapter(r.student).num_layers)
         layers = sorted({l for _, ls, _ in supervision.stage_plan(cfg, stages, 1) for l in ls})
+        need = spool.space_needed(out, len(r.blocks), r.blocks.seq_len, len(layers),
+                                  get_adapter(r.student).hidden_size, cfg.method.top_k, cfg.method.target_dtype)
+        files.check_free_space(out, need, f"the spool ({len(r.blocks)} sequences x {r.blocks.seq_len} tokens)")
         manifest = topology.write_spool(r, {l: recipes[l] for l in layers}, M_DsDt,
                                         supervision.binding(r, table, M_DsDt), layers)
         if r.writes:

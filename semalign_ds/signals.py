@@ -7,7 +7,9 @@ Inside `handled()` (the CLI's owned commands), a signal is handled in one of two
     a collective), writes a checkpoint and raises `Preempted`;
   - elsewhere (loading models, attribution, evaluation) there is no step to finish: SIGTERM/SIGUSR1 raise
     `Preempted` at once and SIGINT raises KeyboardInterrupt, so a rerun resumes from the last checkpoint.
-A second SIGINT always raises KeyboardInterrupt (the user insists). The CLI maps Preempted to exit code
+A second SIGINT always raises KeyboardInterrupt (the user insists); a second SIGTERM/SIGUSR1 is only logged, so the
+exit path (checkpoint, MLflow KILLED, marker) is not cut short by the SIGTERM srun sends the other ranks once one
+of them exits. The CLI maps Preempted to exit code
 EXIT_REQUEUE (75, EX_TEMPFAIL), which the templates turn into `scontrol requeue` after a SIGUSR1.
 """
 from __future__ import annotations
@@ -45,6 +47,9 @@ def _handler(signum: int, frame) -> None:
         _state["requested"] = name
     if signum == signal.SIGINT and not (first and _state["graceful"]):
         raise KeyboardInterrupt
+    if not first:  # already stopping (e.g. srun's SIGTERM after another rank exited 75): let the exit path finish
+        log.warning("%s received while stopping; finishing the exit path", name)
+        return
     if not _state["graceful"]:
         raise Preempted(name)
     log.warning("%s received: finishing the current step, then a checkpoint and exit %d%s", name, EXIT_REQUEUE,

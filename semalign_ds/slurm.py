@@ -265,7 +265,7 @@ def summary(tpl: Template, layout: RankLayout, cfg: cfgmod.RunConfig, values: di
 
 def _command(tpl: Template, values: dict[str, str], layout: RankLayout) -> str:
     """The template's srun line with the run settings (and a het job's teacher task count) filled in."""
-    srun = next((l for l in tpl.text.splitlines() if l.lstrip().startswith("srun ")), "")
+    srun = next((l for l in tpl.text.splitlines() if l.lstrip().startswith("srun ")), "").rstrip(" &")
     values = {**values, "SLURM_NTASKS_HET_GROUP_0": str(len(layout.teacher_ranks))}
     for name, value in values.items():
         srun = srun.replace(f'"${name}"', shlex.quote(value)).replace(f"${name}", value)

@@ -44,8 +44,10 @@ class MlflowTracker(NullTracker):
             exp_id = exp.experiment_id
         if run_id is None:
             run_id = self._client.create_run(exp_id, run_name=run_name, tags=environment_tags()).info.run_id
-        else:
+        else:  # a rerun continues its directory's run: RUNNING again, the last attempt's end tags cleared
             self._client.update_run(run_id, status="RUNNING")
+            for tag in set(self._client.get_run(run_id).data.tags) & {"error", "stopped_by"}:
+                self._client.delete_tag(run_id, tag)
         self.run_id = run_id
         self.uri = uri
 

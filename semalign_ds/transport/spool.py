@@ -208,6 +208,15 @@ def open_plan(directory, binding: dict, num_samples: int, shard_rows: int, stage
     return SpoolPlan(directory, binding, num_samples, shard_rows, stages)
 
 
+def space_needed(directory, num_samples: int, seq_len: int, layers: int, D_S: int, top_k: int,
+                 target_dtype: str) -> int:
+    """Bytes a spool of `num_samples` x `seq_len` tokens still needs in `directory`: per token the targets of
+    `layers` student layers (D_S wide), top-k values + indices, the id, mask and tail; less the committed shards."""
+    per_token = schema.bytes_per_token_model(layers, D_S, top_k, schema.DTYPES[target_dtype].itemsize) + 8 + 1 + 4
+    written = sum(p.stat().st_size for p in Path(directory).glob("shard-*.safetensors"))
+    return max(0, num_samples * seq_len * per_token - written)
+
+
 def write_manifest(plan: SpoolPlan, extra: dict) -> dict:
     """After every shard is committed (all writers done): the manifest that makes the spool readable."""
     records = []
