@@ -52,15 +52,16 @@ def verdict(summary: dict) -> list[str]:
 
 
 def main(scale: str = "default", cache_dir: str | None = None, overrides: list[str] = ()) -> int:
-    from semalign_ds import pipeline
+    from semalign_ds import guard, pipeline, versions
     from semalign_ds.demo import build_demo_assets
 
+    versions.check()
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     assets = build_demo_assets(cache_dir=cache_dir, device="cpu", progress=True, scale=scale)
     built = time.perf_counter() - start
     cfg = demo_config(assets, scale, list(overrides))
-    summary = pipeline.run(cfg)
+    summary = guard.owned_run(cfg, "run", pipeline.run)  # the output directory's rules, checks and signals
     print()
     print(summary["table"])
     print()

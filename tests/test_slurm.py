@@ -269,22 +269,26 @@ def test_config_missing_on_the_node_is_a_clear_job_error(slurm_cluster, rendered
     assert f"config file '{tmp_path}/config.yaml' does not exist" in job_log(tmp_path, jobid)
 
 
-def test_colocated_two_nodes_requeued_midway_resumes_and_finishes(slurm_cluster, rendered, tmp_path):
+def test_colocated_two_nodes_checkpoint_on_usr1_requeue_and_resume(slurm_cluster, rendered, tmp_path):
     steps = 30
     script = rendered("colocated", schedule={"steps_per_stage": steps})
     jobid = submit(script, tmp_path, "--nodes=2", "--ntasks-per-node=1")
-    saved = wait_for_checkpoint(tmp_path / "run", jobid, tmp_path)
-    assert subprocess.run(["scontrol", "requeue", jobid], timeout=30).returncode == 0
+    wait_for_checkpoint(tmp_path / "run", jobid, tmp_path)
+    # what --signal=B:USR1@120 does before the time limit: USR1 to the batch shell, which forwards it to the ranks;
+    # they agree on a step, checkpoint, exit 75, and the script requeues the job
+    assert subprocess.run(["scancel", "--batch", "--signal=USR1", jobid], timeout=30).returncode == 0
     release_requeued(jobid)  # a requeued job waits ~2 min (BeginTime) before it may start again
     fields = wait_job(jobid, tmp_path)
     assert_succeeded(fields, tmp_path, jobid)
     log = job_log(tmp_path, jobid)
     assert fields["Restarts"] == "1" and "restart 0) on n[1-2]" in log and "restart 1) on n[1-2]" in log
+    assert f"semalign: job {jobid} wrote a checkpoint after USR1; requeueing it" in log
+    assert "stopped by SIGUSR1 after step" in log and "Traceback" not in log
     client, mlrun = assert_student_and_mlflow(tmp_path / "run")
     assert mlrun.data.tags["world_size"] == "2"
-    first = [m.step for m in client.get_metric_history(mlrun.info.run_id, "stage1/layer_loss")]
-    # resumed, not restarted: the steps up to the checkpoint it was requeued after were trained (and logged) once
-    assert set(first) == set(range(1, steps + 1)) and all(first.count(s) == 1 for s in range(1, saved["step"] + 1))
+    for stage in (1, 2):  # resumed at the step it stopped after: every step trained and logged exactly once
+        logged = [m.step for m in client.get_metric_history(mlrun.info.run_id, f"stage{stage}/layer_loss")]
+        assert sorted(logged) == list(range(1, steps + 1)), (stage, logged)
 
 
 def wait_for_checkpoint(run: Path, jobid: str, logs: Path, deadline_s: float = 240) -> dict:
