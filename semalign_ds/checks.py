@@ -44,8 +44,7 @@ def format_problems(found: list[str]) -> str:
 
 
 def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None) -> list[str]:
-    if command not in COMMANDS:
-        raise ValueError(f"checks: command must be one of {COMMANDS}, got {command!r}")  # internal misuse
+    assert command in COMMANDS, command
     reads_spool = command == "train" or (command in ("run", "check") and cfg.runtime.topology == "spool")
     teacher_engine = command == "teach" or not reads_spool
     found = cfgmod.range_problems(cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -108,8 +109,6 @@ def _bug() -> int:
 
 def _launch_rank() -> int:
     """This process's rank from the launcher's variables (0 if they are unset or malformed: init says why)."""
-    import os
-
     for var in ("RANK", "SLURM_PROCID"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])

@@ -335,11 +335,6 @@ RANGES: tuple[tuple[str, float, bool, str], ...] = (
 NON_EMPTY = ("name", "tracking.experiment")
 
 
-def _value(cfg: Any, dotted: str):
-    """The field's value, or AttributeError when this config tree has no such field."""
-    return get_dotted(cfg, dotted)
-
-
 def _out_of_range(value, low: float, inclusive: bool) -> bool:
     if isinstance(value, float) and not math.isfinite(value):
         return True
@@ -351,7 +346,7 @@ def range_problems(cfg: RunConfig) -> list[str]:
     problems = []
     for key, low, inclusive, fix in RANGES:
         try:
-            value = _value(cfg, key)
+            value = get_dotted(cfg, key)
         except AttributeError:
             continue
         items = value if isinstance(value, list) else [value]
@@ -359,7 +354,7 @@ def range_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"{key}={value!r} must be {'>=' if inclusive else '>'} {low:g}"
                             f"{' (each item)' if isinstance(value, list) else ''}{fix}")
     for key in NON_EMPTY:
-        if not str(_value(cfg, key)).strip():
+        if not str(get_dotted(cfg, key)).strip():
             problems.append(f"{key} is empty; give it a name")
     stages = cfg.schedule.stages
     if stages is not None and not stages:

@@ -90,17 +90,18 @@ def user_error(err: BaseException, path=None, bytes_needed: int | None = None) -
     and the fix; None for any other error (a bug or a hardware fault: let it surface as it is)."""
     if not isinstance(err, OSError) or err.errno not in _FIXES:
         return None
-    where = path or err.filename or "?"
+    where = path or err.filename
     what = _FIXES[err.errno]
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        need = f" writing {human(bytes_needed)} ({bytes_needed} bytes)" if bytes_needed else ""
+        need = f" writing {human(bytes_needed)} ({bytes_needed} bytes)" if bytes_needed else " writing"
         try:
-            free = f"; {human(free_bytes(Path(str(where)).parent))} free there"
+            free = f"; {human(free_bytes(Path(str(where)).parent))} free there" if where else ""
         except OSError:
             free = ""
-        return ValueError(f"{what}{need} to {where}{free}: free space (or quota) on that filesystem, or point "
-                          f"the output at a larger disk, then rerun (the run resumes)")
+        return ValueError(f"{what}{need}{f' to {where}' if where else ''}{free}: free space (or quota) on that "
+                          f"filesystem, or point the output at a larger disk, then rerun (the run resumes)")
+    target = f"cannot write {where}" if where else "cannot write"
     if err.errno == errno.EROFS:
-        return ValueError(f"cannot write {where}: {what}; point the output at a writable directory")
-    return ValueError(f"cannot write {where}: {what}; fix its permissions (e.g. chmod u+w) or point the output "
-                      f"at a directory you can write")
+        return ValueError(f"{target}: {what}; point the output at a writable directory")
+    return ValueError(f"{target}: {what}; fix its permissions (e.g. chmod u+w) or point the output at a "
+                      f"directory you can write")

@@ -34,8 +34,7 @@ _WRITERS = {"run": "`semalign run` or `semalign train`", "spool": "`semalign tea
 
 
 def _key(kind: str, key: str | None) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"ownership kind must be one of {KINDS}, got {kind!r}")  # internal misuse
+    assert kind in KINDS, kind
     return key or _KEYS[kind]
 
 
@@ -124,14 +123,10 @@ def claim(out, kind: str, config_hash: str, key: str | None = None) -> dict:
 
 def update(out, **fields) -> dict:
     """Set fields of the marker (status, mlflow_run_id) in place, atomically; returns the marker."""
-    unknown = sorted(set(fields) - set(_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown marker field(s) {unknown}; known: {_FIELDS}")  # internal misuse
-    if "status" in fields and fields["status"] not in STATUSES:
-        raise ValueError(f"marker status must be one of {STATUSES}, got {fields['status']!r}")  # internal misuse
+    assert set(fields) <= set(_FIELDS) and fields.get("status", "running") in STATUSES, fields
     marker = read(out)
-    if marker is None:
-        raise ValueError(f"{out} has no {MARKER} to update; claim it first")  # internal misuse
+    if marker is None:  # deleted by someone while the run went on
+        raise ValueError(f"{out} has no {MARKER} to update (was it deleted?)")
     marker.update(fields, updated=_now())
     files.write_json(Path(out) / MARKER, marker)
     return marker

@@ -361,6 +361,7 @@ def _run_stage(r: Run, stage, k: int, start: int, total: int, source) -> None:
     history = r.history.setdefault(k, [])
     packets = iter(source)
     meter = throughput.RunMeter.for_run(r)  # teacher/student tokens/s, tokens per pass, H2D GB/s, bytes/token
+    logged = r.tracker.last_step(f"stage{k}/lr") if r.info.is_main else 0  # replayed after a kill: not again
     steps = bar(range(start, total), f"stage {k} (student layer {k})", r, initial=start, total=total)
     on_signal = lambda done: resume.save_inside(r, stage, done)  # noqa: E731  SIGTERM/USR1: checkpoint, exit 75
     for step in signals.graceful_steps(steps, on_signal, r.group, r.info.device):
@@ -375,7 +376,7 @@ def _run_stage(r: Run, stage, k: int, start: int, total: int, source) -> None:
         tokens = metrics["tokens"] * cfg.schedule.grad_accum * r.info.world_size
         metrics.update(step=step + 1, tokens_per_s=tokens / seconds, **meter.flush())
         history.append(metrics)
-        if r.info.is_main:
+        if r.info.is_main and step + 1 > logged:
             r.tracker.log_metrics({f"stage{k}/{m}": v for m, v in metrics.items() if m != "step"},
                                   step=step + 1)
         if (step + 1) % cfg.runtime.checkpoint_every == 0 and step + 1 < total:

@@ -19,6 +19,10 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
+    def last_step(self, key: str) -> int:
+        """The highest step logged for metric `key` (0 if none): a resumed run does not log a step twice."""
+        return 0
+
 
 def tracking_uri(configured: str | None, output_dir: Path) -> str:
     if configured:
@@ -67,6 +71,9 @@ class MlflowTracker(NullTracker):
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         if batch:
             self._client.log_batch(self.run_id, metrics=batch)
+
+    def last_step(self, key: str) -> int:
+        return max((m.step for m in self._client.get_metric_history(self.run_id, key)), default=0)
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), subdir)

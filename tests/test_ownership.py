@@ -45,8 +45,8 @@ def test_a_directory_with_anything_in_it_and_no_marker_is_refused(tmp_path, entr
     out.mkdir()
     (out / entry).mkdir() if entry == "lost+found" else (out / entry).write_text("mine")
     before = tree(out)
-    with pytest.raises(ValueError, match=rf"output_dir='{out}' is not empty \({re.escape(entry)}\) and was not written by "
-                                         r"semalign \(it has no semalign.json\).*choose another output_dir"):
+    with pytest.raises(ValueError, match=rf"output_dir='{out}' is not empty \({re.escape(entry)}\) and was not "
+                                         r"written by semalign \(it has no semalign.json\).*choose another output_dir"):
         ownership.claim(out, "run", H)
     assert tree(out) == before
 
@@ -86,7 +86,7 @@ def test_update_checks_its_fields(tmp_path):
     with pytest.raises(ValueError, match="no semalign.json to update"):
         ownership.update(tmp_path, status="finished")
     ownership.claim(tmp_path / "r", "run", H)
-    with pytest.raises(ValueError, match="marker status must be one of"):
+    with pytest.raises(AssertionError):
         ownership.update(tmp_path / "r", status="done")
     assert ownership.update(tmp_path / "r", status="finished")["status"] == "finished"
     ownership.note_mlflow_run(tmp_path / "unmarked", "x")  # a directory nobody claimed: nothing to record

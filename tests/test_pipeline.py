@@ -121,6 +121,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_pair, straight):
     assert not (killed / "run" / "student").exists()
     semalign("run", "--config", cfg)
     assert_same_weights(straight / "run", killed / "run")
+    client, (mlrun,) = mlflow_runs(killed / "run")  # the steps replayed after the kill are not logged twice
+    logged = [m.step for m in client.get_metric_history(mlrun.info.run_id, "stage2/layer_loss")]
+    assert sorted(logged) == list(range(1, 13)) and mlrun.info.status == "FINISHED"
 
 
 def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
