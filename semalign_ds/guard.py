@@ -61,7 +61,7 @@ def owned_run(cfg: cfgmod.RunConfig, command: str, work: Callable[[cfgmod.RunCon
         ownership.claim(out, kind, config_hash)
     status = "failed"
     try:
-        with signals.handled():
+        with signals.handled(then_ignore=True):
             result = work(cfg)
         status = "finished"
         return result

@@ -212,9 +212,10 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     hidden_T = int(teacher_config.get_text_config().hidden_size)
     teacher = None if role == "student" else _build_teacher(cfg, info, hidden_T, mpu)
     # the MLflow run exists only once everything loaded (a load error leaves none RUNNING); the directory's
-    # marker names it, so a rerun continues it
+    # marker names it, so a rerun continues it (runtime.resume=false starts over: a new one)
+    run_id = progress.get("mlflow_run_id") or ownership.mlflow_run_id(out) if cfg.runtime.resume else None
     tracker = make_tracker(cfg.tracking.enabled, main, cfg.tracking.uri, cfg.tracking.experiment,
-                           cfg.name, out, run_id=progress.get("mlflow_run_id") or ownership.mlflow_run_id(out))
+                           cfg.name, out, run_id=run_id)
     progress["mlflow_run_id"] = tracker.run_id
     tracker.log_params(cfgmod.flatten(cfg))
     tracker.set_tags({"config_hash": cfgmod.result_hash(cfg), "world_size": info.world_size,

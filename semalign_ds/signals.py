@@ -57,16 +57,19 @@ def _handler(signum: int, frame) -> None:
 
 
 @contextmanager
-def handled():
+def handled(then_ignore: bool = False):
     """Install the handlers for the duration of a command (main thread only); restore the previous ones and
-    clear the flag afterwards."""
+    clear the flag afterwards. then_ignore: after a signal, SIGTERM/SIGUSR1 stay ignored for the rest of the
+    process (it is on its way out with exit 75: srun's SIGTERM to the slower ranks, sent once the first rank
+    exited, must not turn their 75 into a death by signal)."""
     previous = {sig: signal.signal(sig, _handler) for sig in SIGNALS}
     _state.update(requested=None, graceful=0)
     try:
         yield
     finally:
+        stopping = then_ignore and _state["requested"] is not None
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if stopping and sig != signal.SIGINT else handler)
         _state.update(requested=None, graceful=0)
 
 

@@ -41,6 +41,23 @@ def test_inside_a_polling_loop_a_signal_only_sets_the_flag():
     assert signal.getsignal(signal.SIGTERM) is before and signals.requested() is None
 
 
+def test_a_stopping_process_ignores_later_sigterms():
+    before = {sig: signal.getsignal(sig) for sig in signals.SIGNALS}
+    try:
+        with signals.handled(then_ignore=True):  # no signal: the previous handlers come back
+            pass
+        assert {sig: signal.getsignal(sig) for sig in signals.SIGNALS} == before
+        with pytest.raises(signals.Preempted):
+            with signals.handled(then_ignore=True):
+                send(signal.SIGUSR1)
+        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        send(signal.SIGTERM)  # ignored: the exit path runs to its end (exit 75)
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_a_second_ctrl_c_stops_at_once():
     with signals.handled(), signals.graceful():
         send(signal.SIGINT)
