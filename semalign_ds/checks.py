@@ -12,7 +12,8 @@ What each command needs:
     teach                           teacher + student, data, the teacher template, the spool directory to write
                                     (ownership kind spool); no eval sets (teach does not evaluate)
 Checks that need the models' configs (layer indices, seq_len against max positions) run when both model
-directories passed theirs.
+directories passed theirs. runtime.device=cuda needs a visible GPU (not checked by `config --check`, which may
+run on a login node).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
 from semalign_ds import ownership
+from semalign_ds.distributed import resolve_device
 from semalign_ds.models import loading
 
 COMMANDS = ("run", "train", "teach", "check")
@@ -62,6 +64,8 @@ def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None
         _collect(found, _template, cfg, "teacher", world_size)
     if reads_spool:
         _collect(found, spool_to_read, cfg.transport.spool_dir)
+    if command != "check":  # `config --check` may run on a login node without the job's GPUs
+        _collect(found, resolve_device, cfg.runtime.device)
     if command == "teach":
         _collect(found, _spool_to_write, cfg)
     else:

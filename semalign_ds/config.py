@@ -331,8 +331,9 @@ RANGES: tuple[tuple[str, float, bool, str], ...] = (
     ("eval.lm_eval.batch_size", 1, True, ""),
     ("eval.lm_eval.num_fewshot", 0, True, ""),
 )
-# Strings that must not be empty
-NON_EMPTY = ("name", "tracking.experiment")
+# Strings that must not be empty, and the fix
+NON_EMPTY = {"name": "give the run a name", "tracking.experiment": "name the MLflow experiment",
+             "data.text_field": "name the column that holds the text"}
 
 
 def _out_of_range(value, low: float, inclusive: bool) -> bool:
@@ -353,9 +354,9 @@ def range_problems(cfg: RunConfig) -> list[str]:
         if any(v is not None and _out_of_range(v, low, inclusive) for v in items):
             problems.append(f"{key}={value!r} must be {'>=' if inclusive else '>'} {low:g}"
                             f"{' (each item)' if isinstance(value, list) else ''}{fix}")
-    for key in NON_EMPTY:
+    for key, fix in NON_EMPTY.items():
         if not str(get_dotted(cfg, key)).strip():
-            problems.append(f"{key} is empty; give it a name")
+            problems.append(f"{key} is empty; {fix}")
     stages = cfg.schedule.stages
     if stages is not None and not stages:
         problems.append("schedule.stages is empty; list student layers (1-indexed) or use null for all")
