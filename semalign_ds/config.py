@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,8 +46,6 @@ class DataConfig:
     own tokenizer); null = the longest block's need rounded up to a multiple of 8. Too short is an error."""
     max_sequences: int = 1000
     """Transfer-set size in packed sequences (the paper used 1000 examples)."""
-    val_sequences: int = 0
-    """Sequences held out of the transfer set for validation (knob search), from its end."""
     micro_batch_size: int = 8
     """Sequences per rank per micro-step."""
 
@@ -382,13 +381,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
 
-def config_from_dict(raw: dict | None, overrides: list[str] = ()) -> RunConfig:
+def config_from_dict(raw: dict | None, overrides: list[str] = (), check_ranges: bool = True) -> RunConfig:
+    """The config tree from a mapping and dotted overrides: unknown keys and wrong types are refused here;
+    ranges too unless check_ranges=False (the CLI reports them with the file checks, all at once)."""
     raw = json.loads(json.dumps(raw or {}))
     for text in overrides:
         _set_dotted(raw, *parse_override(text))
     cfg = _build(RunConfig, raw)
     resolve(cfg, _leaf_keys(raw))
-    validate(cfg)
+    if check_ranges:
+        validate(cfg)
     return cfg
 
 
@@ -415,7 +417,7 @@ def resolve(cfg: RunConfig, explicit: set[str]) -> None:
         cfg.method.map = "none"  # its learned projection reads the raw teacher residual
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), check_ranges: bool = True) -> RunConfig:
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -425,69 +427,131 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    return config_from_dict(raw, overrides)
+    return config_from_dict(raw, overrides, check_ranges)
 
 
-def _positive(value, key: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"config key {key!r} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+# Range of every numeric field: (dotted key, lowest value, whether the lowest itself is allowed, the fix).
+# A list value (schedule.stages, pairing.manual) is checked item by item; null passes where the type allows it
+# (the parser refuses null elsewhere). Keys absent from this config tree are skipped, so fields that other
+# branches add or remove (schedule.epochs_per_stage, pairing.attribution_micro_batch, eval.lm_eval.*) can be
+# listed before they land. Choices (Literal fields) are checked when the config is parsed.
+RANGES: tuple[tuple[str, float, bool, str], ...] = (
+    ("seed", 0, True, ""),
+    ("data.seq_len", 1, True, ""),
+    ("data.max_sequences", 1, True, ""),
+    ("data.micro_batch_size", 1, True, ""),
+    ("method.top_k", 0, True, " (0 = full teacher logits)"),
+    ("method.tau", 0, False, ""),
+    ("method.w_layer", 0, True, " (0 switches the layer term off)"),
+    ("method.w_out", 0, True, " (0 switches the output term off)"),
+    ("method.w_label", 0, True, " (0 switches the label term off)"),
+    ("method.min_shared_tokens", 1, True, ""),
+    ("method.layer_balance", 0, False, " (or null: a fixed method.w_layer)"),
+    ("data.teacher_seq_len", 1, True, " (or null: derived from the text)"),
+    ("pairing.manual", 1, True, " (teacher layers are 1-indexed)"),
+    ("pairing.attribution_batches", 1, True, ""),
+    ("pairing.attribution_micro_batch", 1, True, " (or null: data.micro_batch_size)"),
+    ("schedule.stages", 1, True, " (student layers are 1-indexed)"),
+    ("schedule.epochs_per_stage", 0, False, " (e.g. 1.0 = one pass over the transfer set per stage)"),
+    ("schedule.tokens_per_stage", 1, True, " (or null)"),
+    ("schedule.lora_rank", 1, True, ""),
+    ("schedule.lora_alpha", 0, False, ""),
+    ("schedule.lr", 0, False, " (e.g. 3e-4)"),
+    ("schedule.warmup_steps", 0, True, ""),
+    ("schedule.weight_decay", 0, True, ""),
+    ("schedule.grad_clip", 0, True, " (0 turns gradient clipping off)"),
+    ("schedule.grad_accum", 1, True, ""),
+    ("transport.teacher_ranks", 1, True, " (or null)"),
+    ("transport.window", 1, True, ""),
+    ("transport.timeout_s", 0, False, ""),
+    ("transport.shard_sequences", 1, True, ""),
+    ("transport.store_memory_fraction", 0, False, ""),
+    ("runtime.checkpoint_every", 1, True, ""),
+    ("runtime.dist_timeout_s", 0, False, ""),
+    ("eval.max_sequences", 1, True, ""),
+    ("eval.batch_size", 1, True, ""),
+    ("eval.lm_eval.limit", 1, True, " (or null: every example)"),
+    ("eval.lm_eval.batch_size", 1, True, ""),
+    ("eval.lm_eval.num_fewshot", 0, True, ""),
+    ("tracking.log_model_copy_max_mb", 0, True, ""),
+)
+# Strings that must not be empty, and the fix
+NON_EMPTY = {"name": "give the run a name", "tracking.experiment": "name the MLflow experiment",
+             "data.text_field": "name the column that holds the text"}
+
+
+def _out_of_range(value, low: float, inclusive: bool) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return True
+    return value < low or (value == low and not inclusive)
+
+
+def range_problems(cfg: RunConfig) -> list[str]:
+    """Every field outside its range, and the structural rules; one message per problem (key, value, fix)."""
+    problems = []
+    for key, low, inclusive, fix in RANGES:
+        try:
+            value = get_dotted(cfg, key)
+        except AttributeError:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if any(v is not None and _out_of_range(v, low, inclusive) for v in items):
+            problems.append(f"{key}={value!r} must be {'>=' if inclusive else '>'} {low:g}"
+                            f"{' (each item)' if isinstance(value, list) else ''}{fix}")
+    for key, fix in NON_EMPTY.items():
+        if not str(get_dotted(cfg, key)).strip():
+            problems.append(f"{key} is empty; {fix}")
+    stages = cfg.schedule.stages
+    if stages is not None and not stages:
+        problems.append("schedule.stages is empty; list student layers (1-indexed) or use null for all")
+    elif stages and stages != sorted(set(stages)):
+        problems.append(f"schedule.stages={stages} must be increasing (shallow to deep) without repeats")
+    if cfg.schedule.lora_targets is not None and not cfg.schedule.lora_targets:
+        problems.append("schedule.lora_targets is empty; list sub-module names or use null for the family's "
+                        "defaults")
+    if not 0 < cfg.transport.store_memory_fraction <= 1:
+        problems.append(f"transport.store_memory_fraction={cfg.transport.store_memory_fraction} must be in (0, 1]")
+    return problems + _method_problems(cfg.method)
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks that need no files; checks against the models (layer ranges, seq_len, top_k) run at load."""
-    for key in ("data.seq_len", "data.max_sequences", "data.micro_batch_size", "schedule.epochs_per_stage",
-                "schedule.grad_accum", "schedule.lora_rank", "runtime.checkpoint_every", "method.tau",
-                "pairing.attribution_batches", "eval.batch_size", "eval.lm_eval.batch_size",
-                "tracking.log_model_copy_max_mb"):
-        _positive(get_dotted(cfg, key), key)
-    for key in ("method.top_k", "method.min_shared_tokens", "data.val_sequences", "schedule.warmup_steps"):
-        _positive(get_dotted(cfg, key), key, allow_zero=True)
-    for key in ("schedule.tokens_per_stage", "pairing.attribution_micro_batch"):
-        if get_dotted(cfg, key) is not None:
-            _positive(get_dotted(cfg, key), key)
-    if not 0 < cfg.transport.store_memory_fraction <= 1:
-        raise ValueError(f"config key 'transport.store_memory_fraction' must be in (0, 1], got "
-                         f"{cfg.transport.store_memory_fraction}")
-    if cfg.data.teacher_seq_len is not None:
-        _positive(cfg.data.teacher_seq_len, "data.teacher_seq_len")
-    if cfg.method.output_objective == "uld" and cfg.method.top_k == 0:
-        raise ValueError("config key 'method.top_k' must be > 0 with method.output_objective 'uld' (the teacher "
-                         "sends its top-k probabilities, sorted)")
-    if cfg.schedule.stages is not None and not cfg.schedule.stages:
-        raise ValueError("config key 'schedule.stages' is empty; list student layers (1-indexed) or use null for all")
-    if cfg.eval.lm_eval.limit is not None:
-        _positive(cfg.eval.lm_eval.limit, "eval.lm_eval.limit")
-    if cfg.data.val_sequences >= cfg.data.max_sequences:
-        raise ValueError("config key 'data.val_sequences' must be smaller than 'data.max_sequences'")
-    _validate_method(cfg.method)
+    """The checks that need no files (ranges, structure), all reported at once; the checks against files and
+    models are in checks.py (`semalign config --check`)."""
+    problems = range_problems(cfg)
+    if problems:
+        raise ValueError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} problems in the config:\n  - " + "\n  - ".join(problems))
 
 
-def _validate_method(m: MethodConfig) -> None:
+def _method_problems(m: MethodConfig) -> list[str]:
     """The method options that constrain each other (map, layer objective, gradient balancing)."""
+    problems = []
     if m.map == "none" and m.layer_objective in ("cosine", "fisher_logits", "mse"):
-        raise ValueError(f"config keys 'method.map'=none and 'method.layer_objective'={m.layer_objective} do not go "
+        problems.append(f"config keys 'method.map'=none and 'method.layer_objective'={m.layer_objective} do not go "
                          f"together: {m.layer_objective} compares the student with the teacher's target in student "
                          "space, which needs a map; set method.map to pinv, logit or random, or use "
                          "method.layer_objective=relation_geometry (width-agnostic) with method.map=none")
     if m.layer_objective == "hidden_mse" and m.map != "none":
-        raise ValueError(f"config keys 'method.layer_objective'=hidden_mse and 'method.map'={m.map} contradict each "
+        problems.append(f"config keys 'method.layer_objective'=hidden_mse and 'method.map'={m.map} contradict each "
                          "other: hidden_mse learns its own projection of the raw teacher residual; set "
                          "method.map=none or leave method.map unset")
     if m.map == "logit" and m.basis != "output":
-        raise ValueError("config key 'method.basis'=input has no effect with method.map=logit (the map is built "
+        problems.append("config key 'method.basis'=input has no effect with method.map=logit (the map is built "
                          "from both LM heads and final-norm gains); leave method.basis=output")
+    if m.output_objective == "uld" and m.top_k == 0:
+        problems.append("method.top_k must be > 0 with method.output_objective 'uld' (the teacher sends its top-k "
+                        "probabilities, sorted)")
     if m.layer_balance is None and not m.log_grad_cosine:
-        return
+        return problems
     key = "method.layer_balance" if m.layer_balance is not None else "method.log_grad_cosine"
-    if m.layer_balance is not None:
-        _positive(m.layer_balance, key)
     if m.layer_objective == "none" or m.w_layer <= 0:
-        raise ValueError(f"config key {key!r} compares the layer and output terms' gradients but there is no layer "
+        problems.append(f"config key {key!r} compares the layer and output terms' gradients but there is no layer "
                          "term: set method.layer_objective and method.w_layer > 0, or unset it")
     if m.output_objective == "none" or m.w_out <= 0:
-        raise ValueError(f"config key {key!r} holds the layer gradient against the output term's gradient but "
+        problems.append(f"config key {key!r} holds the layer gradient against the output term's gradient but "
                          "there is no output term (method.output_objective none or method.w_out 0): set "
                          f"method.output_objective (e.g. kl) and method.w_out > 0, or unset {key}")
+    return problems
 
 
 def get_dotted(cfg: Any, dotted: str) -> Any:

@@ -99,16 +99,38 @@ def _bare_name(file: Path) -> str:
     return name
 
 
-def _format_of(file: Path, key: str) -> str:
+class Keys(NamedTuple):
+    """The config keys a data spec came from, for error messages: `path`, `format` (None: the format is told
+    from the file extension, there is no key) and `text_field`."""
+
+    path: str
+    format: str | None
+    text_field: str
+
+    @classmethod
+    def section(cls, name: str = "data") -> "Keys":
+        """The keys of a data section (data.path, data.format, data.text_field)."""
+        return cls(f"{name}.path", f"{name}.format", f"{name}.text_field")
+
+    def format_fix(self) -> str:
+        if self.format is None:
+            return "name the file with a .jsonl, .txt or .parquet extension"
+        return f"set {self.format} to one of {', '.join(FORMATS[1:])}"
+
+
+def _keys(key) -> Keys:
+    return key if isinstance(key, Keys) else Keys.section(key)
+
+
+def _format_of(file: Path, keys: Keys) -> str:
     """The format implied by a file's extension (compression suffixes ignored)."""
     for fmt, extensions in _EXTENSIONS.items():
         if _bare_name(file).endswith(extensions):
             return fmt
-    raise ValueError(f"{key}.format is 'auto' but the format of {file} cannot be told from its extension; "
-                     f"set {key}.format to one of {', '.join(FORMATS[1:])}")
+    raise ValueError(f"{keys.path}: the format of {file} cannot be told from its extension; {keys.format_fix()}")
 
 
-def _resolve_files(path: str, fmt: str, key: str) -> list[Path]:
+def resolve_files(path: str, fmt: str, keys: Keys) -> list[Path]:
     """The files named by a file path, a glob, or a directory (its files with the format's extensions)."""
     root = Path(path).expanduser()
     if root.is_file():
@@ -118,22 +140,24 @@ def _resolve_files(path: str, fmt: str, key: str) -> list[Path]:
         files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
                  and _bare_name(p).endswith(extensions)]
         if not files:
-            raise ValueError(f"{key}.path={path!r} is a directory with no {'/'.join(extensions)} files; "
-                             f"point {key}.path at a file or a glob such as '{path}/**/*.py' with {key}.format")
+            raise ValueError(f"{keys.path}={path!r} is a directory with no {'/'.join(extensions)} files; point "
+                             f"{keys.path} at a file, or at a glob such as '{path}/**/*.txt'"
+                             + (f" with {keys.format}" if keys.format else ""))
         return sorted(files)
     files = sorted(Path(p) for p in glob.glob(str(root), recursive=True) if Path(p).is_file())
     if not files:
-        raise ValueError(f"{key}.path={path!r} matches no file; set it to an existing file, glob or directory")
+        raise ValueError(f"{keys.path}={path!r} matches no file; set it to an existing file, glob or directory")
     return files
 
 
-def _common_format(files: list[Path], fmt: str, key: str) -> str:
+def common_format(files: list[Path], fmt: str, keys: Keys) -> str:
     """The one format of all files; explicit formats win, 'auto' must agree across files."""
     if fmt != "auto":
         return fmt
-    formats = {_format_of(f, key) for f in files}
+    formats = {_format_of(f, keys) for f in files}
     if len(formats) > 1:
-        raise ValueError(f"{key}.path mixes formats {sorted(formats)}; use one format or set {key}.format")
+        raise ValueError(f"{keys.path} mixes formats {sorted(formats)}; use files of one format"
+                         + (f" or set {keys.format}" if keys.format else ""))
     return formats.pop()
 
 
@@ -146,15 +170,16 @@ def _load_rows(builder: str, files: list[Path], cache_dir: str):
                                  cache_dir=cache_dir, **options)
 
 
-def _load_or_explain(builder: str, files: list[Path], cache_dir: str, key: str):
+def _load_or_explain(builder: str, files: list[Path], cache_dir: str, keys: Keys):
     """_load_rows, with a parse error turned into a ValueError naming the file that fails."""
     try:
         return _load_rows(builder, files, cache_dir)
     except Exception as err:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...)
         culprit = _first_unreadable(builder, files, cache_dir) if len(files) > 1 else files[0]
         cause = err.__cause__ or err
-        raise ValueError(f"{key}.path: cannot read {culprit} as {builder} ({type(cause).__name__}: "
-                         f"{str(cause).strip()[:300]}); fix or remove the file, or set {key}.format") from err
+        raise ValueError(f"{keys.path}: cannot read {culprit} as {builder} ({type(cause).__name__}: "
+                         f"{str(cause).strip()[:300]}); fix or remove the file"
+                         + (f", or set {keys.format}" if keys.format else "")) from err
 
 
 def _first_unreadable(builder: str, files: list[Path], cache_dir: str) -> Path | str:
@@ -166,41 +191,51 @@ def _first_unreadable(builder: str, files: list[Path], cache_dir: str) -> Path |
     return f"one of {len(files)} files"
 
 
-def _texts_from_rows(rows, field: str, builder: str, key: str) -> list[str]:
+def _texts_from_rows(rows, field: str, builder: str, keys: Keys) -> list[str]:
     """The non-empty strings of column `field`; ValueError if the column is absent or not text."""
     field = "text" if builder == "text" else field
     if field not in rows.column_names:
-        raise ValueError(f"{key}.text_field={field!r} is not a column of the data; available columns: "
-                         f"{rows.column_names}. Set {key}.text_field to one of them")
+        raise ValueError(f"{keys.text_field}={field!r} is not a column of the data at {keys.path}; available "
+                         f"columns: {rows.column_names}. Set {keys.text_field} to one of them")
     texts = rows[field]
     bad = next((i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
     if bad is not None:
-        raise ValueError(f"{key}.text_field={field!r}: row {bad} holds {type(texts[bad]).__name__}, not text; "
-                         f"set {key}.text_field to a string column")
+        raise ValueError(f"{keys.text_field}={field!r}: row {bad} holds {type(texts[bad]).__name__}, not text "
+                         f"(the data at {keys.path}); set {keys.text_field} to a string column")
     return [t for t in texts if t]
 
 
-def load_texts(spec, key: str = "data", cache_dir: str | Path | None = None) -> list[str]:
-    """Documents from spec.path (file, glob or directory) in spec.format, field spec.text_field.
-
-    `datasets` writes its Arrow cache to `cache_dir`; by default a temporary directory that is removed
-    afterwards, so nothing lands in ~/.cache and ranks never share a cache. Empty documents are dropped.
-    """
+def data_files(spec, key: str | Keys = "data") -> tuple[list[Path], str]:
+    """(the non-empty files of spec.path, their `datasets` builder): the checks that need no parsing."""
+    keys = _keys(key)
     path, fmt = _spec_value(spec, "path", ""), _spec_value(spec, "format", "auto")
     if not str(path):
-        raise ValueError(f"{key}.path is empty; set it to a JSONL, text or parquet file, glob or directory")
+        raise ValueError(f"{keys.path} is empty; set it to a JSONL, text or parquet file, glob or directory")
     if fmt not in FORMATS:
-        raise ValueError(f"{key}.format={fmt!r} is not one of {', '.join(FORMATS)}")
-    files = _resolve_files(str(path), fmt, key)
-    builder = _BUILDERS[_common_format(files, fmt, key)]
+        raise ValueError(f"{keys.format or keys.path + ' format'}={fmt!r} is not one of {', '.join(FORMATS)}")
+    files = resolve_files(str(path), fmt, keys)
+    builder = _BUILDERS[common_format(files, fmt, keys)]
     files = [f for f in files if f.stat().st_size > 0]
     if not files:
-        raise ValueError(f"{key}.path={str(path)!r}: the data is empty (every file has 0 bytes); add documents")
+        raise ValueError(f"{keys.path}={str(path)!r}: the data is empty (every file has 0 bytes); add documents")
+    return files, builder
+
+
+def load_texts(spec, key: str | Keys = "data", cache_dir: str | Path | None = None) -> list[str]:
+    """Documents from spec.path (file, glob or directory) in spec.format, field spec.text_field.
+
+    `key` names the config keys in errors: a section name ('data': data.path, data.format, data.text_field) or
+    `Keys`. `datasets` writes its Arrow cache to `cache_dir`; by default a temporary directory that is removed
+    afterwards, so nothing lands in ~/.cache and ranks never share a cache. Empty documents are dropped.
+    """
+    keys = _keys(key)
+    files, builder = data_files(spec, keys)
     with tempfile.TemporaryDirectory(prefix="semalign-datasets-") as scratch:
-        rows = _load_or_explain(builder, files, str(cache_dir or scratch), key)
-        texts = _texts_from_rows(rows, _spec_value(spec, "text_field", "text"), builder, key)
+        rows = _load_or_explain(builder, files, str(cache_dir or scratch), keys)
+        texts = _texts_from_rows(rows, _spec_value(spec, "text_field", "text"), builder, keys)
     if not texts:
-        raise ValueError(f"{key}.path={str(path)!r}: the data is empty (no non-empty documents); add documents")
+        raise ValueError(f"{keys.path}={str(_spec_value(spec, 'path', ''))!r}: the data is empty (no non-empty "
+                         f"documents); add documents")
     return texts
 
 

@@ -70,9 +70,10 @@ def verdict(summary: dict) -> list[str]:
 
 def main(scale: str = "default", cache_dir: str | None = None, overrides: list[str] = (),
          teacher: str = "demo") -> int:
-    from semalign_ds import pipeline
+    from semalign_ds import guard, pipeline, versions
     from semalign_ds.demo import build_demo_assets
 
+    versions.check()
     if teacher not in TEACHERS:
         raise ValueError(f"--teacher {teacher!r} is not one of {', '.join(TEACHERS)}")
     start = time.perf_counter()
@@ -85,7 +86,7 @@ def main(scale: str = "default", cache_dir: str | None = None, overrides: list[s
         teacher_path = real_models.smollm2()
     built = time.perf_counter() - start
     cfg = demo_config(assets, scale, list(overrides), teacher_path)
-    summary = pipeline.run(cfg)
+    summary = guard.owned_run(cfg, "run", pipeline.run)  # the output directory's rules, checks and signals
     print()
     print(summary["table"])
     print()

@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from semalign_ds import log
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -86,10 +88,18 @@ def init(device: str, timeout_s: float = 600.0) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    log.setup(dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, dev)
 
 
+def barrier(group=None) -> None:
+    """Wait for every rank of `group` (None: the world); nothing to wait for without a process group."""
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
 def shutdown() -> None:
+    """Destroy the process group (the CLI calls it after a command succeeds: a clean exit for NCCL/gloo)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

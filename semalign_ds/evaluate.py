@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from semalign_ds.method.objectives import next_token_valid
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -56,7 +58,7 @@ def _to_device(ids_BT: torch.Tensor, mask_BT: torch.Tensor, device: torch.device
 
 def next_token_loss_sum(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> tuple[float, int]:
     """Sum of next-token cross-entropy over pairs where both tokens are real, and their count."""
-    valid_BT = mask_BT[:, :-1] & mask_BT[:, 1:]
+    valid_BT = next_token_valid(mask_BT)
     if not bool(valid_BT.any()):
         return 0.0, 0
     ce_BT = F.cross_entropy(
@@ -172,7 +174,7 @@ def _eval_batches(r, name: str, path: str) -> list:
 
     cfg = r.cfg
     spec = {"path": path, "format": "auto", "text_field": cfg.data.text_field}
-    texts = datamod.load_texts(spec, f"eval.sets.{name}")
+    texts = datamod.load_texts(spec, datamod.Keys(f"eval.sets.{name}", None, "data.text_field"))
     cross = r.vocab.cross and r.teacher is not None
     blocks = datamod.pack_sequences(
         texts, r.tok_S, cfg.data.seq_len, cfg.eval.max_sequences, key=f"eval.sets.{name}",
@@ -246,11 +248,11 @@ def evaluate_run(r, export_dir, stage_table: str = "") -> dict:
     MLflow."""
     import json
 
-    from semalign_ds.models.loading import load_causal_lm
+    from semalign_ds.models.loading import load_causal_lm, torch_dtype
     from semalign_ds.progress import bar
 
     cfg, dev = r.cfg, r.info.device
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.student.dtype]
+    dtype = torch_dtype(cfg.student.dtype)
     before = load_causal_lm(cfg.student.path, dtype, dev, cfg.student.trust_remote_code, key="student.path")
     ppl, agree = {}, {}
     for name, path in bar(list(cfg.eval.sets.items()), "evaluation", r):

@@ -11,16 +11,14 @@ Who started the process is read from the variables each launcher sets:
                       SLURM_NTASKS_HET_GROUP_<i> (component 0 = teacher ranks, component 1 = student ranks)
   by hand             all of RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT
   nothing             a single rank on a free local port.
-A missing, malformed or inconsistent variable is a ValueError naming it and the fix. The result carries the
-RankLayout (distributed.py), which validates the teacher/student rank counts against the world size.
+A missing, malformed or inconsistent variable is a ValueError naming it and the fix. Which ranks are teacher or
+student ranks is the run's business (distributed.RankLayout, from runtime.topology and transport.teacher_ranks).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from typing import Mapping
-
-from semalign_ds.distributed import RankLayout
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SRUN_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURMD_NODENAME")
@@ -30,7 +28,7 @@ _ADDR_HINT = ('the slurm/ templates export MASTER_ADDR=$(scontrol show hostnames
 
 @dataclass(frozen=True)
 class Launch:
-    """This process's rank in the job, where the job's rendezvous is, and which ranks are teacher/student."""
+    """This process's rank in the job and where the job's rendezvous is."""
 
     launcher: str  # torchrun | deepspeed | srun | env | single
     rank: int
@@ -42,8 +40,6 @@ class Launch:
     node_name: str
     master_addr: str
     master_port: int
-    layout: RankLayout
-    het_tasks: tuple[int, ...] = ()  # tasks per component of a heterogeneous Slurm job
 
     def torch_env(self) -> dict[str, str]:
         """The variables torch.distributed (env://) and DeepSpeed read."""
@@ -51,19 +47,15 @@ class Launch:
                 "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
 
 
-def resolve_launch(env: Mapping[str, str], topology: str | None = None, teacher_ranks: int | None = None,
-                   default_port: int | None = None) -> Launch:
-    """Map a launch environment (e.g. os.environ) to the rank layout.
+def resolve_launch(env: Mapping[str, str], default_port: int | None = None) -> Launch:
+    """Map a launch environment (e.g. os.environ) to this process's place in the job.
 
-    topology None takes it from the launch (a heterogeneous job is disaggregated: component 0 runs the teacher,
-    else colocated); given, it is checked against the launch. default_port: the single-rank rendezvous port.
+    default_port: the single-rank rendezvous port (None: a free one).
     """
     kind = _launcher(env)
     fields = {"torchrun": _torchrun, "deepspeed": _deepspeed, "srun": _srun, "env": _by_hand,
               "single": lambda e: _single(e, default_port)}[kind](env)
-    het = fields.pop("het_tasks", ())
-    layout = _layout(fields["world_size"], het, topology, teacher_ranks)
-    return Launch(launcher=kind, layout=layout, het_tasks=het, **fields)
+    return Launch(launcher=kind, **fields)
 
 
 def _launcher(env: Mapping[str, str]) -> str:
@@ -83,7 +75,7 @@ def _launcher(env: Mapping[str, str]) -> str:
     return "single"
 
 
-# ---- one reader per launcher: each returns Launch's fields except launcher/layout ----
+# ---- one reader per launcher: each returns Launch's fields except launcher ----
 
 def _torchrun(env: Mapping[str, str]) -> dict:
     f = _torch_common(env, "torchrun")
@@ -144,7 +136,7 @@ def _srun(env: Mapping[str, str]) -> dict:
              master_port=_port(env["MASTER_PORT"]))
     _srun_agrees_with_torch_vars(env, f)
     _srun_nodes(env, f)
-    f["het_tasks"] = _het_tasks(env, world)
+    _check_het_step(env, world)
     return _checked(f, "tasks on this node (SLURM_STEP_TASKS_PER_NODE)", "SLURM_NODEID", "SLURM_STEP_NUM_NODES")
 
 
@@ -178,16 +170,19 @@ def _srun_nodes(env: Mapping[str, str], f: dict) -> None:
     f["local_world_size"] = per_node[f["node_rank"]] if per_node else f["world_size"]
 
 
-def _het_tasks(env: Mapping[str, str], world: int) -> tuple[int, ...]:
+def _check_het_step(env: Mapping[str, str], world: int) -> None:
+    """In a heterogeneous job, one step must span every component (teacher and student ranks in one world)."""
     size = _int(env, "SLURM_HET_SIZE", 1)
     if size <= 1:
-        return ()
+        return
+    if size != 2:
+        raise ValueError(f"a heterogeneous job for semalign has 2 components (teacher, student), this one "
+                         f"has {size} (SLURM_HET_SIZE)")
     tasks = tuple(_int(env, f"SLURM_NTASKS_HET_GROUP_{i}") for i in range(size))
     if sum(tasks) != world:
         raise ValueError(f"this step runs {world} tasks but the heterogeneous job's components have "
                          f"{' + '.join(map(str, tasks))}: start the ranks with `srun --het-group=0,1 ...` so one "
                          "step spans the teacher and the student components")
-    return tasks
 
 
 def _checked(f: dict, local_var: str, node_var: str, nodes_var: str) -> dict:
@@ -202,21 +197,6 @@ def _checked(f: dict, local_var: str, node_var: str, nodes_var: str) -> dict:
     if not 0 <= f["node_rank"] < f["num_nodes"]:
         raise ValueError(f"node rank {f['node_rank']} ({node_var}) is outside {f['num_nodes']} nodes ({nodes_var})")
     return f
-
-
-def _layout(world: int, het: tuple[int, ...], topology: str | None, teacher_ranks: int | None) -> RankLayout:
-    if het:
-        if len(het) != 2:
-            raise ValueError(f"a heterogeneous job for semalign has 2 components (teacher, student), this one "
-                             f"has {len(het)} (SLURM_HET_SIZE)")
-        if topology not in (None, "disaggregated"):
-            raise ValueError(f"runtime.topology={topology} but this is a heterogeneous Slurm job (teacher and "
-                             "student components): use runtime.topology=disaggregated (slurm/hetjob.sbatch)")
-        if teacher_ranks not in (None, het[0]):
-            raise ValueError(f"transport.teacher_ranks={teacher_ranks} but the job's teacher component (het group 0) "
-                             f"has {het[0]} tasks: set transport.teacher_ranks={het[0]} or resize the component")
-        return RankLayout.build("disaggregated", world, het[0])
-    return RankLayout.build(topology or "colocated", world, teacher_ranks)
 
 
 # ---- Slurm's compact lists ----

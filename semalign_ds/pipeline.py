@@ -21,21 +21,21 @@ import torch
 from semalign_ds import budget as budgetmod
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
-from semalign_ds import distributed, evaluate, report, resume, supervision, throughput, topology
+from semalign_ds import distributed, evaluate, files, ownership, report, resume, signals, supervision, throughput
+from semalign_ds import topology
 from semalign_ds.config import RunConfig
 from semalign_ds.context import RunContext
 from semalign_ds.method.pairing import PairingTable, build_pairing
 from semalign_ds.method.targets import target_recipes
 from semalign_ds.models.adapters import get_adapter
-from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer
-from semalign_ds.progress import bar
+from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer, torch_dtype
+from semalign_ds.progress import bar, phase
 from semalign_ds.resume import Progress
 from semalign_ds import tracking
 from semalign_ds.tracking import make_tracker
-from semalign_ds.transport import schema
+from semalign_ds.transport import schema, spool
 
 ATTRIBUTION_SEED = 7919  # the batches attribution reads: a property of the data, not of the training seed
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def run(cfg: RunConfig) -> dict:
@@ -68,12 +68,15 @@ def _init(cfg: RunConfig) -> distributed.DistInfo:
 
 
 def _guarded(ctx: RunContext, body):
+    """Every exit ends the MLflow run: FINISHED, KILLED (a signal or Ctrl-C) or FAILED with the error as a tag."""
     try:
         result = body()
         ctx.tracker.finish("FINISHED")
         return result
-    except BaseException:
-        ctx.tracker.finish("FAILED")
+    except BaseException as err:
+        killed = isinstance(err, (KeyboardInterrupt, signals.Preempted))
+        ctx.tracker.set_tags({"stopped_by" if killed else "error": f"{type(err).__name__}: {err}"[:5000]})
+        ctx.tracker.finish("KILLED" if killed else "FAILED")
         raise
 
 
@@ -219,6 +222,8 @@ def teach(cfg: RunConfig) -> dict:
         plan = run_budget(ctx)
         announce(ctx, plan, "spool", spool_bytes=len(ctx.blocks) * _bytes_per_sample(ctx, plan))
         layers = _trained_layers(plan)
+        need = spool.space_needed(out, len(ctx.blocks) * _bytes_per_sample(ctx, plan))
+        files.check_free_space(out, need, f"the spool ({len(ctx.blocks)} sequences x {ctx.blocks.seq_len} tokens)")
         manifest = topology.write_spool(ctx, _recipes(ctx, table, layers), M_DsDt,
                                         supervision.binding(ctx, table, M_DsDt), layers)
         if ctx.writes:
@@ -243,14 +248,6 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     main = info.is_main and role != "teacher"
     (out / "config.yaml").write_text(cfgmod.to_yaml(cfg)) if main else None
     torch.manual_seed(cfg.seed)
-    tracker = make_tracker(cfg.tracking.enabled, main, cfg.tracking.uri, cfg.tracking.experiment,
-                           tracking.run_name(cfg, info.world_size), out, run_id=progress.mlflow_run_id)
-    progress.mlflow_run_id = tracker.run_id
-    tracker.log_params(cfgmod.flatten(cfg))
-    tracker.set_tags({"config_hash": cfgmod.result_hash(cfg), "world_size": info.world_size,
-                      "topology": cfg.runtime.topology, "role": role})
-    if main:
-        tracker.log_artifact(out / "config.yaml")
     tok_T = load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     tok_S = load_tokenizer(cfg.student.path, "student.path", cfg.student.trust_remote_code)
     student = _load_student(cfg, info, progress)
@@ -260,6 +257,18 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     _check_layers(cfg, teacher_config, student)
     hidden_T = int(teacher_config.get_text_config().hidden_size)
     teacher = None if role == "student" else _build_teacher(cfg, info, hidden_T, mpu)
+    # the MLflow run exists only once everything loaded (a load error leaves none RUNNING); the directory's
+    # marker names it, so a rerun continues it (runtime.resume=false starts over: a new one)
+    run_id = (progress.mlflow_run_id or ownership.mlflow_run_id(out)) if cfg.runtime.resume else None
+    tracker = make_tracker(cfg.tracking.enabled, main, cfg.tracking.uri, cfg.tracking.experiment,
+                           tracking.run_name(cfg, info.world_size), out, run_id=run_id)
+    progress.mlflow_run_id = tracker.run_id
+    tracker.log_params(cfgmod.flatten(cfg))
+    tracker.set_tags({"config_hash": cfgmod.result_hash(cfg), "world_size": info.world_size,
+                      "topology": cfg.runtime.topology, "role": role})
+    if main:
+        ownership.note_mlflow_run(out, tracker.run_id)
+        tracker.log_artifact(out / "config.yaml")
     ctx = RunContext(cfg, info, out, role, tracker, tok_T, tok_S, student, teacher, blocks, vocab, group, mpu)
     return ctx, progress
 
@@ -277,7 +286,7 @@ def _check_layers(cfg: RunConfig, teacher_config, student) -> None:
 
 def _load_student(cfg: RunConfig, info, progress: Progress) -> torch.nn.Module:
     path = progress.model_dir or cfg.student.path  # resume: the checkpoint's weights
-    student = load_causal_lm(path, DTYPES[cfg.student.dtype], info.device,
+    student = load_causal_lm(path, torch_dtype(cfg.student.dtype), info.device,
                              cfg.student.trust_remote_code, key="student.path")
     student.eval()  # dropout off: targets are matched deterministically and resume is exact
     for p in student.parameters():
@@ -291,7 +300,7 @@ def _load_blocks(cfg: RunConfig, tok_S, student_config, teacher_config, tok_T=No
     from semalign_ds.models.loading import model_max_positions
 
     datamod.check_seq_len(cfg.data.seq_len, student_config, *([] if tok_T is not None else [teacher_config]))
-    texts = datamod.load_texts(cfg.data, "data.path")
+    texts = datamod.load_texts(cfg.data, "data")
     return datamod.pack_sequences(texts, tok_S, cfg.data.seq_len, cfg.data.max_sequences, teacher_tokenizer=tok_T,
                                   teacher_seq_len=cfg.data.teacher_seq_len,
                                   teacher_max_positions=model_max_positions(teacher_config))
@@ -305,9 +314,10 @@ def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):
     ds = teacher_ds_config(template, offload=cfg.teacher_engine.offload, nvme_path=cfg.teacher_engine.nvme_path,
                            bf16=cfg.teacher.dtype == "bfloat16", micro_batch=cfg.data.micro_batch_size,
                            world_size=info.world_size, device=info.device, hidden_size=hidden_size)
-    return TeacherEngine.from_pretrained(cfg.teacher.path, ds_config=ds, dtype=DTYPES[cfg.teacher.dtype],
-                                         device=info.device, trust_remote_code=cfg.teacher.trust_remote_code,
-                                         mpu=mpu)
+    with phase("teacher load", enabled=info.is_main and cfg.runtime.progress):
+        return TeacherEngine.from_pretrained(cfg.teacher.path, ds_config=ds, dtype=torch_dtype(cfg.teacher.dtype),
+                                             device=info.device, trust_remote_code=cfg.teacher.trust_remote_code,
+                                             mpu=mpu)
 
 
 # ---------------------------------------------------------------- the plan of the run
@@ -480,7 +490,10 @@ def _run_stage(ctx: RunContext, progress: Progress, stage, plan_stage: budgetmod
     cfg, k, total = ctx.cfg, plan_stage.k, plan_stage.steps
     packets = iter(source)
     meter = throughput.RunMeter.for_run(ctx)  # source/student tokens/s, bytes per token
-    for step in bar(range(start, total), f"stage {k} (student layer {k})", ctx, initial=start, total=total):
+    logged = ctx.tracker.last_step("loss") if ctx.writes else 0  # steps replayed after a kill: not logged again
+    steps = bar(range(start, total), f"stage {k} (student layer {k})", ctx, initial=start, total=total)
+    on_signal = lambda done: resume.save_inside(ctx, progress, stage, done)  # noqa: E731  SIGTERM/USR1: checkpoint
+    for step in signals.graceful_steps(steps, on_signal, ctx.group, ctx.info.device):
         t0 = time.perf_counter()
         metrics = {}
         for micro in range(cfg.schedule.grad_accum):
@@ -492,7 +505,7 @@ def _run_stage(ctx: RunContext, progress: Progress, stage, plan_stage: budgetmod
         tokens = metrics["tokens"] * cfg.schedule.grad_accum * ctx.info.world_size
         metrics.update(stage=k, tokens_per_s=tokens / seconds, **meter.flush())
         history.append({**metrics, "step": offset + step + 1})
-        if ctx.writes:
+        if ctx.writes and offset + step + 1 > logged:
             ctx.tracker.log_metrics(metrics, step=offset + step + 1)
         if (step + 1) % cfg.runtime.checkpoint_every == 0 and step + 1 < total:
             resume.save_inside(ctx, progress, stage, step + 1)

@@ -17,6 +17,7 @@ import torch
 
 from semalign_ds import config as cfgmod
 from semalign_ds.distributed import barrier
+from semalign_ds.progress import phase
 
 CKPT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 RUN_FILE = "run.json"
@@ -126,7 +127,8 @@ def resume_stage(ctx, progress: Progress, stage, k: int) -> int:
                          f"stage {k}; resume it with the same number of ranks")
     from semalign_ds.engines.checkpoint import load_stage_state
 
-    load_stage_state(ctx.out / CKPT, stage)
+    with phase(f"resume stage {k} at step {progress.step}", ctx):
+        load_stage_state(ctx.out / CKPT, stage)
     return int(progress.step)
 
 

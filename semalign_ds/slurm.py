@@ -21,7 +21,12 @@ from semalign_ds import config as cfgmod
 from semalign_ds.distributed import RankLayout
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
-TEMPLATES = ("colocated", "hetjob", "spool_teacher", "spool_student")
+TEMPLATES = {
+    "colocated": "one job; every rank holds a teacher shard and a student replica (runtime.topology colocated)",
+    "hetjob": "a heterogeneous job: teacher nodes stream packets to student nodes (disaggregated)",
+    "spool_teacher": "`semalign teach`: the teacher runs once and writes a spool directory (spool)",
+    "spool_student": "`semalign train --from-spool`: the student trains from that spool, after the teacher job",
+}
 _REQUIRED = re.compile(r'^: "\$\{(\w+):\?(.*)\}"\s*(#.*)?$')
 _OPTIONAL = re.compile(r"^(\w+)=\$\{(\w+):-(.*?)\}\s*(#.*)?$")
 _EXAMPLE_SITE = {"partition": "gpu", "account": "my-account"}
@@ -64,13 +69,13 @@ def main(args) -> int:
     return 0
 
 
-def render(config_path: str, template: str, overrides: list[str], cwd: Path | None = None) -> tuple[str, str]:
+def render(config_path: str, template: str | None, overrides: list[str], cwd: Path | None = None) -> tuple[str, str]:
     """(filled job script, human summary of what it would submit); ValueError on anything the job would fail on."""
     cwd = Path(cwd or os.getcwd()).resolve()
+    tpl = load_template(template)
     config_file = _abs(config_path, cwd)
     cfg = cfgmod.load_config(config_file, overrides)
     _check_overrides(overrides)
-    tpl = load_template(template)
     layout = check_layout(tpl, cfg)
     values = {"SEMALIGN_CONFIG": str(config_file), "SEMALIGN_WORKDIR": str(cwd),
               "SEMALIGN_PYTHON": sys.executable, "SEMALIGN_OVERRIDES": " ".join(overrides)}
@@ -83,12 +88,19 @@ def render(config_path: str, template: str, overrides: list[str], cwd: Path | No
     return script, summary(tpl, layout, cfg, values, unfilled, notes)
 
 
-def load_template(template: str) -> Template:
+def template_list() -> str:
+    return "\n".join(f"  {name:<14} {what}" for name, what in TEMPLATES.items())
+
+
+def load_template(template: str | None) -> Template:
     """A shipped template by name (colocated, hetjob, spool_teacher, spool_student) or a path to an edited copy."""
+    if not template:
+        raise ValueError(f"--template needs a name or a path; the shipped templates (in {SLURM_DIR}):\n"
+                         f"{template_list()}")
     path = SLURM_DIR / f"{template}.sbatch" if template in TEMPLATES else Path(template)
     if not path.is_file():
         raise ValueError(f"unknown template {template!r}: use one of {', '.join(TEMPLATES)} or the path of an "
-                         f"sbatch file (the shipped ones are in {SLURM_DIR})")
+                         f"sbatch file (the shipped ones are in {SLURM_DIR}):\n{template_list()}")
     text = path.read_text()
     if "#SBATCH" not in text or "semalign_ds.cli" not in text:
         raise ValueError(f"template {str(path)!r} is not a semalign job script (no #SBATCH lines or no "
@@ -253,7 +265,7 @@ def summary(tpl: Template, layout: RankLayout, cfg: cfgmod.RunConfig, values: di
 
 def _command(tpl: Template, values: dict[str, str], layout: RankLayout) -> str:
     """The template's srun line with the run settings (and a het job's teacher task count) filled in."""
-    srun = next((l for l in tpl.text.splitlines() if l.lstrip().startswith("srun ")), "")
+    srun = next((l for l in tpl.text.splitlines() if l.lstrip().startswith("srun ")), "").rstrip(" &")
     values = {**values, "SLURM_NTASKS_HET_GROUP_0": str(len(layout.teacher_ranks))}
     for name, value in values.items():
         srun = srun.replace(f'"${name}"', shlex.quote(value)).replace(f"${name}", value)

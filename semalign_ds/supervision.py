@@ -19,6 +19,8 @@ from semalign_ds import data as datamod
 from semalign_ds.distributed import broadcast_from_first
 from semalign_ds.method import basis as basismod
 from semalign_ds.models.adapters import get_adapter
+from semalign_ds.models.loading import torch_dtype
+from semalign_ds.progress import phase
 from semalign_ds.transport import schema
 from semalign_ds.transport.packet import SupervisionPacket
 
@@ -109,9 +111,10 @@ def build_map(ctx, table) -> torch.Tensor | None:
     if main:
         random = cfg.method.map == "random"
         student_w = adapter.head_weight() if kind == "output" else adapter.embed.weight
-        S_T = semantic_basis(teacher_w, kind, random, cfg.seed + 1, device)
-        S_S = semantic_basis(student_w.detach().float().cpu(), kind, random, cfg.seed + 2, device)
-        M.copy_(basismod.alignment_map(S_T.to(device), S_S.to(device), ctx.vocab.ids_T, ctx.vocab.ids_S))
+        with phase("semantic bases + alignment map", ctx):
+            S_T = semantic_basis(teacher_w, kind, random, cfg.seed + 1, device)
+            S_S = semantic_basis(student_w.detach().float().cpu(), kind, random, cfg.seed + 2, device)
+            M.copy_(basismod.alignment_map(S_T.to(device), S_S.to(device), ctx.vocab.ids_T, ctx.vocab.ids_S))
     return broadcast_from_first(M, ctx.group)
 
 
@@ -195,7 +198,7 @@ def emit(ctx, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> Supe
     packet = ctx.teacher.emit(
         ids_T.to(dev), mask_T.to(dev), batch.sample_ids_B, recipes, M_DsDt,
         top_k=cfg.method.top_k, tau=cfg.method.tau, need_logits=needs_teacher_logits(cfg),
-        target_dtype=torch.bfloat16 if cfg.method.target_dtype == "bfloat16" else torch.float32,
+        target_dtype=torch_dtype(cfg.method.target_dtype),
         logit_ids_T=ctx.vocab.ids_T if shared else None, logit_ids_S=ctx.vocab.ids_S if shared else None,
         sorted_only=cfg.method.output_objective == "uld", student=student_positions(batch, dev),
         normalise_targets=normalised_targets(cfg),

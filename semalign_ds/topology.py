@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from semalign_ds import data as datamod
-from semalign_ds import supervision
+from semalign_ds import signals, supervision
 from semalign_ds.budget import stage_seed
 from semalign_ds.distributed import DistInfo, RankLayout, all_reduce, barrier
 from semalign_ds.method.pairing import PairingTable
@@ -123,7 +123,8 @@ def write_spool(ctx, recipes: dict, M_DsDt, binding: dict, stages: list[int]) ->
     world, rank = ctx.info.world_size, ctx.info.rank
     per_shard = -(-plan.shard_rows // cfg.data.micro_batch_size)
     t0, emitted = time.perf_counter(), 0
-    for first in bar(range(0, len(pending), world), "spool shards", ctx):
+    rounds = bar(range(0, len(pending), world), "spool shards", ctx, unit="round")
+    for first in signals.graceful_steps(rounds, None, ctx.group, ctx.info.device):  # committed shards: the resume
         j = pending[first + rank] if first + rank < len(pending) else None
         emitted += _write_shard(ctx, plan, j, per_shard, recipes, M_DsDt, spare=world > 1)
     barrier(ctx.group)

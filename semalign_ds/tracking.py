@@ -26,6 +26,10 @@ class NullTracker:
                           step: int = 0, name: str = "student") -> str | None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
+    def last_step(self, key: str) -> int:
+        """The highest step logged for metric `key` (0 if none): a resumed run does not log a step twice."""
+        return 0
+
 
 def tracking_uri(configured: str | None, output_dir: Path) -> str:
     if configured:
@@ -65,8 +69,10 @@ class MlflowTracker(NullTracker):
             exp_id = exp.experiment_id
         if run_id is None:
             run_id = self._client.create_run(exp_id, run_name=run_name, tags=environment_tags()).info.run_id
-        else:
+        else:  # a rerun continues its directory's run: RUNNING again, the last attempt's end tags cleared
             self._client.update_run(run_id, status="RUNNING")
+            for tag in set(self._client.get_run(run_id).data.tags) & {"error", "stopped_by"}:
+                self._client.delete_tag(run_id, tag)
         self.run_id = run_id
 
     def _check_run(self, run_id: str, uri: str) -> None:
@@ -95,6 +101,9 @@ class MlflowTracker(NullTracker):
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         if batch:
             self._client.log_batch(self.run_id, metrics=batch)
+
+    def last_step(self, key: str) -> int:
+        return max((m.step for m in self._client.get_metric_history(self.run_id, key)), default=0)
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), subdir)

@@ -12,6 +12,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("SEMALIGN_CACHE", __import__("tempfile").mkdtemp(prefix="semalign-test-cache-"))
 
 import json
+import subprocess
 import sysconfig
 from pathlib import Path
 
@@ -97,3 +98,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size_kib, read_only) -> a fresh tmpfs; skipped where this process may not mount (not root)."""
+    mounted = []
+
+    def mount(size_kib: int, read_only: bool = False) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        opts = f"size={size_kib}k" + (",ro" if read_only else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'not root'}): needs root, as in CI")
+        mounted.append(point)
+        return point
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)

@@ -104,7 +104,7 @@ def test_unreadable_file_is_named(tmp_path):
 
 def test_format_errors(tmp_path):
     (tmp_path / "d.csv").write_text("text\nhello\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"data\.format is 'auto'.*cannot be told"):
+    with pytest.raises(ValueError, match=r"data\.path: the format of .*d\.csv cannot be told.*set data\.format to"):
         load_texts({"path": str(tmp_path / "d.csv")})
     with pytest.raises(ValueError, match=r"data\.format='csv' is not one of"):
         load_texts({"path": str(tmp_path / "d.csv"), "format": "csv"})

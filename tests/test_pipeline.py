@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,12 +99,15 @@ def test_run_produces_checkpoint_mlflow_and_eval(tmp_path, tiny_pair):
     assert client.get_logged_model(model_output.model_id).source_run_id == mlrun.info.run_id
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_pair):
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    cfg = write_config(straight, tiny_pair, schedule={"epochs_per_stage": 1.0})
-    semalign("run", "--config", cfg)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_pair) -> Path:
+    """An uninterrupted run of 12 steps per stage: the weights every interrupted run must end with."""
+    tmp = tmp_path_factory.mktemp("straight")
+    semalign("run", "--config", write_config(tmp, tiny_pair, schedule={"epochs_per_stage": 1.0}))
+    return tmp
 
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_pair, straight):
     killed = tmp_path / "killed"
     killed.mkdir()
     cfg = write_config(killed, tiny_pair, schedule={"epochs_per_stage": 1.0})
@@ -126,18 +130,113 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_pair):
     assert state.get("stage") == 2 and state.get("step") in (3, 6, 9), f"never killed mid-stage 2: {state}"
     assert not (killed / "run" / "student").exists()
     semalign("run", "--config", cfg)
-    a, b = student_weights(straight / "run"), student_weights(killed / "run")
+    assert_same_weights(straight / "run", killed / "run")
+    client, (mlrun,) = mlflow_runs(killed / "run")  # the steps replayed after the kill are not logged twice
+    logged = [m.step for m in client.get_metric_history(mlrun.info.run_id, "layer_loss")]
+    assert sorted(logged) == list(range(1, 25)) and mlrun.info.status == "FINISHED"  # 2 stages x 12, global
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    a, b = student_weights(a_dir), student_weights(b_dir)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
 
+def mlflow_runs(run_dir: Path, uri: str | None = None) -> tuple:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri or f"sqlite:///{run_dir / 'mlflow.db'}")
+    return client, client.search_runs([client.get_experiment_by_name("semalign").experiment_id])
+
+
+def wait_for(proc, ready, what: str, limit: float = 180.0) -> None:
+    deadline = time.time() + limit
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            return
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"never saw {what} (exit {proc.poll()})")
+
+
+def checkpoint_state(run: Path) -> dict:
+    try:
+        return json.loads((run / "checkpoint" / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def test_sigterm_checkpoints_marks_killed_exits_75_and_resumes_to_the_same_weights(tmp_path, tiny_pair, straight):
+    cfg = write_config(tmp_path, tiny_pair, schedule={"epochs_per_stage": 1.0})
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*SEMALIGN, "run", "--config", str(cfg)], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(proc, lambda: checkpoint_state(run).get("stage") == 2, "a checkpoint inside stage 2")
+    proc.send_signal(signal.SIGTERM)  # what Slurm sends on scancel / preemption
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "Traceback" not in err and "semalign: stopped by SIGTERM after step" in err
+    state = checkpoint_state(run)  # at the step the signal interrupted (no step is trained twice: see below)
+    assert state["stage"] == 2 and 3 <= state["step"] <= 12 and not (run / "student").exists()
+    assert json.loads((run / "semalign.json").read_text())["status"] == "killed"
+    client, (mlrun,) = mlflow_runs(run)
+    assert mlrun.info.status == "KILLED" and "SIGTERM" in mlrun.data.tags["stopped_by"]
+
+    first = semalign("run", "--config", cfg)  # the rerun resumes: same weights, same MLflow run, no step twice
+    assert_same_weights(straight / "run", run)
+    client, (again,) = mlflow_runs(run)
+    assert again.info.run_id == mlrun.info.run_id and again.info.status == "FINISHED"
+    assert "stopped_by" not in again.data.tags
+    steps = [m.step for m in client.get_metric_history(again.info.run_id, "layer_loss")]
+    assert sorted(steps) == list(range(1, 25)), steps  # both stages' steps, each once, on the global axis
+    assert json.loads((run / "semalign.json").read_text())["status"] == "finished"
+
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    done = semalign("run", "--config", cfg)  # a finished directory: its result, nothing run, nothing written
+    table = lambda text: [l for l in text.splitlines() if l.startswith("|")]  # noqa: E731
+    assert table(done.stdout) == table(first.stdout) and "student after" in done.stdout
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    assert len(mlflow_runs(run)[1]) == 1
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, tiny_pair):
+    cfg = write_config(tmp_path, tiny_pair)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*SEMALIGN, "run", "--config", str(cfg)], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(proc, lambda: (run / "semalign.json").is_file(), "the output directory claimed")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "semalign: interrupted (Ctrl-C); rerun the same command to resume" in err
+    assert json.loads((run / "semalign.json").read_text())["status"] == "killed"
+    if (run / "mlflow.db").exists():  # interrupted before or after the MLflow run began: never left RUNNING
+        assert all(r.info.status == "KILLED" for r in mlflow_runs(run)[1])
+
+
+def test_teach_onto_a_full_disk_is_a_clear_error(tmp_path, tiny_pair, tmpfs):
+    out = tmpfs(400)  # the tiny spool needs about 1 MiB
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = write_config(tmp_path, tiny_pair, tracking={"uri": uri})
+    proc = semalign("teach", "--config", cfg, "--out", out, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(rf"semalign: error: the spool \(\d+ sequences x 64 tokens\) needs [\d.]+ [KM]iB \(\d+ bytes\) in "
+                     rf"{out} but its filesystem has [\d.]+ KiB free", proc.stderr), proc.stderr[-2000:]
+    assert json.loads((out / "semalign.json").read_text())["status"] == "failed"
+    assert not list(out.glob("shard-*"))
+    (mlrun,) = mlflow_runs(out, uri)[1]
+    assert mlrun.info.status == "FAILED" and "needs" in mlrun.data.tags["error"]
+
+
 def test_resume_dir_of_another_config_is_refused(tmp_path, tiny_pair):
     cfg = write_config(tmp_path, tiny_pair, schedule={"epochs_per_stage": 0.1})
     semalign("run", "--config", cfg)
+    before = (tmp_path / "run" / "config.yaml").read_bytes()
     proc = semalign("run", "--config", cfg, "method.top_k=4", check=False)
     assert proc.returncode == 2
-    assert "different configuration" in proc.stderr and "runtime.resume=false" in proc.stderr
+    assert "different configuration" in proc.stderr and "choose another output_dir" in proc.stderr
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == before
 
 
 BAD_INPUT = [
@@ -153,10 +252,10 @@ _BAD_INPUT_SCRIPT = """
 import contextlib, io, json, sys
 from semalign_ds.cli import main
 results = {}
-for override in sys.argv[2:]:
+for i, override in enumerate(sys.argv[2:]):  # a directory each: a failed run's directory belongs to its config
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = main(["run", "--config", sys.argv[1], override, "runtime.resume=false"])
+        rc = main(["run", "--config", sys.argv[1], override, f"output_dir={sys.argv[1]}.run{i}"])
     results[override] = [rc, err.getvalue()]
 print(json.dumps(results))
 """

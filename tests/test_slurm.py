@@ -94,7 +94,7 @@ def test_render_cli_prints_and_submits_nothing(tmp_path, plain_config):
     for tool in ("sbatch", "srun", "salloc"):
         (fake_bin / tool).write_text(f"#!/bin/sh\necho called >> {tmp_path}/submitted\n")
         (fake_bin / tool).chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", PYTHONPATH=str(REPO))  # this checkout's code
     cmd = [sys.executable, "-m", "semalign_ds.cli", "slurm", "render", "--config", str(plain_config)]
     ok = subprocess.run([*cmd, "--template", "colocated"], env=env, cwd=tmp_path, capture_output=True, text=True,
                         timeout=120)
@@ -269,33 +269,49 @@ def test_config_missing_on_the_node_is_a_clear_job_error(slurm_cluster, rendered
     assert f"config file '{tmp_path}/config.yaml' does not exist" in job_log(tmp_path, jobid)
 
 
-def test_colocated_two_nodes_requeued_midway_resumes_and_finishes(slurm_cluster, rendered, tmp_path):
-    steps = 30
+def test_colocated_two_nodes_stopped_twice_by_signals_resumes_each_time(slurm_cluster, rendered, tmp_path):
+    steps, run = 30, tmp_path / "run"
     script = rendered("colocated", schedule={"epochs_per_stage": 15})  # 2 ranks x 4 of 16 sequences: 30 steps
     jobid = submit(script, tmp_path, "--nodes=2", "--ntasks-per-node=1")
-    saved = wait_for_checkpoint(tmp_path / "run", jobid, tmp_path)
-    assert subprocess.run(["scontrol", "requeue", jobid], timeout=30).returncode == 0
-    release_requeued(jobid)  # a requeued job waits ~2 min (BeginTime) before it may start again
+    wait_for_checkpoint(run, jobid, tmp_path, stage=1)
+    # 1. what --signal=B:USR1@120 does before the time limit: USR1 to the batch shell, which forwards it to the
+    # ranks; they agree on a step, checkpoint, exit 75, and the script requeues the job
+    assert subprocess.run(["scancel", "--batch", "--signal=USR1", jobid], timeout=30).returncode == 0
+    release_requeued(jobid, tmp_path)  # a requeued job waits ~2 min (BeginTime) before it may start again
+    # 2. scancel (SIGTERM to every rank): checkpoint, exit 75, the job CANCELLED and not requeued by the script
+    wait_for_checkpoint(run, jobid, tmp_path, stage=2)
+    assert subprocess.run(["scancel", jobid], timeout=30).returncode == 0
+    fields = wait_job(jobid, tmp_path)
+    assert fields["JobState"] == "CANCELLED", fields
+    end = time.time() + 60  # the ranks finish their exit path within Slurm's KillWait
+    while json.loads((run / "semalign.json").read_text())["status"] != "killed" and time.time() < end:
+        time.sleep(0.2)
+    assert json.loads((run / "semalign.json").read_text())["status"] == "killed"
+    assert subprocess.run(["scontrol", "requeue", jobid], timeout=30).returncode == 0  # the user resumes it
+    release_requeued(jobid, tmp_path)
     fields = wait_job(jobid, tmp_path)
     assert_succeeded(fields, tmp_path, jobid)
     log = job_log(tmp_path, jobid)
-    assert fields["Restarts"] == "1" and "restart 0) on n[1-2]" in log and "restart 1) on n[1-2]" in log
-    client, mlrun = assert_student_and_mlflow(tmp_path / "run")
+    assert fields["Restarts"] == "2" and all(f"restart {n}) on n[1-2]" in log for n in range(3))
+    assert f"semalign: job {jobid} wrote a checkpoint after USR1; requeueing it" in log
+    assert "stopped by SIGUSR1 after step" in log and "stopped by SIGTERM after step" in log
+    assert "Traceback" not in log and "Exited with exit code 75" in log
+    client, mlrun = assert_student_and_mlflow(run)
     assert mlrun.data.tags["world_size"] == "2"
-    first = [m.step for m in client.get_metric_history(mlrun.info.run_id, "layer_loss") if m.step <= steps]
-    # resumed, not restarted: the steps up to the checkpoint it was requeued after were trained (and logged) once
-    assert set(first) == set(range(1, steps + 1)) and all(first.count(s) == 1 for s in range(1, saved["step"] + 1))
+    logged = [m.step for m in client.get_metric_history(mlrun.info.run_id, "layer_loss")]
+    # resumed at the step it stopped after: every step of both stages trained and logged exactly once
+    assert sorted(logged) == list(range(1, 2 * steps + 1)), logged
 
 
-def wait_for_checkpoint(run: Path, jobid: str, logs: Path, deadline_s: float = 240) -> dict:
-    """The first mid-stage checkpoint of stage 1 (run.json with a step), while the job is running."""
+def wait_for_checkpoint(run: Path, jobid: str, logs: Path, deadline_s: float = 240, stage: int = 1) -> dict:
+    """The first mid-stage checkpoint of `stage` (run.json with a step), while the job is running."""
     progress, end = run / "checkpoint" / "run.json", time.time() + deadline_s
     while time.time() < end:
         try:
             state = json.loads(progress.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             state = {}
-        if state.get("stage") == 1 and state.get("step"):
+        if state.get("stage") == stage and state.get("step") and job_fields(jobid).get("JobState") == "RUNNING":
             return state
         if job_fields(jobid).get("JobState") in FINAL:
             break
@@ -304,7 +320,7 @@ def wait_for_checkpoint(run: Path, jobid: str, logs: Path, deadline_s: float = 2
     pytest.fail(f"job {jobid} wrote no mid-stage checkpoint to requeue after:\n{job_log(logs, jobid)[-4000:]}")
 
 
-def release_requeued(jobid: str) -> None:
+def release_requeued(jobid: str, logs: Path) -> None:
     """Let a requeued job start again now instead of after its BeginTime delay, once its first run is gone from
     the nodes (slurmd refuses a job credential issued in the same second as the revoked one)."""
     end = time.time() + 60
@@ -316,7 +332,9 @@ def release_requeued(jobid: str) -> None:
             subprocess.run(["scontrol", "update", f"jobid={jobid}", "starttime=now"], timeout=30, check=True)
             return
         time.sleep(0.2)
-    pytest.fail(f"job {jobid} did not go back to PENDING after scontrol requeue: {job_fields(jobid)}")
+    fields = job_fields(jobid)
+    pytest.fail(f"job {jobid} did not go back to PENDING after a requeue: {fields.get('JobState')} "
+                f"{fields.get('ExitCode')}\n{job_log(logs, jobid)[-6000:]}")
 
 
 def test_hetjob_teacher_component_streams_to_student_component(slurm_cluster, rendered, tmp_path):

@@ -28,6 +28,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from semalign_ds import files
+from semalign_ds.distributed import barrier
 from semalign_ds.engines.student import StudentStage
 from semalign_ds.method.lora import LoRALinear
 
@@ -49,11 +51,6 @@ def _dp(stage: StudentStage) -> tuple[int, int, object]:
     if not dist.is_initialized():
         return 0, 1, None
     return dist.get_rank(group), dist.get_world_size(group), group
-
-
-def _barrier(group) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
 
 
 def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,12 +96,6 @@ def _partition_tensors(stage: StudentStage) -> tuple[dict[str, torch.Tensor], di
     return tensors, meta
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_stage_state(directory, stage: StudentStage, step: int, extra: dict | None = None) -> None:
     """Write the stage's resumable state into `directory` (collective over the student's DP group)."""
     if stage.engine is None:
@@ -124,11 +115,11 @@ def save_stage_state(directory, stage: StudentStage, step: int, extra: dict | No
     tmp = target.with_name(target.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, target)
-    _barrier(group)
+    barrier(group)
     if rank == 0:
-        _write_json(directory / PROGRESS, {"stage": stage.k, "step": int(step), "optimizer_steps": stage.steps,
+        files.write_json(directory / PROGRESS, {"stage": stage.k, "step": int(step), "optimizer_steps": stage.steps,
                                            "dp_world_size": world, "extra": extra or {}})
-    _barrier(group)
+    barrier(group)
 
 
 def read_progress(directory) -> dict:

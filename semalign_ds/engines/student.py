@@ -133,7 +133,7 @@ class _WithProjections(nn.Module):
 
 def _next_token(ids_BT: torch.Tensor, mask_BT: torch.Tensor, logits_BTV: torch.Tensor):
     """(logits at t, label ids_{t+1}, mask where both t and t+1 are real)."""
-    return logits_BTV[:, :-1], ids_BT[:, 1:], mask_BT[:, :-1] & mask_BT[:, 1:]
+    return logits_BTV[:, :-1], ids_BT[:, 1:], obj.next_token_valid(mask_BT)
 
 
 def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter], retain_graph: bool = False) -> torch.Tensor:

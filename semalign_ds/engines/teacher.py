@@ -39,7 +39,7 @@ from semalign_ds.distributed import setup_env
 from semalign_ds.engines.kl_lean import rows_per_chunk
 from semalign_ds.method.attribution import AttributionAccumulator, skip_layer
 from semalign_ds.method.basis import align
-from semalign_ds.method.objectives import ce
+from semalign_ds.method.objectives import ce, next_token_valid
 from semalign_ds.method.targets import TargetRecipe, recipe_target
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.capture import capture_states
@@ -70,8 +70,7 @@ def _check_dtype(ds_config: dict, dtype: torch.dtype) -> None:
 
 def _lm_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy over positions whose token and next token are both real."""
-    valid = mask_BT[:, :-1] & mask_BT[:, 1:]
-    return ce(logits_BTV[:, :-1], ids_BT[:, 1:], valid)
+    return ce(logits_BTV[:, :-1], ids_BT[:, 1:], next_token_valid(mask_BT))
 
 
 def _leaf_output(module, args, output):
@@ -219,10 +218,11 @@ class TeacherEngine:
                         trust_remote_code: bool = False, mpu: GroupMPU | None = None) -> "TeacherEngine":
         """Load a local HF checkpoint partitioned at load time (never whole on one rank) and wrap it; with `mpu`
         over its data-parallel subgroup."""
-        from semalign_ds.models.loading import load_config
+        from semalign_ds.models.loading import check_weights, load_config
 
         _check_dtype(ds_config, dtype)
         load_config(path, key="teacher.path", trust_remote_code=trust_remote_code)  # clear errors first
+        check_weights(path, "teacher.path")  # no weights, or pickle ones only: the student's clear message
         deepspeed = import_deepspeed(device)
         deepspeed.init_distributed()  # zero.Init at load reads the world size from the process group
         from transformers import AutoModelForCausalLM

@@ -200,6 +200,11 @@ def label_cosine(zs_BTV: torch.Tensor, labels_BT: torch.Tensor, mask_BT: torch.T
     return 1.0 - cos.mean() if cos.numel() else _zero(zs_BTV)
 
 
+def next_token_valid(mask_BT: torch.Tensor) -> torch.Tensor:
+    """mask_B(T-1): positions t whose token and next token are both real (where a next-token loss counts)."""
+    return mask_BT[:, :-1] & mask_BT[:, 1:]
+
+
 def ce(zs_BTV: torch.Tensor, labels_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over valid tokens (labels already shifted to be next tokens)."""
     mask = _label_mask(mask_BT, labels_BT, zs_BTV)

@@ -93,6 +93,45 @@ def _check_safetensors(directory: Path, key: str) -> None:
                      "save_pretrained into it")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config dtype name ('float32', 'bfloat16', 'float16')."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_weights(path, key: str, gguf_file: str | None = None) -> None:
+    """ValueError unless the checkpoint's weights are safetensors (or the named GGUF file exists: issue 10's
+    gguf_file field; how a GGUF file is read is the loader's business)."""
+    directory = _checkpoint_dir(path, key)
+    if gguf_file:
+        if not (directory / gguf_file).is_file() and not Path(gguf_file).is_file():
+            raise ValueError(f"{key}: the GGUF file {gguf_file!r} is neither in {str(directory)!r} nor a file path; "
+                             "set gguf_file to the .gguf file's name in the checkpoint directory")
+        return
+    _check_safetensors(directory, key)
+
+
+def check_model(path, key: str, weights: bool = True, gguf_file: str | None = None) -> None:
+    """Every check that reads no weights: the directory, config.json, a causal LM of a supported family, and
+    (weights=True) safetensors weights. For the check pass before a run."""
+    _checked_dir(path, key)
+    if weights:
+        check_weights(path, key, gguf_file)
+
+
+def check_tokenizer_files(path, key: str) -> None:
+    """ValueError unless the directory holds tokenizer files (without loading them)."""
+    directory = _checkpoint_dir(path, key)
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"{key}={str(directory)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save "
+                         "one there with tokenizer.save_pretrained")
+
+
 def _checked_dir(path, key: str) -> Path:
     """All checks that need only config.json; returns the checkpoint directory."""
     directory = _checkpoint_dir(path, key)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from semalign_ds import files
 from semalign_ds.transport import schema
 from semalign_ds.transport.packet import SupervisionPacket
 
@@ -49,12 +50,6 @@ def shard_name(j: int) -> str:
 
 def _record_path(directory: Path, j: int) -> Path:
     return directory / f"shard-{j:05d}.json"
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def shard_digests(path: Path) -> tuple[str, list[str]]:
@@ -99,9 +94,14 @@ class ShardFile:
         self.base = len(header)
         self.rows = layout[0][2][0]
         self.size = self.base + sum(schema.DTYPES[d].itemsize * int(torch.Size(s).numel()) for _, d, s in layout)
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(self.fd, header)
-        os.ftruncate(self.fd, self.size)
+        self.fd = None
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(self.fd, header)
+            os.ftruncate(self.fd, self.size)
+        except OSError as err:
+            self.abort()
+            files.reraise(err, self.tmp, self.size)
         self.tokens = 0
         self.binding = metadata["binding"]
 
@@ -114,23 +114,33 @@ class ShardFile:
                                  f"holds {dtype} rows of {shape[1:]}")
             data = schema.as_bytes(t.detach().contiguous().cpu()).numpy()
             row_bytes = data.nbytes // max(t.shape[0], 1)
-            os.pwrite(self.fd, data, self.base + self.offsets[name] + row * row_bytes)
+            try:
+                os.pwrite(self.fd, data, self.base + self.offsets[name] + row * row_bytes)
+            except OSError as err:  # a full disk names the shard and the bytes it needs
+                files.reraise(err, self.tmp, self.size)
         self.tokens += int(flat["mask"].sum())
 
     def commit(self, first_sample: int) -> dict:
         """fsync, checksum, rename into place, then write the record: the shard is committed."""
-        os.fsync(self.fd)
-        os.close(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as err:
+            files.reraise(err, self.tmp, self.size)
+        finally:
+            os.close(self.fd)
+            self.fd = None
         sha, blocks = shard_digests(self.tmp)
         record = {"index": self.j, "file": self.final.name, "first_sample": first_sample, "rows": self.rows,
                   "bytes": self.size, "tokens": self.tokens, "sha256": sha, "blocks": blocks, "binding": self.binding}
         os.replace(self.tmp, self.final)
         _fsync_dir(self.directory)
-        _write_json(_record_path(self.directory, self.j), record)
+        files.write_json(_record_path(self.directory, self.j), record)
         return record
 
     def abort(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         self.tmp.unlink(missing_ok=True)
 
 
@@ -198,6 +208,13 @@ def open_plan(directory, binding: dict, num_samples: int, shard_rows: int, stage
     return SpoolPlan(directory, binding, num_samples, shard_rows, stages)
 
 
+def space_needed(directory, total_bytes: int) -> int:
+    """Bytes a spool of `total_bytes` (supervision.packet_bytes_per_sample x samples) still needs in `directory`:
+    less the shards already there."""
+    written = sum(p.stat().st_size for p in Path(directory).glob("shard-*.safetensors"))
+    return max(0, total_bytes - written)
+
+
 def write_manifest(plan: SpoolPlan, extra: dict) -> dict:
     """After every shard is committed (all writers done): the manifest that makes the spool readable."""
     records = []
@@ -213,7 +230,7 @@ def write_manifest(plan: SpoolPlan, extra: dict) -> dict:
                 "binding_digest": schema.digest(plan.binding), "num_samples": plan.num_samples,
                 "shard_sequences": plan.shard_rows, "stages": plan.stages, "shards": records,
                 "bytes": total_bytes, "tokens": tokens, "bytes_per_token": total_bytes / max(tokens, 1), **extra}
-    _write_json(plan.directory / MANIFEST, manifest)
+    files.write_json(plan.directory / MANIFEST, manifest)
     return manifest
 
 
@@ -228,6 +245,9 @@ class SpoolReader:
     def __init__(self, directory, expected_binding: dict):
         self.directory = Path(directory)
         path = self.directory / MANIFEST
+        if self.directory.is_file():
+            raise ValueError(f"transport.spool_dir={str(self.directory)!r} is a file, not a spool directory; point "
+                             f"--from-spool at the directory `semalign teach --out` wrote")
         if not path.is_file():
             raise ValueError(f"transport.spool_dir={str(self.directory)!r} has no {MANIFEST}: it is not a spool, or "
                              f"the teacher job did not finish; run `semalign teach --config X --out "

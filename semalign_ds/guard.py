@@ -1,0 +1,81 @@
+"""One owned command: `run`, `train` and `teach` go through `owned_run`, which holds the rules a user trusts.
+
+    1. a finished directory of this config (marker status finished, same kind and config hash): nothing is
+       done; the result is read back (eval.json of a run, manifest.json of a spool) and the command exits 0
+    2. the check pass (checks.check_all): every problem at once, before anything is written or loaded
+    3. ownership.claim on the writing rank (rank 0): the directory is created and marked; status running
+    4. the work, under signals.handled() (SIGTERM/SIGUSR1/SIGINT: checkpoint at a step boundary where the
+       loop polls, else stop at once)
+    5. the marker's status: finished, killed (a signal or Ctrl-C) or failed (anything else)
+The MLflow run's own status is set where the run is (pipeline._guarded); its id goes into the marker there
+(ownership.note_mlflow_run), so a rerun continues it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from semalign_ds import checks, ownership, signals
+from semalign_ds import config as cfgmod
+
+log = logging.getLogger(__name__)
+
+
+def target(cfg: cfgmod.RunConfig, command: str) -> tuple[Path, str]:
+    """(the directory the command writes, its ownership kind)."""
+    if command == "teach":
+        return Path(cfg.transport.spool_dir), "spool"
+    return cfgmod.resolved_output_dir(cfg), "run"
+
+
+def finished_result(out: Path, kind: str) -> dict:
+    """What a finished directory holds, read back: eval.json of a run (its "table"), the spool's manifest."""
+    name = "eval.json" if kind == "run" else "manifest.json"
+    path = out / name
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        result = {}
+    if kind == "run" and "table" not in result:
+        result["table"] = f"(no readable {path}; the student is in {out / 'student'})"
+    return result
+
+
+def owned_run(cfg: cfgmod.RunConfig, command: str, work: Callable[[cfgmod.RunConfig], dict]) -> dict:
+    """Steps 1-5 of the module docstring around `work(cfg)`; returns its result (or the finished one)."""
+    from semalign_ds.launch import resolve_launch
+
+    out, kind = target(cfg, command)
+    config_hash = cfgmod.result_hash(cfg)
+    marker = ownership.read(out) if out.is_dir() else None
+    if marker and (marker["kind"], marker["config_hash"], marker.get("status")) == (kind, config_hash, "finished"):
+        log.info("%s holds a finished %s of this config: nothing to do (delete it to redo it)", out, kind)
+        return {**finished_result(out, kind), "finished_before": True}
+    launch = resolve_launch(os.environ)
+    checks.check_all(cfg, command, world_size=launch.world_size)
+    writer = launch.rank == 0
+    if writer:
+        ownership.claim(out, kind, config_hash)
+    status = "failed"
+    try:
+        with signals.handled(then_ignore=True):
+            result = work(cfg)
+        status = "finished"
+        return result
+    except (KeyboardInterrupt, signals.Preempted):
+        status = "killed"
+        raise
+    finally:
+        if writer:
+            _set_status(out, status)
+
+
+def _set_status(out: Path, status: str) -> None:
+    """Record the final status; a failure to write it (a full disk) must not hide the run's own error."""
+    try:
+        ownership.update(out, status=status)
+    except (OSError, ValueError) as err:
+        log.warning("could not record status %s in %s: %s", status, out / ownership.MARKER, err)

@@ -1,0 +1,279 @@
+"""The trust issue's bad inputs through `semalign` in-process (cli.main): each gets exit code 2 and one clear
+line naming the key and the fix, before any model loads, and leaves every file as it was (no output directory,
+no MLflow store). The cases that need a real run or a real signal are in test_pipeline.py and test_signals.py;
+the ownership rules and full/read-only disks in test_ownership.py."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semalign_ds import checks, cli, ownership, versions
+from semalign_ds import config as cfgmod
+from test_ownership import tree
+from test_pipeline import write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """run_cli(*args) -> (exit code, stdout, stderr) of cli.main in this process."""
+    def call(*args):
+        rc = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+    return call
+
+
+@pytest.fixture
+def cfg(tmp_path, tiny_pair) -> Path:
+    return write_config(tmp_path, tiny_pair)
+
+
+def one_error(err: str) -> str:
+    """The error line: exactly one line, `semalign: error: ...`, no traceback."""
+    lines = [l for l in err.splitlines() if l and not l.startswith("[rank ")]
+    assert len(lines) == 1 and lines[0].startswith("semalign: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def assert_nothing_written(tmp_path: Path) -> None:
+    assert not (tmp_path / "run").exists()  # the output_dir of write_config: never created, so no MLflow store
+
+
+def marked(directory: Path, kind: str, config_hash: str, status: str = "finished", **files: str) -> Path:
+    """A directory as `semalign` leaves it: the marker and some files."""
+    ownership.claim(directory, kind, config_hash)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    ownership.update(directory, status=status)
+    return directory
+
+
+# ---------------------------------------------------------------- 1. nothing is overwritten
+
+
+def test_teach_into_a_users_directory_is_refused_and_leaves_it_untouched(tmp_path, cfg, run_cli):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: precious\n")
+    before = tree(mine)
+    rc, _, err = run_cli("teach", "--config", cfg, "--out", mine)
+    assert rc == 2 and f"--out (transport.spool_dir)='{mine}' is not empty (config.yaml)" in one_error(err)
+    assert tree(mine) == before
+
+
+def test_teach_into_a_finished_run_directory_is_refused(tmp_path, cfg, run_cli):
+    run = marked(tmp_path / "done", "run", "feedfeedfeedfeed", **{"config.yaml": "a: 1\n", "eval.json": "{}"})
+    before = tree(run)
+    rc, _, err = run_cli("teach", "--config", cfg, "--out", run)
+    assert rc == 2 and "holds a semalign run (written by `semalign run` or `semalign train`), not a spool" in \
+        one_error(err)
+    assert tree(run) == before
+
+
+def test_teach_onto_a_complete_spool_of_another_config_is_refused_and_the_spool_stays_readable(tmp_path, cfg,
+                                                                                                run_cli):
+    manifest = '{"complete": true, "schema": 1, "num_samples": 4}'
+    spool = marked(tmp_path / "spool", "spool", "feedfeedfeedfeed", **{"manifest.json": manifest,
+                                                                        "pairing.json": '{"rows": []}'})
+    before = tree(spool)
+    rc, _, err = run_cli("teach", "--config", cfg, "--out", spool)
+    assert rc == 2 and "holds a spool of a different configuration (config hash feedfeedfeedfeed" in one_error(err)
+    assert tree(spool) == before and checks.spool_to_read(str(spool))["num_samples"] == 4
+
+
+def test_teach_out_pointing_at_a_file_is_refused(tmp_path, cfg, run_cli):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    rc, _, err = run_cli("teach", "--config", cfg, "--out", file)
+    assert rc == 2 and f"--out (transport.spool_dir)='{file}' is a file, not a directory" in one_error(err)
+    assert file.read_text() == "keep me"
+
+
+def test_run_into_an_existing_directory_without_a_marker_is_refused(tmp_path, cfg, run_cli):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.yaml").write_text("mine: 1\n")
+    (old / "notes.md").write_text("results")
+    before = tree(old)
+    rc, _, err = run_cli("run", "--config", cfg, f"output_dir={old}")
+    assert rc == 2 and f"output_dir='{old}' is not empty (config.yaml, notes.md)" in one_error(err)
+    assert tree(old) == before
+
+
+# ---------------------------------------------------------------- 2. 3. 4. 5. checked before any work
+
+
+def _teacher_copy(tmp_path: Path, pair: dict, weights: str | None) -> Path:
+    """The tiny teacher's config.json and tokenizer, with `weights` as its only weight file (or none)."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pair["teacher"], teacher, ignore=shutil.ignore_patterns("*.safetensors"))
+    if weights:
+        (teacher / weights).write_bytes(b"\x80\x02pickle")  # never opened: refused by its name
+    return teacher
+
+
+def _stage2_template(tmp_path: Path) -> Path:
+    path = tmp_path / "teacher_stage2.json"
+    path.write_text((ROOT / "ds_configs" / "teacher_zero3_offload_cpu.json").read_text().replace('"stage": 3',
+                                                                                                  '"stage": 2'))
+    return path
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("schedule.grad_clip=-1", "schedule.grad_clip=-1.0 must be >= 0 (0 turns gradient clipping off)"),
+    ("schedule.lr=-0.001", "schedule.lr=-0.001 must be > 0"),
+    ("transport.window=0", "transport.window=0 must be >= 1"),
+    ("method.tau=.nan", "method.tau=nan must be > 0"),
+    ("teacher_no_weights", "teacher.path='{tmp}/teacher' has no *.safetensors weights"),
+    ("teacher_bin_only", "teacher.path='{tmp}/teacher' holds weights that are not safetensors (pytorch_model.bin); "
+                         "they are refused because loading them runs pickle"),
+    ("student.path={tmp}/nowhere", "student.path='{tmp}/nowhere' does not exist"),
+    ("data.path={tmp}/missing.jsonl", "data.path='{tmp}/missing.jsonl' matches no file"),
+    ("eval.sets.extra={tmp}/missing.jsonl", "eval.sets.extra='{tmp}/missing.jsonl' matches no file"),
+    ("eval.sets.odd={tmp}/config.yaml", "eval.sets.odd: the format of {tmp}/config.yaml cannot be told from its "
+                                        "extension; name the file with a .jsonl, .txt or .parquet extension"),
+    ("teacher_stage2", "teacher_engine.ds_config='{tmp}/teacher_stage2.json': zero_optimization.stage is 2 but the "
+                       "teacher engine runs ZeRO-3 inference (stage 3)"),
+    ("student_engine.ds_config=ds_configs/teacher_zero3_offload_cpu.json",
+     "ds_configs/teacher_zero3_offload_cpu.json': zero_optimization.stage is 3 but the student engine runs ZeRO-2 "
+     "training (stage 2)"),
+    ("schedule.stages=[3]", "schedule.stages [3] out of range: the student has layers 1..2"),
+])
+def test_bad_input_is_one_clear_line_before_any_work(tmp_path, tiny_pair, run_cli, case, needle):
+    fmt = dict(tmp=tmp_path)
+    special = {"teacher_no_weights": lambda: f"teacher.path={_teacher_copy(tmp_path, tiny_pair, None)}",
+               "teacher_bin_only": lambda: f"teacher.path={_teacher_copy(tmp_path, tiny_pair, 'pytorch_model.bin')}",
+               "teacher_stage2": lambda: f"teacher_engine.ds_config={_stage2_template(tmp_path)}"}
+    override = special[case]() if case in special else case.format(**fmt)
+    cfg = write_config(tmp_path, tiny_pair)
+    rc, _, err = run_cli("run", "--config", cfg, override)
+    line = one_error(err)
+    assert rc == 2 and needle.format(**fmt) in line, line
+    assert ".path.path" not in line and "data.path.text_field" not in line
+    assert_nothing_written(tmp_path)
+
+
+def test_data_errors_name_the_keys_that_exist(tmp_path):
+    from semalign_ds import data as datamod
+
+    (tmp_path / "d.jsonl").write_text('{"body": "x"}\n')
+    spec = cfgmod.config_from_dict({"data": {"path": str(tmp_path / "d.jsonl")}}).data
+    with pytest.raises(ValueError, match=r"^data.text_field='text' is not a column of the data at data.path; "
+                                         r"available columns: \['body'\]. Set data.text_field to one of them$"):
+        datamod.load_texts(spec, "data")
+
+
+def test_train_from_a_file_does_not_suggest_teaching_into_it(tmp_path, cfg, run_cli):
+    file = tmp_path / "spool.tar"
+    file.write_text("not a spool")
+    rc, _, err = run_cli("train", "--config", cfg, "--from-spool", file)
+    line = one_error(err)
+    assert rc == 2 and f"transport.spool_dir (--from-spool)='{file}' is a file, not a spool directory" in line
+    assert "teach --config" not in line and f"--out {file}" not in line
+    assert_nothing_written(tmp_path)
+
+
+def test_every_problem_is_reported_at_once(tmp_path, cfg, run_cli):
+    bad = ["schedule.lr=-1", "schedule.grad_clip=-1", f"eval.sets.gone={tmp_path}/gone.jsonl",
+           f"teacher.path={tmp_path}/no_teacher"]
+    rc, _, err = run_cli("config", "--check", "--config", cfg, *bad)
+    assert rc == 2 and err.startswith("semalign: error: 4 problems in the config:\n")
+    for key in ("schedule.lr=", "schedule.grad_clip=", "eval.sets.gone=", "teacher.path="):
+        assert f"\n  - {key}" in err
+    rc, out, err = run_cli("config", "--check", "--config", cfg)
+    assert (rc, out.strip()) == (0, "OK: the config and every path it names passed the checks"), err
+    rc, _, err = run_cli("run", "--config", cfg, *bad)  # run reports the same list, before any work
+    assert rc == 2 and "4 problems in the config" in err
+    assert_nothing_written(tmp_path)
+
+
+def test_python_callers_get_the_ranges_at_parse_time():
+    with pytest.raises(ValueError, match=r"schedule.grad_clip=-1.0 must be >= 0"):
+        cfgmod.config_from_dict({}, ["schedule.grad_clip=-1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'schedule.grad_clipping'"):  # still at parse time
+        cfgmod.config_from_dict({}, ["schedule.grad_clipping=1"], check_ranges=False)
+
+
+# ---------------------------------------------------------------- the command line itself
+
+
+def test_version_and_help_for_every_subcommand_and_flag(run_cli, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and re.match(r"semalign \d+\.\d+\.\d+ \(deepspeed ", capsys.readouterr().out)
+    parser = cli._parser()
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:
+            if isinstance(action.choices, dict):  # subcommands: each has its help line
+                parsers.extend(action.choices.values())
+                helps = {a.dest: a.help for a in action._choices_actions}
+                assert all(helps.get(name) for name in action.choices), f"{p.prog}: a subcommand has no help"
+            elif action.dest != "help":
+                assert action.help, f"{p.prog}: {action.dest} has no help"
+
+
+def test_slurm_render_template_without_a_value_lists_the_templates(cfg, run_cli):
+    rc, out, err = run_cli("slurm", "render", "--config", cfg, "--template")
+    assert rc == 2 and not out and "--template needs a name or a path; the shipped templates" in err
+    for name in ("colocated", "hetjob", "spool_teacher", "spool_student"):
+        assert f"\n  {name} " in err
+
+
+def test_a_bug_prints_its_traceback_and_where_to_report_it(tmp_path, cfg, run_cli, monkeypatch):
+    from semalign_ds import pipeline
+
+    def broken(cfg):
+        raise RuntimeError("an internal invariant broke")
+    monkeypatch.setattr(pipeline, "run", broken)  # a bug cannot be caused by input: stand one in
+    rc, _, err = run_cli("run", "--config", cfg)
+    assert rc == 1 and "Traceback (most recent call last)" in err and "RuntimeError: an internal invariant" in err
+    assert "this is a bug in semalign, not in your input: please report it" in err
+    assert ownership.read(tmp_path / "run")["status"] == "failed"
+
+
+def test_os_errors_a_user_fixes_are_one_line(tmp_path, cfg, run_cli, monkeypatch):
+    import errno
+
+    from semalign_ds import pipeline
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x"))
+    monkeypatch.setattr(pipeline, "run", full)
+    rc, _, err = run_cli("run", "--config", cfg)
+    assert rc == 2 and "the disk is full" in one_error(err) and str(tmp_path / "run" / "x") in err
+
+
+# ---------------------------------------------------------------- dependencies
+
+
+def test_versions_outside_the_tested_range_are_a_clear_error(monkeypatch):
+    ok = {"deepspeed": "0.19.8", "transformers": "5.24.0", "torch": "2.13.0+cpu", "mlflow": "3.17.2"}
+    versions.check(ok)
+    with pytest.raises(ValueError, match=r"deepspeed 0.20.1 is outside the tested range deepspeed>=0.19,<0.20; "
+                                         r"install 'deepspeed>=0.19,<0.20'; transformers is not installed"):
+        versions.check({**ok, "deepspeed": "0.20.1", "transformers": None})
+    monkeypatch.setenv(versions.OVERRIDE, "1")
+    versions.check({**ok, "deepspeed": "0.16.0"})  # the user's explicit choice: a warning only
+    versions.check()  # this environment is within the ranges
+
+
+def test_pyproject_pins_the_same_ranges():
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {re.match(r"[A-Za-z_-]+", d).group(0): d[len(re.match(r"[A-Za-z_-]+", d).group(0)):] for d in deps}
+    assert {p: pinned[p] for p in versions.TESTED} == versions.TESTED
+
+
+def test_shipped_configs_pass_the_ranges():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert cfgmod.range_problems(cfgmod.load_config(path)) == [], path
+    assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
