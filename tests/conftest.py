@@ -118,3 +118,12 @@ def tmpfs(tmp_path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", str(point)], check=True)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process runs set launch variables (RANK, LOCAL_RANK, MASTER_PORT, ...): no test sees another's."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

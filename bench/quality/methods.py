@@ -25,6 +25,7 @@ class Method:
     train: bool = True
     lr_from: str | None = None  # None: searched on validation; else the chosen rate of that method
     note: str = ""
+    setting: str | None = None  # real pairs: the teacher setting (spool) its packets come from
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -52,12 +53,67 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            lr_from="semalign_v2"),
 ]}
 
+# ---- the real pairs (issue 11; bench/quality/real.py): SmolLM2-135M teaches; packets come from one spool per
+# teacher setting (what changes the packets), shared by every method that reads it. A method's overrides start with
+# its setting's. SemAlign rows pin w_label 0 (METHOD.md's v2 terms) unless they say "labels".
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "nothing": ("method.layer_objective=none", "method.output_objective=ce", "pairing.critical_layer=false"),
+    "kl64": ("method.layer_objective=none", "method.top_k=64", "pairing.critical_layer=false"),
+    "kl256": ("method.layer_objective=none", "method.top_k=256", "pairing.critical_layer=false"),
+    "kl4096": ("method.layer_objective=none", "method.top_k=4096", "pairing.critical_layer=false"),
+    "uld64": ("method.layer_objective=none", "method.output_objective=uld", "pairing.critical_layer=false"),
+    **{f"res_{m}": (f"method.map={m}",) for m in ("pinv", "logit", "random", "none")},
+    **{f"state_{m}": ("method.layer_objective=fisher_logits", f"method.map={m}") for m in ("pinv", "logit", "random")},
+    **{f"mse_{m}": ("method.layer_objective=mse", f"method.map={m}") for m in ("pinv", "logit", "random")},
+    "pair_ablation": ("pairing.attribution=ablation",),
+    "pair_formula": ("pairing.critical_layer=false",),
+}
+
+
+def _real(name: str, label: str, group: str, setting: str, extra: tuple = (), lr_from: str | None = "r_geo_pinv",
+          mode: tuple = ()) -> Method:
+    return Method(name, label, group, SETTINGS[setting] + mode + extra, lr_from=lr_from, setting=setting)
+
+
+_MAP_LABEL = {"pinv": "pinv-pinv map (paper)", "logit": "logit-matching map", "random": "random basis",
+              "none": "no map"}
+REAL_METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("no_transfer", "no transfer (student as pretrained)", "reference", train=False),
+    _real("r_sft", "SFT (CE, all layers)", "baseline", "nothing", mode=FULL, lr_from=None),
+    _real("r_kd64", "logit KD top-64 (all layers)", "baseline", "kl64", mode=FULL, lr_from=None),
+    _real("r_kd256", "logit KD top-256 (all layers)", "baseline", "kl256", mode=FULL, lr_from="r_kd64"),
+    _real("r_kd4096", "logit KD top-4096 (all layers)", "baseline", "kl4096", mode=FULL, lr_from="r_kd64"),
+    _real("r_kd_ce", "KD top-64 + CE (all layers)", "baseline", "kl64", ("method.w_label=1.0",), lr_from=None,
+          mode=FULL),
+    _real("r_hidden_mse", "hidden-MSE KD + KL (learned proj., all layers)", "baseline", "res_none",
+          ("method.layer_objective=hidden_mse",), lr_from=None, mode=FULL),
+    _real("r_uld", "ULD KD (sorted probabilities, all layers)", "baseline", "uld64", mode=FULL, lr_from="r_kd64"),
+    _real("r_kl_frontier", "KL only, frontier (no layer term)", "ablation", "kl64"),
+    _real("r_geo_pinv", "SemAlign v2: geometry + KL, pinv-pinv map", "semalign", "res_pinv", lr_from=None),
+    *[_real(f"r_geo_{m}", f"geometry + KL, {_MAP_LABEL[m]}", "ablation", f"res_{m}")
+      for m in ("logit", "random", "none")],
+    *[_real(f"r_cos_{m}", f"cosine + KL, {_MAP_LABEL[m]}", "ablation", f"res_{m}", ("method.layer_objective=cosine",))
+      for m in ("pinv", "logit", "random")],
+    *[_real(f"r_fisher_{m}", f"Fisher-logits + KL, {_MAP_LABEL[m]}", "ablation", f"state_{m}",
+            lr_from=None if m == "logit" else "r_geo_pinv") for m in ("pinv", "logit", "random")],
+    *[_real(f"r_mse_{m}", f"MSE + KL, {_MAP_LABEL[m]}", "ablation", f"mse_{m}") for m in ("pinv", "logit", "random")],
+    _real("r_geo_balanced", "geometry + KL, layer gradient held at 0.3 x the KL gradient", "ablation", "res_pinv",
+          ("method.layer_balance=0.3",)),
+    _real("r_geo_full", "geometry + KL, full schedule (all layers at once)", "ablation", "res_pinv", mode=FULL),
+    _real("r_geo_ablation_pairing", "geometry + KL, pairing by ablation", "ablation", "pair_ablation"),
+    _real("r_geo_formula_pairing", "geometry + KL, pairing by the formula (no attribution)", "ablation",
+          "pair_formula"),
+    _real("r_geo_labels", "SemAlign v2 + labels (geometry + KL + CE)", "semalign", "res_pinv", ("method.w_label=1.0",),
+          lr_from=None),
+]}
+
 
 @dataclass(frozen=True)
 class PairPlan:
     name: str
     label: str
     methods: tuple[str, ...]
+    real: bool = False  # a SmolLM2 pair (bench/quality/real.py), not one of the tiny from-scratch pairs (run.py)
 
 
 PAIRS: dict[str, PairPlan] = {p.name: p for p in [
@@ -68,7 +124,15 @@ PAIRS: dict[str, PairPlan] = {p.name: p for p in [
              ("no_transfer", "sft", "logit_kd", "semalign_v2")),
     PairPlan("mamba", "GPT-NeoX teacher -> Mamba student (transformer -> state-space)",
              ("no_transfer", "sft", "logit_kd", "semalign_v2", "abl_random_basis")),
+    PairPlan("code", "SmolLM2-135M -> a small code student with SmolLM2's tokenizer (3 x 192)", tuple(REAL_METHODS),
+             real=True),
+    PairPlan("pruned", "SmolLM2-135M -> SmolLM2 pruned to 4 of its 30 layers (same tokenizer)",
+             ("no_transfer", "r_sft", "r_kd64", "r_geo_pinv"), real=True),
+    PairPlan("demo", "SmolLM2-135M -> the demo's 4096-token student (cross-tokenizer)",
+             ("no_transfer", "r_sft", "r_kd64", "r_uld", "r_geo_pinv"), real=True),
 ]}
+REAL_PAIRS = tuple(p for p in PAIRS if PAIRS[p].real)
+METHODS.update({k: v for k, v in REAL_METHODS.items() if k != "no_transfer"})
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,18 @@ def run_one(spec: dict, job: dict, evals: EvalSets) -> dict:
     return result
 
 
+def teach_one(spec: dict, job: dict) -> dict:
+    """A spool for a teacher setting (spec kind "teach"): `semalign teach` with the setting's config."""
+    from semalign_ds import pipeline
+
+    pair = job["pairs"][spec["pair"]]
+    cfg = run_config(spec, pair, job["base_overrides"], job.get("mlflow_uri"), job["experiment"])
+    start = time.perf_counter()
+    manifest = pipeline.teach(cfg)
+    return dict(spec, status="ok", wall_s=round(time.perf_counter() - start, 2), bytes=manifest.get("bytes"),
+                num_samples=manifest.get("num_samples"), emitted=manifest.get("emitted_samples"))
+
+
 def warm_up(device: str, mlflow_uri: str | None) -> None:
     """Process-wide one-time costs (DeepSpeed import, its communication op, the process group, the MLflow store's
     tables) before the first run, so that every run's wall time counts the same work."""
@@ -153,7 +165,7 @@ def main(job_path: str) -> int:
         if target.is_file() and json.loads(target.read_text()).get("status") == "ok":
             continue
         try:
-            result = run_one(spec, job, evals)
+            result = teach_one(spec, job) if spec.get("kind") == "teach" else run_one(spec, job, evals)
         except Exception as err:  # one failed run must not sink the benchmark; the table shows it
             failed += 1
             result = dict(spec, status="failed", error=f"{type(err).__name__}: {err}",
