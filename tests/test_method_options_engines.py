@@ -3,7 +3,6 @@ student stage, and attribution by ablation on a ZeRO-3 teacher."""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,6 @@ from semalign_ds.method import objectives as obj
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
-@pytest.fixture
-def single_rank_env(monkeypatch):
-    """A complete single-rank launch environment, whatever earlier tests left in os.environ."""
-    from semalign_ds.distributed import free_port
-
-    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", os.environ.get("MASTER_PORT") or str(free_port()))):
-        monkeypatch.setenv(var, value)
-    for var in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
 
 
 def _llama(layers: int, seed: int = 0):

@@ -6,9 +6,6 @@ the verdicts against cases that must and must not fit.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

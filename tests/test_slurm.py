@@ -69,7 +69,7 @@ def test_render_fills_placeholders_from_the_config(tmp_path, plain_config, templ
     assert ":?set SEMALIGN" not in script  # every required variable was filled
     assert ("SEMALIGN_SPOOL_DIR=" in script) == template.startswith("spool")
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    assert "nothing was submitted" in summary and f"each rank runs: srun" in summary
+    assert "nothing was submitted" in summary and "each rank runs: srun" in summary
     assert "--partition=gpu, --account=my-account" in summary  # the SITE lines still to edit
 
 

@@ -2,7 +2,6 @@
 and a stage whose loss needs nothing above the frontier stops its forward there without changing the loss."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -43,18 +42,6 @@ def test_lean_kl_without_real_tokens_is_a_zero_that_keeps_the_graph():
     loss = kl_topk_lean(zs, values, idx, tail, torch.zeros_like(mask), 1.0)
     loss.backward()
     assert float(loss) == 0.0 and float(zs.grad.abs().max()) == 0.0
-
-
-@pytest.fixture
-def single_rank_env(monkeypatch):
-    """A complete single-rank launch environment, whatever earlier tests left in os.environ."""
-    from semalign_ds.distributed import free_port
-
-    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", os.environ.get("MASTER_PORT") or str(free_port()))):
-        monkeypatch.setenv(var, value)
-    for var in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def test_layer_only_stage_stops_after_the_frontier(tmp_path, single_rank_env):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import sys
 import time
@@ -34,7 +33,7 @@ sys.path[:0] = [str(HERE), str(REPO)]
 import gate as gatemod  # noqa: E402
 import report  # noqa: E402
 import run as runmod  # noqa: E402
-from methods import METHODS, PAIRS, REAL_METHODS, REAL_PAIRS, SETTINGS  # noqa: E402
+from methods import METHODS, PAIRS, REAL_METHODS, REAL_PAIRS  # noqa: E402
 from worker import EvalSets  # noqa: E402
 
 LR_GRID = (1e-3, 3e-3, 1e-2)
