@@ -84,8 +84,15 @@ def _collect(found: list[str], check, *args) -> bool:
 
 
 def _model(found: list[str], model: cfgmod.ModelConfig, role: str, weights: bool) -> bool:
-    key, gguf = f"{role}.path", getattr(model, "gguf_file", None)  # gguf_file: issue 10's field, when it lands
-    ok = _collect(found, loading.check_model, model.path, key, weights, gguf)
+    """The model's folder, weights and tokenizer; True if the checks against its config.json can follow (a GGUF
+    checkpoint is checked as a file here; its config exists only once converted, at load)."""
+    key = f"{role}.path"
+    if model.gguf_file:
+        from semalign_ds.models.gguf import gguf_location
+
+        _collect(found, gguf_location, model.path, model.gguf_file, role)
+        return False
+    ok = _collect(found, loading.check_model, model.path, key, weights, None)
     return ok and _collect(found, loading.check_tokenizer_files, model.path, key)
 
 

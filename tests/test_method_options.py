@@ -104,7 +104,7 @@ def test_skip_layer_equals_removing_the_layer():
     (["method.map=none", "method.layer_objective=fisher_logits"], "fisher_logits"),
     (["method.layer_objective=hidden_mse", "method.map=logit"], "set method.map=none or leave method.map unset"),
     (["method.map=logit", "method.basis=input"], "leave method.basis=output"),
-    (["method.layer_balance=0"], "'method.layer_balance' must be > 0"),
+    (["method.layer_balance=0"], "method.layer_balance=0.0 must be > 0"),
     (["method.layer_balance=0.5", "method.output_objective=none"], "no output term"),
     (["method.layer_balance=0.5", "method.w_out=0"], "no output term"),
     (["method.log_grad_cosine=true", "method.layer_objective=none"], "no layer term"),

@@ -4,6 +4,7 @@ no MLflow store). The cases that need a real run or a real signal are in test_pi
 the ownership rules and full/read-only disks in test_ownership.py."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 from semalign_ds import checks, cli, ownership, versions
 from semalign_ds import config as cfgmod
+from semalign_ds.transport.schema import SCHEMA_VERSION
 from test_ownership import tree
 from test_pipeline import write_config
 
@@ -78,7 +80,7 @@ def test_teach_into_a_finished_run_directory_is_refused(tmp_path, cfg, run_cli):
 
 def test_teach_onto_a_complete_spool_of_another_config_is_refused_and_the_spool_stays_readable(tmp_path, cfg,
                                                                                                 run_cli):
-    manifest = '{"complete": true, "schema": 1, "num_samples": 4}'
+    manifest = json.dumps({"complete": True, "schema": SCHEMA_VERSION, "num_samples": 4})
     spool = marked(tmp_path / "spool", "spool", "feedfeedfeedfeed", **{"manifest.json": manifest,
                                                                         "pairing.json": '{"rows": []}'})
     before = tree(spool)
