@@ -92,7 +92,8 @@ def _rank(rank: int, world: int, init_file: str, results) -> None:
 
 
 def test_every_rank_stops_at_the_same_step(tmp_path):
-    results = mp.get_context("fork").Manager().dict()
-    mp.start_processes(_rank, args=(2, str(tmp_path / "rdv"), results), nprocs=2, start_method="fork")
+    # spawned, not forked: a process group an earlier in-process test left in this process must not be inherited
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_rank, args=(2, str(tmp_path / "rdv"), results), nprocs=2, start_method="spawn")
     assert dict(results) == {0: [None, "SIGUSR1"], 1: [None, "SIGUSR1"]}
 
