@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 EVAL_SETS = ("target_val", "target_test", "general_test")
-LOSS_KEYS = ("loss", "layer_loss", "out_loss", "label_loss", "tokens")
+LOSS_KEYS = ("loss", "layer_loss", "out_loss", "label_loss", "tokens", "grad_cos_layer_kl", "w_layer_effective")
 
 
 def run_config(spec: dict, pair: dict, base_overrides: list[str], mlflow_uri: str | None, experiment: str):
