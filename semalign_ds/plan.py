@@ -393,9 +393,10 @@ def _packets_and_wall(plan: Plan, cfg, su: Setup, prof, t: dict) -> None:
 def main(args) -> int:
     """The `semalign plan` command (args: config, nodes, gpus_per_node, overrides, device_profile)."""
     from semalign_ds import config as cfgmod
+    from semalign_ds.models.gguf import resolved_config
     from semalign_ds.models.loading import load_config
 
-    cfg = cfgmod.load_config(args.config, args.overrides)
+    cfg = resolved_config(cfgmod.load_config(args.config, args.overrides))  # a GGUF checkpoint: its converted folder
     teacher = ModelShape.from_config(load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code))
     student = ModelShape.from_config(load_config(cfg.student.path, "student.path", cfg.student.trust_remote_code))
     name = getattr(args, "device_profile", None) or ("cpu" if cfg.runtime.device == "cpu" else "h200")
