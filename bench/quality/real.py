@@ -36,7 +36,7 @@ import run as runmod  # noqa: E402
 from methods import METHODS, PAIRS, REAL_METHODS, REAL_PAIRS  # noqa: E402
 from worker import EvalSets  # noqa: E402
 
-LR_GRID = (1e-3, 3e-3, 1e-2)
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 SEEDS = 3
 MAIN_TABLE = ("r_sft", "r_kd_ce", "r_hidden_mse", "r_geo_pinv")  # + the best KD and the best SemAlign
 BASE = ("method.preset=null", "runtime.progress=false", "runtime.resume=false", "runtime.checkpoint_every=100000",
