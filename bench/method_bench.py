@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from semalign_ds import throughput  # noqa: E402
 from semalign_ds.method import basis, objectives  # noqa: E402
 
 FULL = {"D_T": 4096, "D_S": 2048, "V": 32000, "N": 2048, "T": 4096, "D": 2048}
@@ -103,16 +103,7 @@ def _geometry_inputs(T: int, D: int, device: str):
 
 
 def _maxrss_mib() -> float:
-    """Peak resident set of this process image. Linux: VmHWM, which starts afresh at exec (ru_maxrss
-    does not: it carries the parent's peak into a child across fork+exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return throughput.peak_rss_bytes() / 2**20
 
 
 def _peak_mib(fn, device: str, base_cpu: float) -> float:

@@ -189,11 +189,9 @@ def _drop_store(ctx: RunContext, store) -> None:
 
 
 def _finish(ctx: RunContext, progress: Progress, history: list[dict]) -> dict:
-    import resource
-
-    if ctx.writes:  # ru_maxrss (KiB on Linux): the peak of the transfer itself, before export and evaluation
+    if ctx.writes:  # the peak of the transfer itself, before export and evaluation
         ctx.tracker.log_metrics({"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks),
-                                 "host/peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0})
+                                 "host/peak_rss_bytes": throughput.peak_rss_bytes()})
     export_dir = export_student(ctx)
     return evaluate.evaluate_run(ctx, export_dir, report.stage_table(history) if history else "")
 

@@ -71,6 +71,24 @@ PROFILES = {
 }
 
 
+def peak_rss_bytes() -> float:
+    """Peak resident set of this process image. Linux: VmHWM of /proc/self/status, which starts afresh at exec;
+    ru_maxrss does not (the kernel carries the pre-exec image's peak across exec, so a child spawned by a large
+    process reports its parent's peak). Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(rss) if sys.platform == "darwin" else rss * 1024.0
+
+
 def get_profile(name: str) -> DeviceProfile:
     if name not in PROFILES:
         raise ValueError(f"--device-profile {name!r} is unknown; use one of {', '.join(sorted(PROFILES))} (or add "

@@ -190,3 +190,18 @@ def test_run_meter_reports_rates_per_world():
     assert set(m) == {"source_tokens_per_s", "bytes_per_token_moved", "student_tokens_per_s"}
     assert m["bytes_per_token_moved"] == packet.nbytes() / 10 and m["source_tokens_per_s"] > 0
     assert meter.flush() == {}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's /proc")
+def test_a_child_of_a_large_process_reports_its_own_peak_rss():
+    """ru_maxrss carries the parent's peak across fork+exec (CI's 1.3 GiB pytest made every run it spawned log
+    1.3 GiB); the run's host/peak_rss_bytes must be the child's own."""
+    import subprocess
+    import sys
+
+    ballast = torch.ones(600 * 2**20 // 4)  # 600 MiB resident in this (the parent) process
+    code = "from semalign_ds.throughput import peak_rss_bytes; print(peak_rss_bytes())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 cwd=REPO).stdout)
+    assert float(ballast.sum()) > 0
+    assert 1 * 2**20 < child < 400 * 2**20

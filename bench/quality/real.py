@@ -56,6 +56,7 @@ def parse(argv):
     p.add_argument("--pairs", default=",".join(REAL_PAIRS))
     p.add_argument("--seeds", type=int, default=SEEDS)
     p.add_argument("--min-margin", type=float, default=0.2)
+    p.add_argument("--skip", default="", help="comma-separated rows not to run (the table says which were left out)")
     p.add_argument("--dry", action="store_true")
     p.add_argument("--cache-dir", default=None, help="demo model cache (default: the demo's)")
     p.add_argument("--no-mlflow", action="store_true")
@@ -170,13 +171,18 @@ def main(argv=None) -> int:
            "keep_models": False, "mlflow_root": None if args.no_mlflow else out / "mlflow"}
     if job["mlflow_root"] is not None:
         job["mlflow_root"].mkdir(exist_ok=True)
-    skip = {"r_kd4096"} if args.dry else set()  # the tiny world's vocabulary has fewer than 4096 tokens
+    skip = set(filter(None, args.skip.split(",")))
+    unknown = skip - set(REAL_METHODS)
+    if unknown:
+        raise SystemExit(f"[real] --skip names unknown rows {sorted(unknown)}; rows: {', '.join(REAL_METHODS)}")
+    if args.dry:
+        skip.add("r_kd4096")  # the tiny world's vocabulary has fewer than 4096 tokens
     searched = [m for m, meth in REAL_METHODS.items() if meth.train and meth.lr_from is None]
     grid = search(out, job, searched, args.workers, "search")
     chosen = {m: choose(by_lr) for m, by_lr in grid.items()}
     rest = [m for m, meth in REAL_METHODS.items() if meth.train and m not in searched and m not in skip]
     run_all([spec(out, "code", m, lr_for(m, chosen), 0) for m in rest], job, out, args.workers, "grid")
-    best = min(SEMALIGN_FRONTIER, key=lambda m: val_ppl(out, "code", m, lr_for(m, chosen)))
+    best = min([m for m in SEMALIGN_FRONTIER if m not in skip], key=lambda m: val_ppl(out, "code", m, lr_for(m, chosen)))
     if best not in chosen:  # the best configuration gets the same learning-rate search as the searched rows
         grid.update(search(out, job, [best], args.workers, "search-best"))
         chosen[best] = choose(grid[best])
@@ -230,7 +236,8 @@ def finish(out, args, paths, ppl, passed, grid, chosen, best, kd, table_methods,
     header = (f"# Quality on a real teacher (SmolLM2-135M){' — DRY: tiny models, numbers meaningless' if args.dry else ''}"
               f"\n\n{datetime.date.today().isoformat()}; {seconds:.0f} s wall in this invocation (finished runs are "
               f"reused); budget: {' '.join(BASE)}; best SemAlign configuration by target validation ppl: `{best}`; "
-              f"best logit KD by validation: `{kd}`\n\n{verdict}")
+              f"best logit KD by validation: `{kd}`"
+              f"{'; rows left out of this run (--skip): ' + ', '.join(sorted(skip)) if skip else ''}\n\n{verdict}")
     gate_md = "\n".join(line for p in ppl for line in gatemod.gate_lines(p, ppl[p], args.min_margin))
     search_md = report.search_table(grid, chosen)
     table_path = report.write_outputs(out, tables, search_md, gate_md, header)
