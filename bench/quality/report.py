@@ -167,6 +167,17 @@ def log_summary(uri: str, experiment: str, rows: list[dict], artifacts: list[Pat
     client.set_terminated(run.info.run_id)
 
 
+def plot_all(out: Path, rows: list[dict], tables: dict[str, str], histories: dict[str, dict], main: str) -> list[Path]:
+    """Every pair's gap chart and the main pair's stage losses, under out/plots."""
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    artifacts = [plot_pair([r for r in rows if r["pair"] == p], PAIRS[p].label, plots / f"{p}_gap.png")
+                 for p in tables if any(r["pair"] == p for r in rows)]
+    if histories:
+        artifacts.append(plot_losses(histories, plots / f"{main}_stage_losses.png"))
+    return artifacts
+
+
 def write_outputs(out: Path, tables: dict[str, str], search_md: str, gate_md: str, header: str) -> Path:
     parts = [header, "## Teacher-margin gate", gate_md, "## Learning-rate search (target validation ppl, seed 0)",
              search_md]

@@ -236,12 +236,7 @@ def report_search(out: Path, searched: list[str], size):
 
 
 def finish(out, args, size, rows, tables, histories, search, chosen, ppl, seconds) -> int:
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
-    artifacts = [report.plot_pair([r for r in rows if r["pair"] == p], PAIRS[p].label, plots / f"{p}_gap.png")
-                 for p in tables if any(r["pair"] == p for r in rows)]
-    if histories:
-        artifacts.append(report.plot_losses(histories, plots / "main_stage_losses.png"))
+    artifacts = report.plot_all(out, rows, tables, histories, "main")
     gate_md = "\n".join(line for p in ppl for line in gatemod.gate_lines(p, ppl[p], args.min_margin))
     when = datetime.date.today().isoformat()
     header = (f"# Quality benchmark, size `{args.size}`{' (DRY: tiny models, numbers meaningless)' if args.dry else ''}"
