@@ -56,6 +56,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 # ---- the real pairs (issue 11; bench/quality/real.py): SmolLM2-135M teaches; packets come from one spool per
 # teacher setting (what changes the packets), shared by every method that reads it. A method's overrides start with
 # its setting's. SemAlign rows pin w_label 0 (METHOD.md's v2 terms) unless they say "labels".
+# The real pairs' budget and fixed settings (every method's overrides come after these).
+REAL_BASE = ("method.preset=null", "runtime.progress=false", "runtime.resume=false", "runtime.checkpoint_every=100000",
+             "data.max_sequences=256", "data.micro_batch_size=8", "data.seq_len=128", "schedule.epochs_per_stage=1",
+             "schedule.warmup_steps=3", "method.w_label=0.0", "pairing.attribution_batches=2",
+             "pairing.attribution_micro_batch=4", "method.target_dtype=float32", "method.min_shared_tokens=1000")
+
 SETTINGS: dict[str, tuple[str, ...]] = {
     "nothing": ("method.layer_objective=none", "method.output_objective=ce", "pairing.critical_layer=false"),
     "kl64": ("method.layer_objective=none", "method.top_k=64", "pairing.critical_layer=false"),
@@ -100,6 +106,8 @@ REAL_METHODS: dict[str, Method] = {m.name: m for m in [
     _real("r_geo_balanced", "geometry + KL, layer gradient held at 0.3 x the KL gradient", "ablation", "res_pinv",
           ("method.layer_balance=0.3",)),
     _real("r_geo_full", "geometry + KL, full schedule (all layers at once)", "ablation", "res_pinv", mode=FULL),
+    _real("r_geo_full_labels", "geometry + KL + CE, full schedule (all layers at once)", "ablation", "res_pinv",
+          ("method.w_label=1.0",), lr_from="r_geo_labels", mode=FULL),
     _real("r_geo_ablation_pairing", "geometry + KL, pairing by ablation", "ablation", "pair_ablation"),
     _real("r_geo_formula_pairing", "geometry + KL, pairing by the formula (no attribution)", "ablation",
           "pair_formula"),
@@ -149,8 +157,9 @@ class Size:
 
 
 # method.w_label=0.0 pins METHOD.md's v2 weights (1, 1, 0) under every method; methods that add labels say so.
-# (The project default became w_label 1.0 from these very results: docs/RESULTS.md.)
-_COMMON = ("runtime.progress=false", "runtime.resume=false", "runtime.checkpoint_every=100000",
+# (The project default became w_label 1.0 from these very results: docs/RESULTS.md.) method.preset=null: the rows
+# build on the field defaults, not on whatever the `best` preset (the project default) is at the time.
+_COMMON = ("method.preset=null", "runtime.progress=false", "runtime.resume=false", "runtime.checkpoint_every=100000",
            "pairing.attribution_batches=2", "schedule.warmup_steps=3", "method.w_label=0.0")
 
 SIZES: dict[str, Size] = {s.name: s for s in [

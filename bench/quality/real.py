@@ -10,8 +10,9 @@ Phases, each resumable (a finished run's result.json is reused):
     that reads those packets (methods.SETTINGS);
  3. the main pair: learning-rate search on the target validation split (seed 0, the same grid) for the baselines,
     SemAlign v2 and the Fisher-logits + logit-map variant; every other row at its `lr_from` rate, seed 0;
- 4. `best` = the SemAlign configuration (frontier rows) with the lowest target *validation* perplexity (never the
-    test split); searched over the grid too if it was not;
+ 4. `best` = the SemAlign configuration (a row with a layer term; frontier or full schedule) with the lowest target
+    *validation* perplexity (never the test split); searched over the grid too if it was not; config.PRESETS["best"]
+    is that row's configuration (tests/test_method_options.py checks it against results/real/results.json);
  5. seeds 1..S-1 for the main table (SFT, the best logit KD by validation, KD + CE, hidden-MSE KD, v2, best);
     ablation rows keep 1 seed (said in the table); the other pairs run SFT, KD, v2, ULD (cross-tokenizer), best;
  6. tables, plots, results.json, an MLflow summary; the verdict against issue 11's goal.
@@ -33,20 +34,18 @@ sys.path[:0] = [str(HERE), str(REPO)]
 import gate as gatemod  # noqa: E402
 import report  # noqa: E402
 import run as runmod  # noqa: E402
-from methods import METHODS, PAIRS, REAL_METHODS, REAL_PAIRS  # noqa: E402
+from methods import METHODS, PAIRS, REAL_BASE as BASE, REAL_METHODS, REAL_PAIRS  # noqa: E402
 from worker import EvalSets  # noqa: E402
 
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 SEEDS = 3
 MAIN_TABLE = ("r_sft", "r_kd_ce", "r_hidden_mse", "r_geo_pinv")  # + the best KD and the best SemAlign
-BASE = ("method.preset=null", "runtime.progress=false", "runtime.resume=false", "runtime.checkpoint_every=100000",
-        "data.max_sequences=256", "data.micro_batch_size=8", "data.seq_len=128", "schedule.epochs_per_stage=1",
-        "schedule.warmup_steps=3", "method.w_label=0.0", "pairing.attribution_batches=2",
-        "pairing.attribution_micro_batch=4", "method.target_dtype=float32", "method.min_shared_tokens=1000")
 DRY = ("data.max_sequences=32", "data.micro_batch_size=4", "data.seq_len=32", "method.min_shared_tokens=100",
        "pairing.attribution_batches=1")
-SEMALIGN_FRONTIER = [m for m, meth in REAL_METHODS.items() if meth.group in ("semalign", "ablation")
-                     and "schedule.mode=full" not in meth.overrides and meth.setting not in ("kl64",)]
+# Candidates for `best` (the preset): every SemAlign configuration, i.e. every row with a layer term on the teacher's
+# residuals (not the KL-only kl64 rows), frontier or full schedule.
+SEMALIGN_CANDIDATES = [m for m, meth in REAL_METHODS.items() if meth.group in ("semalign", "ablation")
+                       and meth.setting not in ("kl64",)]
 
 
 def parse(argv):
@@ -182,11 +181,14 @@ def main(argv=None) -> int:
     chosen = {m: choose(by_lr) for m, by_lr in grid.items()}
     rest = [m for m, meth in REAL_METHODS.items() if meth.train and m not in searched and m not in skip]
     run_all([spec(out, "code", m, lr_for(m, chosen), 0) for m in rest], job, out, args.workers, "grid")
-    best = min([m for m in SEMALIGN_FRONTIER if m not in skip], key=lambda m: val_ppl(out, "code", m, lr_for(m, chosen)))
+    def val(m: str) -> float:
+        return val_ppl(out, "code", m, lr_for(m, chosen))
+
+    best = min([m for m in SEMALIGN_CANDIDATES if m not in skip], key=val)
     if best not in chosen:  # the best configuration gets the same learning-rate search as the searched rows
         grid.update(search(out, job, [best], args.workers, "search-best"))
         chosen[best] = choose(grid[best])
-    kd = min([m for m in ("r_kd64", "r_kd256", "r_kd4096") if m not in skip], key=lambda m: val_ppl(out, "code", m, lr_for(m, chosen)))
+    kd = min([m for m in ("r_kd64", "r_kd256", "r_kd4096") if m not in skip], key=val)
     table_methods = list(dict.fromkeys([*MAIN_TABLE, kd, best]))
     final = [spec(out, "code", m, lr_for(m, chosen), s) for m in table_methods for s in range(1, args.seeds)]
     for pair in pairs:
@@ -227,13 +229,9 @@ def finish(out, args, paths, ppl, passed, grid, chosen, best, kd, table_methods,
         rows += pair_rows
         tables[pair] = report.pair_table(pair_rows, ppl[pair])
     verdict = goal_verdict([r for r in rows if r["pair"] == "code"], best, kd)
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
-    artifacts = [report.plot_pair([r for r in rows if r["pair"] == p], PAIRS[p].label, plots / f"{p}_gap.png")
-                 for p in tables if any(r["pair"] == p for r in rows)]
-    if histories:
-        artifacts.append(report.plot_losses(histories, plots / "code_stage_losses.png"))
-    header = (f"# Quality on a real teacher (SmolLM2-135M){' — DRY: tiny models, numbers meaningless' if args.dry else ''}"
+    artifacts = report.plot_all(out, rows, tables, histories, "code")
+    dry = " — DRY: tiny models, numbers meaningless" if args.dry else ""
+    header = (f"# Quality on a real teacher (SmolLM2-135M){dry}"
               f"\n\n{datetime.date.today().isoformat()}; {seconds:.0f} s wall in this invocation (finished runs are "
               f"reused); budget: {' '.join(BASE)}; best SemAlign configuration by target validation ppl: `{best}`; "
               f"best logit KD by validation: `{kd}`"
