@@ -52,10 +52,11 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    preset: Optional[Literal["paper_v1", "paper_v2", "best"]] = None
+    preset: Optional[Literal["paper_v1", "paper_v2", "best"]] = "best"
     """A named complete method configuration (PRESETS below): its values apply to every key of it that the config
     file and the overrides leave unset; config.yaml and the MLflow params record the resolved values and the name.
-    null = no preset (the field defaults below). `best` is a placeholder equal to today's defaults for now."""
+    Default `best`: the configuration the quality benchmark chose on validation (docs/RESULTS.md). null = no
+    preset: the field defaults below apply."""
     basis: Literal["output", "input"] = "output"
     """Semantic basis of the pinv and random maps: pinv of the LM head (v1) or unit input-embedding rows."""
     map: Literal["pinv", "logit", "random", "none"] = "pinv"
@@ -122,7 +123,9 @@ class PairingConfig:
 @dataclass
 class ScheduleConfig:
     mode: Literal["frontier", "full"] = "frontier"
-    """frontier: one trainable layer per stage (SemAlign); full: every layer trainable in one stage (baselines)."""
+    """frontier: one trainable layer per stage (the paper's schedule); full: every listed layer trainable in one stage,
+    with the frontier stages' total budget, every paired layer's target supervising at once (the `best` preset's
+    choice, and the baselines')."""
     stages: Optional[list[int]] = None
     """Student layers to train, shallow to deep (1-indexed); null = all."""
     epochs_per_stage: float = 1.0
@@ -283,10 +286,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # weights (1, 1, 0): no label term; pinv map, v1 pairing, full-parameter frontier schedule.
     "paper_v2": {**_PAPER, "method.layer_objective": "relation_geometry", "method.output_objective": "kl",
                  "schedule.adapter": "full", "schedule.lora_rank": 16},
-    # PLACEHOLDER: for now exactly today's defaults (v2 + a CE label term, w_label 1: docs/RESULTS.md, tiny pairs).
-    # Issue 11 replaces it with the configuration its quality benchmark chooses on VALIDATION (never on test).
+    # The default: the SemAlign configuration with the lowest target VALIDATION perplexity in the real-teacher
+    # quality benchmark (SmolLM2-135M -> a code student; docs/RESULTS.md, bench/quality/real.py): relation geometry
+    # + top-64 KL + a CE label term (w 1, 1, 1), pinv map, attribution pairing, every paired layer trained at once
+    # (schedule.mode full, the frontier stages' total budget in one stage). It beat the frontier rows by 10% ppl.
     "best": {**_PAPER, "method.layer_objective": "relation_geometry", "method.output_objective": "kl",
-             "method.w_label": 1.0, "schedule.adapter": "full", "schedule.lora_rank": 16},
+             "method.w_label": 1.0, "schedule.mode": "full", "schedule.adapter": "full", "schedule.lora_rank": 16},
 }
 
 # Fields that change how a run is watched, not what it computes (left out of the resume hash).

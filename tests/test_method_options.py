@@ -130,26 +130,46 @@ def test_map_none_and_hidden_mse():
     assert cfgmod.result_hash(cfgmod.config_from_dict({}, ["method.layer_balance=0.5"])) != base
     flat = cfgmod.flatten(cfgmod.config_from_dict({}, ["method.layer_balance=0.25", "pairing.attribution=ablation"]))
     assert flat["method.layer_balance"] == 0.25 and flat["pairing.attribution"] == "ablation"
-    assert flat["method.map"] == "pinv" and flat["method.preset"] is None and "method.random_basis" not in flat
+    assert flat["method.map"] == "pinv" and flat["method.preset"] == "best" and "method.random_basis" not in flat
 
 
 # ---- presets ----
 
-def test_every_preset_is_complete_and_best_is_todays_defaults():
-    defaults = cfgmod.config_from_dict({})
+def test_every_preset_is_complete_and_applies():
     for name, values in cfgmod.PRESETS.items():
         assert set(values) == set(cfgmod.PRESET_KEYS), name
         cfg = cfgmod.config_from_dict({}, [f"method.preset={name}"])
         assert all(cfgmod.get_dotted(cfg, k) == v for k, v in values.items()), name
-    # the placeholder: `best` is exactly today's defaults until the quality benchmark fills it (issue 11)
-    best = cfgmod.config_from_dict({}, ["method.preset=best"])
-    assert {k: cfgmod.get_dotted(best, k) for k in cfgmod.PRESET_KEYS} == \
-        {k: cfgmod.get_dotted(defaults, k) for k in cfgmod.PRESET_KEYS}
     v1 = cfgmod.config_from_dict({}, ["method.preset=paper_v1"])
     assert (v1.method.layer_objective, v1.method.output_objective, v1.schedule.adapter, v1.schedule.lora_rank) == \
         ("cosine", "label_cosine", "lora", 16)
     v2 = cfgmod.config_from_dict({}, ["method.preset=paper_v2"])
-    assert (v2.method.layer_objective, v2.method.output_objective, v2.method.w_label) == ("relation_geometry", "kl", 0)
+    assert (v2.method.layer_objective, v2.method.output_objective, v2.method.w_label, v2.schedule.mode) == \
+        ("relation_geometry", "kl", 0, "frontier")
+    none = cfgmod.config_from_dict({}, ["method.preset=null"])  # no preset: the field defaults
+    assert none.method.preset is None and none.schedule.mode == "frontier"
+
+
+def test_best_is_the_default_and_the_configuration_the_benchmark_chose_on_validation():
+    """`best` = the row bench/quality/real.py chose on target validation (recorded in results/real/results.json),
+    resolved from the benchmark's own overrides; and a config that says nothing gets it."""
+    import json
+    import sys
+    from pathlib import Path
+
+    quality = Path(__file__).resolve().parent.parent / "bench" / "quality"
+    sys.path.insert(0, str(quality))
+    try:
+        import methods
+    finally:
+        sys.path.remove(str(quality))
+    results = json.loads((quality / "results" / "real" / "results.json").read_text())
+    assert not results["dry"] and results["best"] in methods.REAL_METHODS
+    chosen = cfgmod.config_from_dict({}, [*methods.REAL_BASE, *methods.REAL_METHODS[results["best"]].overrides])
+    assert {k: cfgmod.get_dotted(chosen, k) for k in cfgmod.PRESET_KEYS} == cfgmod.PRESETS["best"]
+    default = cfgmod.config_from_dict({})
+    assert default.method.preset == "best"
+    assert {k: cfgmod.get_dotted(default, k) for k in cfgmod.PRESET_KEYS} == cfgmod.PRESETS["best"]
 
 
 def test_explicit_values_beat_the_preset_and_the_resolved_config_round_trips(tmp_path):

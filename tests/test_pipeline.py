@@ -26,7 +26,9 @@ def write_config(tmp: Path, pair: dict, **sections) -> Path:
         "student": {"path": str(pair["student"]), "dtype": "float32"},
         "data": {"path": str(pair["train"]), "seq_len": 64, "max_sequences": 48, "micro_batch_size": 4},
         "method": {"top_k": 8, "min_shared_tokens": 100, "target_dtype": "float32"},
-        "schedule": {"epochs_per_stage": 0.5, "warmup_steps": 1, "lr": 3.0e-3},  # 6 steps of 4 of 48
+        # the frontier schedule (several stages: boundaries, per-stage checkpoints and resume); the default `best`
+        # preset's full schedule runs in test_demo and test_quality_dry
+        "schedule": {"mode": "frontier", "epochs_per_stage": 0.5, "warmup_steps": 1, "lr": 3.0e-3},  # 6 of 4 of 48
         "runtime": {"device": "cpu", "checkpoint_every": 3, "progress": False},
         "eval": {"sets": {"heldout": str(pair["test"])}, "max_sequences": 8, "batch_size": 4},
     }

@@ -113,7 +113,7 @@ def _config(tmp: Path, teacher_path: Path, student_path: Path, data_path: Path, 
            "data": {"path": str(data_path), "seq_len": 32, "max_sequences": 8, "micro_batch_size": 4},
            "method": {"top_k": 16, "min_shared_tokens": 100, "target_dtype": "float32"},
            "pairing": {"attribution_batches": 1},
-           "schedule": {"epochs_per_stage": 3.0, "warmup_steps": 0, "lr": 1.0e-2},  # 6 steps of 4 of 8
+           "schedule": {"mode": "frontier", "epochs_per_stage": 3.0, "warmup_steps": 0, "lr": 1.0e-2},  # 6 of 4 of 8
            "runtime": {"device": "cpu", "checkpoint_every": 50, "progress": False},
            "eval": {"sets": eval_sets, "max_sequences": 8, "batch_size": 4}}
     for key, value in sections.items():

@@ -36,7 +36,7 @@ def tiny_config(tmp: Path, pair: dict, **sections) -> Path:
            "data": {"path": str(pair["train"]), "seq_len": 64, "max_sequences": 16, "micro_batch_size": 4},
            "method": {"top_k": 8, "min_shared_tokens": 100, "target_dtype": "float32"},
            "pairing": {"attribution_batches": 1},
-           "schedule": {"epochs_per_stage": 0.5, "warmup_steps": 1, "lr": 3.0e-3},  # 2 steps of 4 of 16
+           "schedule": {"mode": "frontier", "epochs_per_stage": 0.5, "warmup_steps": 1, "lr": 3.0e-3},  # 2 of 4 of 16
            "runtime": {"device": "cpu", "checkpoint_every": 2, "progress": False},
            "eval": {"sets": {"heldout": str(pair["test"])}, "max_sequences": 4, "batch_size": 4}}
     for key, value in sections.items():

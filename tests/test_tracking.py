@@ -126,7 +126,7 @@ def test_eval_attaches_without_changing_the_run_status(tmp_path, store):
 
 def test_run_names_say_the_method_and_the_topology():
     base = cfgmod.config_from_dict({"name": "demo"})
-    assert tracking.run_name(base, 1) == "demo | relation_geometry+kl+ce | frontier | colocated x1"
+    assert tracking.run_name(base, 1) == "demo | relation_geometry+kl+ce [best] | full | colocated x1"
     other = cfgmod.config_from_dict({"name": "demo", "method": {"layer_objective": "cosine", "w_label": 0},
-                                     "schedule": {"adapter": "lora"}, "runtime": {"topology": "spool"}})
-    assert tracking.run_name(other, 4) == "demo | cosine+kl | frontier/lora | spool x4"
+                                     "schedule": {"adapter": "lora", "mode": "frontier"}, "runtime": {"topology": "spool"}})
+    assert tracking.run_name(other, 4) == "demo | cosine+kl [best] | frontier/lora | spool x4"
