@@ -489,7 +489,8 @@ def _run_stage(ctx: RunContext, progress: Progress, stage, plan_stage: budgetmod
     packets = iter(source)
     meter = throughput.RunMeter.for_run(ctx)  # source/student tokens/s, bytes per token
     logged = ctx.tracker.last_step("loss") if ctx.writes else 0  # steps replayed after a kill: not logged again
-    steps = bar(range(start, total), f"stage {k} (student layer {k})", ctx, initial=start, total=total)
+    what = f"student layer {k}" if len(plan_stage.layers) == 1 else f"student layers {list(plan_stage.layers)}"
+    steps = bar(range(start, total), f"stage {k} ({what})", ctx, initial=start, total=total)
     on_signal = lambda done: resume.save_inside(ctx, progress, stage, done)  # noqa: E731  SIGTERM/USR1: checkpoint
     for step in signals.graceful_steps(steps, on_signal, ctx.group, ctx.info.device):
         t0 = time.perf_counter()
