@@ -2,6 +2,10 @@
 layer-ablation hook, method.map / layer_balance validation, and method.preset resolution."""
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -153,10 +157,6 @@ def test_every_preset_is_complete_and_applies():
 def test_best_is_the_default_and_the_configuration_the_benchmark_chose_on_validation():
     """`best` = the row bench/quality/real.py chose on target validation (recorded in results/real/results.json),
     resolved from the benchmark's own overrides; and a config that says nothing gets it."""
-    import json
-    import sys
-    from pathlib import Path
-
     quality = Path(__file__).resolve().parent.parent / "bench" / "quality"
     sys.path.insert(0, str(quality))
     try:

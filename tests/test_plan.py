@@ -6,6 +6,8 @@ the verdicts against cases that must and must not fit.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,9 +198,6 @@ def test_run_meter_reports_rates_per_world():
 def test_a_child_of_a_large_process_reports_its_own_peak_rss():
     """ru_maxrss carries the parent's peak across fork+exec (CI's 1.3 GiB pytest made every run it spawned log
     1.3 GiB); the run's host/peak_rss_bytes must be the child's own."""
-    import subprocess
-    import sys
-
     ballast = torch.ones(600 * 2**20 // 4)  # 600 MiB resident in this (the parent) process
     code = "from semalign_ds.throughput import peak_rss_bytes; print(peak_rss_bytes())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
