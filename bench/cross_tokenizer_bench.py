@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from semalign_ds.data import load_texts, pack_sequences  # noqa: E402
-from semalign_ds.distributed import free_port  # noqa: E402
+from semalign_ds.cluster.distributed import free_port  # noqa: E402
 from semalign_ds.method.basis import shared_vocabulary  # noqa: E402
 from semalign_ds.method.targets import target_recipes  # noqa: E402
 from semalign_ds.transport import schema  # noqa: E402
@@ -90,7 +90,7 @@ def _trimmed_width(blocks) -> float:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from semalign_ds.demo import build_demo_assets
+    from semalign_ds.demo.assets import build_demo_assets
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=4)
@@ -101,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.teacher is None:
-        from semalign_ds import real_models
+        from semalign_ds.demo import real_models
 
         args.teacher = real_models.smollm2()
     demo = Path(args.demo) if args.demo else build_demo_assets(progress=False).cache_dir

@@ -53,9 +53,9 @@ def class_losses(model, blocks, classes: torch.Tensor) -> dict:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from semalign_ds import real_models
+    from semalign_ds.demo import real_models
     from semalign_ds.data import load_texts, pack_sequences
-    from semalign_ds.demo import build_demo_assets
+    from semalign_ds.demo.assets import build_demo_assets
 
     assets = build_demo_assets(progress=False)
     tok_S, tok_T = AutoTokenizer.from_pretrained(assets.student_path), AutoTokenizer.from_pretrained(

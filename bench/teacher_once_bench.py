@@ -53,8 +53,9 @@ class PerStepFeed:
         self.ctx, self.recipes, self.M, self.forwards = ctx, recipes, M, 0
 
     def source(self, k, layers, start, steps):
-        from semalign_ds import data as datamod, supervision
-        from semalign_ds.budget import stage_seed
+        from semalign_ds import data as datamod
+        from semalign_ds.run import supervision
+        from semalign_ds.run.budget import stage_seed
 
         cfg, info = self.ctx.cfg, self.ctx.info
         for index in range(start * cfg.schedule.grad_accum, steps * cfg.schedule.grad_accum):
@@ -76,7 +77,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from semalign_ds import config as cfgmod, distributed, pipeline, resume, throughput, topology
+    from semalign_ds import config as cfgmod
+    from semalign_ds.cluster import distributed
+    from semalign_ds.run import pipeline
+    from semalign_ds.run import resume
+    from semalign_ds.planning import throughput
+    from semalign_ds.run import topology
     from semalign_ds.models.loading import load_config
     from semalign_ds.transport.store import MemoryStore
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from semalign_ds.distributed import free_port  # noqa: E402
+from semalign_ds.cluster.distributed import free_port  # noqa: E402
 from semalign_ds.transport import schema, spool, stream  # noqa: E402
 from semalign_ds.transport.packet import SupervisionPacket  # noqa: E402
 

@@ -14,7 +14,8 @@ import traceback
 
 from semalign_ds import __version__
 from semalign_ds import config as cfgmod
-from semalign_ds import files, log, signals
+from semalign_ds import files, log
+from semalign_ds.run import signals
 
 EXIT_USER = 2
 EXIT_BUG = 1
@@ -96,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 def _eval(args) -> int:
     from pathlib import Path
 
-    from semalign_ds import lm_eval_bridge
+    from semalign_ds.evaluation import lm_eval_bridge
 
     target = Path(args.target)
     overrides = [*args.overrides, *([f"eval.lm_eval.tasks=[{args.tasks}]"] if args.tasks else [])]
@@ -169,15 +170,15 @@ def _dispatch(args) -> int:
     if args.command in ("run", "teach", "train"):
         return _owned(args)
     if args.command == "plan":
-        from semalign_ds import plan
+        from semalign_ds.planning import plan
 
         return plan.main(args)
     if args.command == "slurm":
-        from semalign_ds import slurm
+        from semalign_ds.cluster import slurm
 
         return slurm.main(args)
     if args.command == "demo":
-        from semalign_ds import demo_run
+        from semalign_ds.demo import runner as demo_run
 
         return demo_run.main(args.scale, args.cache_dir, args.overrides, args.teacher)
     if args.command == "eval":
@@ -198,7 +199,7 @@ def _config(args) -> int:
     if not args.check:
         print(cfgmod.to_yaml(cfgmod.load_config(args.config, args.overrides)), end="")
         return 0
-    from semalign_ds import checks
+    from semalign_ds.run import checks
 
     checks.check_all(cfgmod.load_config(args.config, args.overrides, check_ranges=False), "check")
     print("OK: the config and every path it names passed the checks")
@@ -207,7 +208,10 @@ def _config(args) -> int:
 
 def _owned(args) -> int:
     """run / teach / train: the versions, then guard.owned_run (checks, ownership, signals) around the work."""
-    from semalign_ds import distributed, guard, pipeline, versions
+    from semalign_ds import versions
+    from semalign_ds.cluster import distributed
+    from semalign_ds.run import guard
+    from semalign_ds.run import pipeline
 
     extra = []
     if args.command == "teach":

@@ -1,4 +1,4 @@
-"""Tests of semalign_ds.demo on its 'tiny' scale (a few seconds to build on 2 cores)."""
+"""Tests of semalign_ds.demo.assets on its 'tiny' scale (a few seconds to build on 2 cores)."""
 
 import json
 import shutil
@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from semalign_ds import demo
-from semalign_ds.demo import build_demo_assets, lr_factor, split_by_hash
+from semalign_ds.demo import assets as demo
+from semalign_ds.demo.assets import build_demo_assets, lr_factor, split_by_hash
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of semalign_ds.evaluate on tiny Llama models built in the test (CPU, float32)."""
+"""Tests of semalign_ds.evaluation.evaluate on tiny Llama models built in the test (CPU, float32)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from semalign_ds.evaluate import format_table, perplexity, teacher_agreement
+from semalign_ds.evaluation.evaluate import format_table, perplexity, teacher_agreement
 
 V = 48
 

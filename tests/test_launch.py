@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from semalign_ds import distributed
-from semalign_ds.launch import expand_hostlist, expand_tasks_per_node, resolve_launch
+from semalign_ds.cluster import distributed
+from semalign_ds.cluster.launch import expand_hostlist, expand_tasks_per_node, resolve_launch
 
 
 def srun_env(rank: int, nodes: int, per_node: int, prefix: str = "gpu", **extra) -> dict[str, str]:

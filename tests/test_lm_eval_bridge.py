@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from semalign_ds import cli, lm_eval_bridge, stdlib_task, tracking
+from semalign_ds import cli, tracking
+from semalign_ds.evaluation import lm_eval_bridge, stdlib_task
 from semalign_ds import config as cfgmod
 from semalign_ds.models.loading import load_causal_lm, load_tokenizer
 

@@ -191,7 +191,7 @@ def test_packet_binding_tells_maps_and_target_normalisation_apart(tmp_path):
     digest); student-side options (balancing) do not change the packets."""
     from types import SimpleNamespace
 
-    from semalign_ds import supervision
+    from semalign_ds.run import supervision
 
     blocks = SimpleNamespace(ids_NT=torch.zeros(2, 4, dtype=torch.long), mask_NT=torch.ones(2, 4, dtype=torch.bool),
                              cross=False)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from semalign_ds import files, ownership
+from semalign_ds import files
+from semalign_ds.run import ownership
 
 H = "0123456789abcdef"
 

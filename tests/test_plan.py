@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from semalign_ds import cli, config as cfgmod, plan, throughput as tp
+from semalign_ds import cli, config as cfgmod
+from semalign_ds.planning import plan, throughput as tp
 from semalign_ds.transport.packet import SupervisionPacket
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,7 +200,7 @@ def test_a_child_of_a_large_process_reports_its_own_peak_rss():
     """ru_maxrss carries the parent's peak across fork+exec (CI's 1.3 GiB pytest made every run it spawned log
     1.3 GiB); the run's host/peak_rss_bytes must be the child's own."""
     ballast = torch.ones(600 * 2**20 // 4)  # 600 MiB resident in this (the parent) process
-    code = "from semalign_ds.throughput import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from semalign_ds.planning.throughput import peak_rss_bytes; print(peak_rss_bytes())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  cwd=REPO).stdout)
     assert float(ballast.sum()) > 0

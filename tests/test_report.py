@@ -1,7 +1,7 @@
 """The run's plots and per-stage table: every paired layer drawn, titles inside the figure, global-step curves."""
 import pytest
 
-from semalign_ds import report
+from semalign_ds.evaluation import report
 
 
 def _inside(fig, artist) -> bool:

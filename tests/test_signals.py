@@ -10,7 +10,7 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from semalign_ds import signals
+from semalign_ds.run import signals
 
 
 def send(sig: int) -> None:

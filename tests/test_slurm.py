@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from semalign_ds import slurm
+from semalign_ds.cluster import slurm
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "ci" / "start_local_slurm.sh"

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 from engines_common import warm_deepspeed  # noqa: E402
 from test_pipeline import SEMALIGN, env, semalign, student_weights, write_config  # noqa: E402
 
-from semalign_ds.distributed import free_port  # noqa: E402
+from semalign_ds.cluster.distributed import free_port  # noqa: E402
 from semalign_ds.transport import spool  # noqa: E402
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

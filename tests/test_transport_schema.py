@@ -99,7 +99,7 @@ def test_stream_header_round_trip_and_guard():
 @pytest.mark.parametrize("N, S", [(48, 1), (48, 2), (50, 3), (23, 2)])
 def test_stream_jobs_send_every_sample_once_in_the_first_epochs_order(N, S):
     from semalign_ds import data as datamod
-    from semalign_ds.topology import stream_jobs
+    from semalign_ds.run.topology import stream_jobs
 
     jobs = stream_jobs(N, 4, S, seed=7)
     sent = torch.cat([ids for _, ids in jobs]).tolist()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from semalign_ds import checks, cli, ownership, versions
+from semalign_ds import cli, versions
+from semalign_ds.run import checks, ownership
 from semalign_ds import config as cfgmod
 from semalign_ds.transport.schema import SCHEMA_VERSION
 from test_ownership import tree
@@ -230,7 +231,7 @@ def test_slurm_render_template_without_a_value_lists_the_templates(cfg, run_cli)
 
 
 def test_a_bug_prints_its_traceback_and_where_to_report_it(tmp_path, cfg, run_cli, monkeypatch):
-    from semalign_ds import pipeline
+    from semalign_ds.run import pipeline
 
     def broken(cfg):
         raise RuntimeError("an internal invariant broke")
@@ -244,7 +245,7 @@ def test_a_bug_prints_its_traceback_and_where_to_report_it(tmp_path, cfg, run_cl
 def test_os_errors_a_user_fixes_are_one_line(tmp_path, cfg, run_cli, monkeypatch):
     import errno
 
-    from semalign_ds import pipeline
+    from semalign_ds.run import pipeline
 
     def full(cfg):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x"))

@@ -1,6 +1,6 @@
 """The benchmark's models and data: the demo's world plus the extra models of the other pairs, built once and cached.
 
-Main pair: `semalign_ds.demo.build_demo_assets` (stdlib code = general domain for both models, English
+Main pair: `semalign_ds.demo.assets.build_demo_assets` (stdlib code = general domain for both models, English
 documentation = target domain only the teacher pretrains on; one BPE tokenizer; Llama teacher and student).
 Extra models, pretrained by the demo's own recipe functions on exactly the demo's rows (same seeds):
 - cross_family: a GPT-NeoX teacher of the demo teacher's shape (teacher rows) -> the demo's Llama student;
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from semalign_ds import demo
+from semalign_ds.demo import assets as demo
 
 EXTRA_VERSION = 1
 

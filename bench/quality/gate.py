@@ -39,7 +39,7 @@ def _mapped(batches: list, s2t: torch.Tensor | None) -> list:
 
 def pair_perplexities(pair: dict, evals: EvalSets, seq_len: int, device: str) -> dict[str, dict[str, float]]:
     """{set: {"teacher": ppl, "student": ppl}} on target_val, target_test, general_test."""
-    from semalign_ds.evaluate import perplexity
+    from semalign_ds.evaluation.evaluate import perplexity
     from semalign_ds.models.loading import load_causal_lm, load_tokenizer
 
     tok_S = load_tokenizer(pair["student"], "student")

@@ -129,7 +129,7 @@ def cross_gate(pair: dict, evals: EvalSets, seq_len: int) -> dict:
     import torch
 
     from semalign_ds import data as datamod
-    from semalign_ds.evaluate import next_token_loss_sum, perplexity
+    from semalign_ds.evaluation.evaluate import next_token_loss_sum, perplexity
     from semalign_ds.models.loading import load_causal_lm, load_tokenizer
 
     tok_S, tok_T = load_tokenizer(pair["student"], "student"), load_tokenizer(pair["teacher"], "teacher")

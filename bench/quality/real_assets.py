@@ -1,6 +1,6 @@
 """The real pairs of the quality benchmark (issue 11): SmolLM2-135M as the teacher, three students, cached once.
 
-Data: the demo's world (semalign_ds.demo, default scale): transfer = English documentation (the target domain),
+Data: the demo's world (semalign_ds.demo.assets, default scale): transfer = English documentation (the target domain),
 target_val / target_test from the same domain, general_test = stdlib code.
 Students:
 - code: a small Llama with SmolLM2's tokenizer (tied embeddings), pretrained here on exactly the demo student's
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from semalign_ds import demo
+from semalign_ds.demo import assets as demo
 
 REAL_VERSION = 1
 CODE_STUDENT = dict(layers=3, hidden=192, heads=3, kv_heads=3, intermediate=512, lr=3e-3)
@@ -81,7 +81,7 @@ def _build(out: Path, teacher: Path, assets, progress: bool) -> dict:
 
 def real_assets(cache_dir=None, progress: bool = True) -> dict:
     """{teacher, code_student, pruned, demo_student, data files...}: paths, built once."""
-    from semalign_ds.real_models import smollm2
+    from semalign_ds.demo.real_models import smollm2
 
     teacher = smollm2()
     assets = demo.build_demo_assets(cache_dir=cache_dir, device="cpu", progress=progress, scale="default")

@@ -1,4 +1,4 @@
-"""One benchmark worker: runs a list of transfer runs in this process through `semalign_ds.pipeline.run`.
+"""One benchmark worker: runs a list of transfer runs in this process through `semalign_ds.run.pipeline.run`.
 
 Usage (the driver starts it): python bench/quality/worker.py JOB.json
 JOB.json: {"specs": [spec...], "pairs": {name: paths}, "base_overrides": [...], "eval_sequences": n,
@@ -7,7 +7,7 @@ spec: {"id", "pair", "method", "seed", "lr", "overrides": [...], "out_dir"}.
 Each finished run writes <out_dir>/result.json (spec, held-out perplexities of the exported student, wall time,
 optimizer steps and tokens, per-stage loss history read back from MLflow, pairing); a run whose result.json exists
 is skipped, so an interrupted benchmark resumes. Held-out sets are packed with the student's tokenizer
-(ids_NT, mask_NT) by the project's data code and scored with `semalign_ds.evaluate.perplexity`.
+(ids_NT, mask_NT) by the project's data code and scored with `semalign_ds.evaluation.evaluate.perplexity`.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class EvalSets:
 
 
 def score(model_dir: str, pair: dict, evals: EvalSets, seq_len: int, device: str) -> dict[str, float]:
-    from semalign_ds.evaluate import perplexity
+    from semalign_ds.evaluation.evaluate import perplexity
     from semalign_ds.models.loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(model_dir, torch.float32, device, key="student")
@@ -106,7 +106,7 @@ def _pairing(out_dir: Path) -> list:
 
 
 def run_one(spec: dict, job: dict, evals: EvalSets) -> dict:
-    from semalign_ds import pipeline
+    from semalign_ds.run import pipeline
 
     pair = job["pairs"][spec["pair"]]
     cfg = run_config(spec, pair, job["base_overrides"], job.get("mlflow_uri"), job["experiment"])
@@ -128,7 +128,7 @@ def run_one(spec: dict, job: dict, evals: EvalSets) -> dict:
 
 def teach_one(spec: dict, job: dict) -> dict:
     """A spool for a teacher setting (spec kind "teach"): `semalign teach` with the setting's config."""
-    from semalign_ds import pipeline
+    from semalign_ds.run import pipeline
 
     pair = job["pairs"][spec["pair"]]
     cfg = run_config(spec, pair, job["base_overrides"], job.get("mlflow_uri"), job["experiment"])
@@ -141,7 +141,7 @@ def teach_one(spec: dict, job: dict) -> dict:
 def warm_up(device: str, mlflow_uri: str | None) -> None:
     """Process-wide one-time costs (DeepSpeed import, its communication op, the process group, the MLflow store's
     tables) before the first run, so that every run's wall time counts the same work."""
-    from semalign_ds import distributed
+    from semalign_ds.cluster import distributed
     from semalign_ds.engines.teacher import import_deepspeed
 
     distributed.init(device)

@@ -159,7 +159,7 @@ def run_teacher(size_name: str, repeats: int) -> dict:
 
 def predictions(size_name: str, student: dict, teacher: dict) -> dict:
     """The cost model (throughput.py, cpu profile) for the benchmark's shapes next to the measured figures."""
-    from semalign_ds import throughput as tp
+    from semalign_ds.planning import throughput as tp
 
     size = SIZES[size_name]
     t_shape = tp.ModelShape.from_config(llama_config(**size["teacher"]))
@@ -183,7 +183,7 @@ def predictions(size_name: str, student: dict, teacher: dict) -> dict:
 
 
 def forward_efficiency(size_name: str, teacher: dict) -> float:
-    from semalign_ds import throughput as tp
+    from semalign_ds.planning import throughput as tp
 
     size = SIZES[size_name]
     shape = tp.ModelShape.from_config(llama_config(**size["teacher"]))

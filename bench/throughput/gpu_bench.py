@@ -11,7 +11,7 @@ Random-initialised Llama-shaped teachers in bf16, 1024-token sequences, every fi
 - a 70B-shaped slice (10 of 80 layers, full vocabulary) at 16k tokens, extrapolated to 80 layers by FLOPs.
 Ratios printed and written to <out>/gpu_bench.json after every phase (a timeout keeps what was done): emission /
 bare forward (goal >= 0.95), roofline / emission (goal >= 0.8), accelerate / emission (goal >= 6), and the
-planner's prediction (semalign_ds.throughput, h200 profile) / measured. Phases that would overrun --budget-s are
+planner's prediction (semalign_ds.planning.throughput, h200 profile) / measured. Phases that would overrun --budget-s are
 skipped and listed. `--dry`: tiny shapes, CPU, fp32, the same functions (a check of the script, not a benchmark).
 
 Usage: bash bench/throughput/run_gpu.sh WHEEL_DIR OUT_DIR      (installs DeepSpeed from wheels, then this)
@@ -123,7 +123,7 @@ def floors(run: Run) -> dict:
 
 
 def roofline(run: Run, shape_kw: dict, B: int, extra_layers: int | None = None) -> dict:
-    from semalign_ds.throughput import ModelShape, forward_flops
+    from semalign_ds.planning.throughput import ModelShape, forward_flops
 
     shape = ModelShape.from_config(llama_config(**shape_kw))
     f, T = run.res["floors"], run.sz["T"]
@@ -234,7 +234,7 @@ def deepspeed_tuned(run: Run, shape_kw: dict, B: int, prefetch: int) -> dict:
 # ---- ratios ----
 
 def _planned_pass(run: Run, shape_kw: dict, B: int) -> float:
-    from semalign_ds import throughput as tp
+    from semalign_ds.planning import throughput as tp
 
     shape = tp.ModelShape.from_config(llama_config(**shape_kw))
     prof = tp.get_profile("cpu" if run.dry else "h200")
@@ -263,7 +263,7 @@ def summarise(run: Run, shape_kw: dict, r: dict) -> dict:
 
 def extrapolate(run: Run, shape_kw: dict, rows: dict) -> dict:
     """A slice of n layers -> the whole model (70b_layers) by forward FLOPs; roofline from the measured floors."""
-    from semalign_ds.throughput import ModelShape, forward_flops
+    from semalign_ds.planning.throughput import ModelShape, forward_flops
 
     full_kw = {**shape_kw, "layers": run.sz["70b_layers"]}
     full = ModelShape.from_config(llama_config(**full_kw))
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     args.budget_s = args.budget_s or (600.0 if args.dry else 420.0)
     if not args.dry and not torch.cuda.is_available():
         raise SystemExit("gpu_bench: no CUDA device; run with --dry to check the script on the CPU")
-    from semalign_ds.distributed import setup_env
+    from semalign_ds.cluster.distributed import setup_env
 
     setup_env(("cpu" if args.dry else "cuda"))
     run = Run(args)

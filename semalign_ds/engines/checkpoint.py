@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from semalign_ds import files
-from semalign_ds.distributed import barrier
+from semalign_ds.cluster.distributed import barrier
 from semalign_ds.engines.student import StudentStage
 from semalign_ds.method.lora import LoRALinear
 

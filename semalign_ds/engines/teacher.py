@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from semalign_ds.distributed import setup_env
+from semalign_ds.cluster.distributed import setup_env
 from semalign_ds.engines.kl_lean import rows_per_chunk
 from semalign_ds.method.attribution import AttributionAccumulator, skip_layer
 from semalign_ds.method.basis import align

@@ -18,7 +18,7 @@ from datetime import timedelta  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from semalign_ds.distributed import RankLayout  # noqa: E402
+from semalign_ds.cluster.distributed import RankLayout  # noqa: E402
 from semalign_ds.transport import schema, stream  # noqa: E402
 from transport_common import kill_self, packet_digest, stream_packet  # noqa: E402
 

@@ -128,7 +128,7 @@ def loss_curves(history: list[dict], path: Path) -> Path:
 def stage_table(history: list[dict]) -> str:
     """Markdown, a row per stage: its global steps, each loss term at the stage's first and last step, mean
     tokens/s (for eval.md)."""
-    from semalign_ds.evaluate import format_table
+    from semalign_ds.evaluation.evaluate import format_table
 
     keys = [k for k in LOSS_KEYS if any(r.get(k) is not None for r in history)]
     rows = []

@@ -66,7 +66,7 @@ def resolve_device(device: str) -> str:
 def setup_env(device: str) -> None:
     """Tell DeepSpeed which accelerator to use (before its first import) and set RANK/WORLD_SIZE/LOCAL_RANK/
     MASTER_ADDR/MASTER_PORT from whichever launcher started us (launch.resolve_launch; single rank if none)."""
-    from semalign_ds.launch import resolve_launch
+    from semalign_ds.cluster.launch import resolve_launch
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
     os.environ.update(resolve_launch(os.environ).torch_env())

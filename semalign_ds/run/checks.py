@@ -22,8 +22,8 @@ from pathlib import Path
 
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
-from semalign_ds import ownership
-from semalign_ds.distributed import resolve_device
+from semalign_ds.run import ownership
+from semalign_ds.cluster.distributed import resolve_device
 from semalign_ds.models import loading
 
 COMMANDS = ("run", "train", "teach", "check")
@@ -115,7 +115,7 @@ def _template(cfg: cfgmod.RunConfig, role: str, world_size: int | None) -> None:
     """The role's DeepSpeed template: it exists, is a JSON object, runs the right ZeRO stage, and the pure
     builder accepts it with this run's values; errors name the key and the template's path."""
     from semalign_ds.engines import ds_config as dsc  # pure functions, no deepspeed import
-    from semalign_ds.resume import find_template
+    from semalign_ds.run.resume import find_template
 
     engine = cfg.teacher_engine if role == "teacher" else cfg.student_engine
     key = f"{role}_engine.ds_config"

@@ -100,7 +100,7 @@ def _by_hand(env: Mapping[str, str]) -> dict:
 def _single(env: Mapping[str, str], default_port: int | None) -> dict:
     port = _int(env, "MASTER_PORT", default_port if default_port is not None else 0)
     if not port:
-        from semalign_ds.distributed import free_port
+        from semalign_ds.cluster.distributed import free_port
 
         port = free_port()
     return dict(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1,

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from semalign_ds import config as cfgmod
-from semalign_ds import stdlib_task, tracking
-from semalign_ds.evaluate import format_table
+from semalign_ds import tracking
+from semalign_ds.evaluation import stdlib_task
+from semalign_ds.evaluation.evaluate import format_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SECTION_START, SECTION_END = "<!-- semalign:lm_eval -->", "<!-- /semalign:lm_eval -->"
@@ -263,7 +264,7 @@ def eval_run_dir(run_dir: Path, overrides: list[str] = ()) -> dict:
     if not (after / "config.json").is_file():
         raise ValueError(f"{run_dir} has no student/ export yet (the run has not finished); finish it with "
                          f"`semalign run`, or evaluate a checkpoint folder with --out DIR")
-    from semalign_ds.distributed import resolve_device
+    from semalign_ds.cluster.distributed import resolve_device
 
     device, lm = resolve_device(cfg.runtime.device), cfg.eval.lm_eval
     manager = task_manager(lm.tasks, lm.include_path)
@@ -288,7 +289,7 @@ def eval_checkpoint(path: Path, out: Path | None, cfg: cfgmod.RunConfig) -> dict
     if out is None:
         raise ValueError(f"{path} is a checkpoint, not a run directory: name where the scores go with --out DIR "
                          f"(nothing is written next to a checkpoint)")
-    from semalign_ds.distributed import resolve_device
+    from semalign_ds.cluster.distributed import resolve_device
 
     lm = cfg.eval.lm_eval
     manager = task_manager(lm.tasks, lm.include_path)

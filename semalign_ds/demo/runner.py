@@ -18,7 +18,7 @@ import yaml
 
 from semalign_ds import config as cfgmod
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 TINY_OVERRIDES = ["data.max_sequences=64", "data.seq_len=64", "data.micro_batch_size=8",
                   "schedule.epochs_per_stage=0.5", "runtime.checkpoint_every=2", "eval.max_sequences=16",
@@ -70,8 +70,10 @@ def verdict(summary: dict) -> list[str]:
 
 def main(scale: str = "default", cache_dir: str | None = None, overrides: list[str] = (),
          teacher: str = "demo") -> int:
-    from semalign_ds import guard, pipeline, versions
-    from semalign_ds.demo import build_demo_assets
+    from semalign_ds import versions
+    from semalign_ds.run import guard
+    from semalign_ds.run import pipeline
+    from semalign_ds.demo.assets import build_demo_assets
 
     versions.check()
     if teacher not in TEACHERS:
@@ -81,7 +83,7 @@ def main(scale: str = "default", cache_dir: str | None = None, overrides: list[s
     assets = build_demo_assets(cache_dir=cache_dir, device="cpu", progress=True, scale=scale)
     teacher_path = None
     if teacher == "smollm2":
-        from semalign_ds import real_models
+        from semalign_ds.demo import real_models
 
         teacher_path = real_models.smollm2()
     built = time.perf_counter() - start

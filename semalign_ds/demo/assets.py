@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from semalign_ds.evaluate import perplexity
+from semalign_ds.evaluation.evaluate import perplexity
 
 log = logging.getLogger(__name__)
 

@@ -18,19 +18,21 @@ from pathlib import Path
 
 import torch
 
-from semalign_ds import budget as budgetmod
+from semalign_ds.run import budget as budgetmod, ownership, resume, signals, supervision, topology
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
-from semalign_ds import distributed, evaluate, files, ownership, report, resume, signals, supervision, throughput
-from semalign_ds import topology
+from semalign_ds import files
+from semalign_ds.cluster import distributed
+from semalign_ds.evaluation import evaluate, report
+from semalign_ds.planning import throughput
 from semalign_ds.config import RunConfig
-from semalign_ds.context import RunContext
+from semalign_ds.run.context import RunContext
 from semalign_ds.method.pairing import PairingTable, build_pairing
 from semalign_ds.method.targets import target_recipes
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.loading import load_causal_lm, load_config, load_tokenizer, torch_dtype
 from semalign_ds.progress import bar, phase
-from semalign_ds.resume import Progress
+from semalign_ds.run.resume import Progress
 from semalign_ds import tracking
 from semalign_ds.tracking import make_tracker
 from semalign_ds.transport import schema, spool

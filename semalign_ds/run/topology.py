@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from semalign_ds import data as datamod
-from semalign_ds import signals, supervision
-from semalign_ds.budget import stage_seed
-from semalign_ds.distributed import DistInfo, RankLayout, all_reduce, barrier
+from semalign_ds.run import signals, supervision
+from semalign_ds.run.budget import stage_seed
+from semalign_ds.cluster.distributed import DistInfo, RankLayout, all_reduce, barrier
 from semalign_ds.method.pairing import PairingTable
 from semalign_ds.progress import bar
 from semalign_ds.transport import schema, spool, store as storemod, stream

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from semalign_ds import config as cfgmod
-from semalign_ds.distributed import barrier
+from semalign_ds.cluster.distributed import barrier
 from semalign_ds.progress import phase
 
 CKPT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 RUN_FILE = "run.json"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from semalign_ds import budget as budgetmod
-from semalign_ds import throughput as tp
-from semalign_ds.throughput import DTYPE_BYTES, GiB, ModelShape, get_profile
+from semalign_ds.run import budget as budgetmod
+from semalign_ds.planning import throughput as tp
+from semalign_ds.planning.throughput import DTYPE_BYTES, GiB, ModelShape, get_profile
 
 @dataclass
 class Plan:
@@ -124,7 +124,7 @@ def make_setup(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: 
 
 def packet_bytes(cfg, su: Setup) -> int:
     """Bytes of one sample's packet in a store or spool (supervision.packet_bytes_per_sample)."""
-    from semalign_ds.supervision import packet_bytes_per_sample
+    from semalign_ds.run.supervision import packet_bytes_per_sample
 
     layers = len({l for s in su.budget.stages for l in s.layers})
     width = su.teacher.hidden if cfg.method.map == "none" else su.student.hidden

@@ -219,7 +219,7 @@ def _teacher_columns(r, students: dict, batches: list) -> tuple[float, dict]:
     vocabulary plus one bucket for the rest of each side's mass.
     """
     from semalign_ds.engines.teacher import gather_positions
-    from semalign_ds.supervision import teacher_view
+    from semalign_ds.run.supervision import teacher_view
 
     dev = r.info.device
     nll, pairs = 0.0, 0

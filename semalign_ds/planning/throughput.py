@@ -92,7 +92,7 @@ def peak_rss_bytes() -> float:
 def get_profile(name: str) -> DeviceProfile:
     if name not in PROFILES:
         raise ValueError(f"--device-profile {name!r} is unknown; use one of {', '.join(sorted(PROFILES))} (or add "
-                         "one to semalign_ds.plan.PROFILES)")
+                         "one to semalign_ds.planning.plan.PROFILES)")
     return PROFILES[name]
 
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from semalign_ds import checks, ownership, signals
+from semalign_ds.run import checks, ownership, signals
 from semalign_ds import config as cfgmod
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def finished_result(out: Path, kind: str) -> dict:
 
 def owned_run(cfg: cfgmod.RunConfig, command: str, work: Callable[[cfgmod.RunConfig], dict]) -> dict:
     """Steps 1-5 of the module docstring around `work(cfg)`; returns its result (or the finished one)."""
-    from semalign_ds.launch import resolve_launch
+    from semalign_ds.cluster.launch import resolve_launch
 
     out, kind = target(cfg, command)
     config_hash = cfgmod.result_hash(cfg)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semalign_ds import config as cfgmod
-from semalign_ds.distributed import RankLayout
+from semalign_ds.cluster.distributed import RankLayout
 
-SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
 TEMPLATES = {
     "colocated": "one job; every rank holds a teacher shard and a student replica (runtime.topology colocated)",
     "hetjob": "a heterogeneous job: teacher nodes stream packets to student nodes (disaggregated)",

@@ -12,7 +12,7 @@ import torch
 
 from semalign_ds.config import RunConfig
 from semalign_ds.data import TokenBlocks
-from semalign_ds.distributed import DistInfo
+from semalign_ds.cluster.distributed import DistInfo
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from semalign_ds import data as datamod
-from semalign_ds.distributed import broadcast_from_first
+from semalign_ds.cluster.distributed import broadcast_from_first
 from semalign_ds.method import basis as basismod
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.loading import torch_dtype
@@ -241,7 +241,7 @@ def _teacher_hidden(cfg) -> int | None:
 def stage_kwargs(ctx, total_steps: int, train_layers: list[int] | None = None) -> dict:
     from semalign_ds.engines.ds_config import load_template, student_ds_config
     from semalign_ds.engines.student import ObjectiveSpec
-    from semalign_ds import resume
+    from semalign_ds.run import resume
 
     cfg, s = ctx.cfg, ctx.cfg.schedule
     template = load_template(resume.find_template(cfg.student_engine.ds_config, "student_engine.ds_config"))

@@ -1,0 +1,1 @@
+"""The cluster: launch environments, process groups and rank layout, Slurm job scripts."""

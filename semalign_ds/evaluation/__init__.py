@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and agreement, lm-eval, the shipped stdlib task, reports and plots."""

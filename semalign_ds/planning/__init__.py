@@ -1,0 +1,1 @@
+"""Planning a run before it starts: the cost model and `semalign plan`."""
