@@ -233,9 +233,17 @@ def _stream_rows(shape: dict, s: dict) -> list[tuple]:
     ]
 
 
+def _planned_bytes_per_token(shape: dict, layers: int) -> int:
+    """The RunSpec's packet layout for these shapes (what `semalign plan` and the run say a token costs)."""
+    from semalign_ds.spec import PacketLayout
+
+    return PacketLayout(shape["T"], tuple(range(1, layers + 1)), shape["D_S"], "bfloat16", shape["K"], 0, True, True,
+                        True, False).bytes_per_token
+
+
 def _spool_rows(shape: dict, sp: dict) -> list[tuple]:
     dd_w, dd_r = sp["dd_bytes"] / sp["dd_write_s"], sp["dd_bytes"] / sp["dd_read_s"]
-    refL = schema.bytes_per_token_model(shape["L"], shape["D_S"], shape["K"])
+    refL = _planned_bytes_per_token(shape, shape["L"])
     return [
         (f"spool write ({sp['bytes'] / 2**20:.0f} MiB: rows, fsync, block sha256s, rename)",
          _rate(sp["bytes"], sp["write_s"]), f"dd conv=fsync {_rate(sp['dd_bytes'], sp['dd_write_s'])}",
@@ -247,15 +255,15 @@ def _spool_rows(shape: dict, sp: dict) -> list[tuple]:
         ("hashing alone: block sha256s of the shards (cold cache)", _rate(sp["bytes"], sp["sha_s"]), "-", "-",
          "-"),
         (f"bytes/token on disk ({shape['L']} layers)", f"{sp['disk_bytes_per_token']:.0f}",
-         f"L D_S 2 + 8k = {refL}", f"{sp['disk_bytes_per_token'] / refL:.3f}", "-"),
+         f"planned {refL}", f"{sp['disk_bytes_per_token'] / refL:.3f}", "-"),
     ]
 
 
 def report(shape: dict, s: dict, sp: dict) -> str:
     wire = (s["packet_bytes"] + stream.HEADER_BYTES) / (shape["B"] * shape["T"])
-    ref1 = schema.bytes_per_token_model(1, shape["D_S"], shape["K"])
+    ref1 = _planned_bytes_per_token(shape, 1)
     rows = _stream_rows(shape, s) + _spool_rows(shape, sp)
-    rows.insert(4, ("bytes/token on the wire (1 layer)", f"{wire:.0f}", f"L D_S 2 + 8k = {ref1}", f"{wire / ref1:.3f}",
+    rows.insert(4, ("bytes/token on the wire (1 layer)", f"{wire:.0f}", f"planned {ref1}", f"{wire / ref1:.3f}",
                     "-"))
     head = (f"Shapes: B {shape['B']}, T {shape['T']}, D_S {shape['D_S']}, k {shape['K']}, L_S {shape['L']}; "
             f"{shape['N']} packets of {s['packet_bytes'] / 2**20:.2f} MiB (one stage's target).")

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--check", action="store_true", help="run the check pass alone (field ranges, models, data, "
                       "eval sets, DeepSpeed templates, spool, output dir): prints OK (exit 0) or every problem "
                       "(exit 2)")
+    show.add_argument("--schema", action="store_true", help="print the JSON Schema of a config file (every key with "
+                      "its type, range, default and doc) for editors to complete and check configs")
     _config_args(show, required=False)
     demo = sub.add_parser("demo", help="pretrain (cached) a small teacher and student on the Python stdlib, "
                                        "then transfer and print what happened")
@@ -196,12 +198,18 @@ def _dispatch(args) -> int:
 
 
 def _config(args) -> int:
+    if args.schema:
+        import json
+
+        print(json.dumps(cfgmod.json_schema(), indent=1))
+        return 0
     if not args.check:
         print(cfgmod.to_yaml(cfgmod.load_config(args.config, args.overrides)), end="")
         return 0
     from semalign_ds.run import checks
 
-    checks.check_all(cfgmod.load_config(args.config, args.overrides, check_ranges=False), "check")
+    cfg, found = cfgmod.load_config_with_problems(args.config, args.overrides)
+    checks.check_all(cfg, "check", config_problems=found)
     print("OK: the config and every path it names passed the checks")
     return 0
 
@@ -218,10 +226,10 @@ def _owned(args) -> int:
         extra = [f"transport.spool_dir={args.out}", "runtime.topology=spool"]
     if args.command == "train":
         extra = ["runtime.topology=spool", f"transport.spool_dir={args.from_spool}"]
-    cfg = cfgmod.load_config(args.config, [*args.overrides, *extra], check_ranges=False)
+    cfg, found = cfgmod.load_config_with_problems(args.config, [*args.overrides, *extra])
     versions.check()
     work = pipeline.teach if args.command == "teach" else pipeline.run
-    result = guard.owned_run(cfg, args.command, work)
+    result = guard.owned_run(cfg, args.command, work, found)
     if args.command == "teach":
         print(f"spool {'was already complete' if result.get('finished_before') else 'written'} in {args.out}: "
               f"{result.get('num_samples', '?')} samples, {files.human(result.get('bytes', 0))}")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from semalign_ds.models.loading import model_max_positions
+from semalign_ds.run.budget import micro_batches_per_epoch  # noqa: F401  (data order and budget share it)
 
 FORMATS = ("auto", "jsonl", "text", "parquet")
 _EXTENSIONS = {"jsonl": (".jsonl", ".json"), "text": (".txt", ".text", ".md"), "parquet": (".parquet",)}
@@ -347,16 +348,6 @@ def owned_samples(num_sequences: int, rank: int, world: int) -> torch.Tensor:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside 0..{world - 1}")
     return torch.arange(rank, num_sequences, world, dtype=torch.int64)
-
-
-def micro_batches_per_epoch(num_sequences: int, micro_batch: int, world: int) -> int:
-    """Full micro-batches per rank per epoch: every rank draws the same number, (N // world) // micro_batch."""
-    per_rank = num_sequences // world
-    if micro_batch < 1 or per_rank < micro_batch:
-        raise ValueError(f"the transfer data has {num_sequences} sequences: {per_rank} per rank over {world} "
-                         f"rank(s), fewer than one micro-batch of {micro_batch}; add data (data.max_sequences) or "
-                         f"lower data.micro_batch_size")
-    return per_rank // micro_batch
 
 
 def _epoch_order(count: int, seed: int, epoch: int, rank: int) -> torch.Tensor:

@@ -132,7 +132,7 @@ def _restore_environment():
 @pytest.fixture
 def single_rank_env(monkeypatch):
     """A complete single-rank launch environment, whatever earlier tests left in os.environ."""
-    from semalign_ds.cluster.distributed import free_port
+    from semalign_ds.cluster.launch import free_port
 
     for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", os.environ.get("MASTER_PORT") or str(free_port()))):

@@ -67,3 +67,69 @@ def test_result_hash_ignores_watching_fields_only():
     changed = cfgmod.config_from_dict({}, ["method.top_k=8"])
     assert cfgmod.result_hash(base) == cfgmod.result_hash(watched)
     assert cfgmod.result_hash(base) != cfgmod.result_hash(changed)
+
+
+# ---- presets: complete, recorded, switchable ----
+
+def test_switching_the_preset_of_a_resolved_config_switches_every_value(tmp_path, capsys):
+    from semalign_ds import cli
+
+    saved = tmp_path / "resolved.yaml"
+    assert cli.main(["config", "--config", str(ROOT / "configs" / "demo.yaml")]) == 0
+    saved.write_text(capsys.readouterr().out)  # what `semalign config` prints: preset best, fully resolved
+    assert cfgmod.load_config(saved) == cfgmod.load_config(ROOT / "configs" / "demo.yaml")  # reloads to itself
+    assert cli.main(["config", "--config", str(saved), "method.preset=paper_v1"]) == 0
+    v1 = cfgmod.config_from_dict(__import__("yaml").safe_load(capsys.readouterr().out))
+    assert (v1.method.layer_objective, v1.method.output_objective, v1.schedule.mode) == \
+        ("cosine", "label_cosine", "frontier")
+    assert v1.method.preset == "paper_v1" and v1.method.overrides == {}
+    assert cfgmod.flatten(v1)["method.overrides"] == "none" and cfgmod.flatten(v1)["method.preset"] == "paper_v1"
+
+
+def test_keys_set_on_top_of_a_preset_are_recorded_as_overrides_and_survive_a_switch():
+    cfg = cfgmod.config_from_dict({"method": {"w_label": 0.5, "top_k": 64}})  # top_k = best's: not an override
+    assert cfg.method.overrides == {"method.w_label": 0.5}
+    assert cfgmod.flatten(cfg)["method.overrides"] == "method.w_label=0.5"
+    reloaded = cfgmod.config_from_dict(cfgmod.to_dict(cfg))
+    assert reloaded == cfg
+    switched = cfgmod.config_from_dict(cfgmod.to_dict(cfg), ["method.preset=paper_v2"])
+    assert (switched.method.w_label, switched.schedule.mode, switched.method.overrides) == \
+        (0.5, "frontier", {"method.w_label": 0.5})
+    hand_written = cfgmod.config_from_dict({"method": {"preset": "kd", "overrides": {"method.w_label": 9}}})
+    assert hand_written.method.overrides == {} and hand_written.method.w_label == 0.0  # a record, not a setting
+
+
+def test_unknown_keys_name_the_nearest_valid_key_and_values_their_range():
+    with pytest.raises(ValueError, match=r"unknown config key 'schedule.grad_clipping'; did you mean "
+                                         r"'schedule.grad_clip'\?"):
+        cfgmod.config_from_dict({}, ["schedule.grad_clipping=1"])
+    with pytest.raises(ValueError, match=r"data.micro_batch_size=0 must be >= 1 \(Sequences per rank per "
+                                         r"micro-step\)"):
+        cfgmod.config_from_dict({}, ["data.micro_batch_size=0"])
+    with pytest.raises(ValueError, match="no loss term is active"):
+        cfgmod.config_from_dict({}, ["method.w_layer=0", "method.w_out=0", "method.w_label=0"])
+
+
+def test_lm_eval_limit_takes_a_count_or_a_fraction():
+    assert cfgmod.config_from_dict({}, ["eval.lm_eval.limit=0.5"]).eval.lm_eval.limit == 0.5
+    count = cfgmod.config_from_dict({}, ["eval.lm_eval.limit=100"]).eval.lm_eval.limit
+    assert count == 100 and isinstance(count, int)
+    with pytest.raises(ValueError, match="whole number of documents"):
+        cfgmod.config_from_dict({}, ["eval.lm_eval.limit=2.5"])
+
+
+def test_value_problems_are_returned_for_the_check_pass_with_the_config():
+    cfg, problems = cfgmod.parse({}, ["schedule.lr=-1", "schedule.grad_clip=-1", "data.seq_len=64"])
+    assert [p.split("=")[0] for p in problems] == ["schedule.lr", "schedule.grad_clip"]
+    assert cfg.data.seq_len == 64 and cfg.schedule.lr == cfgmod.ScheduleConfig().lr  # the bad ones reset
+
+
+def test_the_json_schema_documents_every_field(capsys):
+    from semalign_ds import cli
+
+    assert cli.main(["config", "--schema"]) == 0
+    schema = __import__("json").loads(capsys.readouterr().out)
+    method = schema["$defs"]["MethodConfig"]["properties"]
+    assert method["top_k"]["minimum"] == 0 and method["w_label"]["description"].startswith("Weight of")
+    assert schema["$defs"]["ScheduleConfig"]["additionalProperties"] is False
+    assert all(p.get("description") for d in schema["$defs"].values() for p in d["properties"].values())

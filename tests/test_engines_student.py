@@ -73,9 +73,13 @@ def test_lr_schedule_and_objective_validation():
     assert [lr_at(s, 1.0, 2, 6) for s in range(2)] == [0.5, 1.0]
     assert lr_at(2, 1.0, 2, 6) == 1.0 and lr_at(6, 1.0, 2, 6) == pytest.approx(0.0)
     assert lr_at(4, 1.0, 2, 6) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="layer_objective"):
-        ObjectiveSpec(layer_objective="l1")  # mse is an objective since issue 11
-    with pytest.raises(ValueError, match="target kind 'state'"):
-        ObjectiveSpec(layer_objective="fisher_logits")
-    with pytest.raises(ValueError, match="at least one active term"):
-        ObjectiveSpec(layer_objective="none", output_objective="none")
+    # the objective rules are the config's, checked once when it is parsed; the engine's spec follows the RunSpec
+    from semalign_ds.config import config_from_dict
+    from semalign_ds.spec import MethodSpec
+
+    with pytest.raises(ValueError, match="method.layer_objective"):
+        config_from_dict({}, ["method.layer_objective=l1"])
+    with pytest.raises(ValueError, match="no loss term is active"):
+        config_from_dict({}, ["method.layer_objective=none", "method.output_objective=none", "method.w_label=0"])
+    fisher = MethodSpec.from_config(config_from_dict({}, ["method.layer_objective=fisher_logits"]))
+    assert fisher.target_kind == "state" and ObjectiveSpec(w_label=0.0, w_out=0.0).active_terms() == ["layer"]

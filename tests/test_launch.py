@@ -1,5 +1,5 @@
 """launch.resolve_launch: every launcher's variables -> this process's rank, for large jobs, without processes;
-RankLayout: the teacher/student split of a world."""
+Roles: the teacher/student split of a world."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ import pytest
 
 from semalign_ds.cluster import distributed
 from semalign_ds.cluster.launch import expand_hostlist, expand_tasks_per_node, resolve_launch
+from semalign_ds.spec import Roles
 
 
 def srun_env(rank: int, nodes: int, per_node: int, prefix: str = "gpu", **extra) -> dict[str, str]:
@@ -55,7 +56,7 @@ def deepspeed_env(rank: int, nodes: int, per_node: int, **extra) -> dict[str, st
 
 def test_srun_16_nodes_x_8_gpus_teacher_12_nodes_student_4():
     launches = [resolve_launch(srun_env(r, 16, 8)) for r in range(128)]
-    layout = distributed.RankLayout.build("disaggregated", 128, 96)
+    layout = Roles.build("disaggregated", 128, 96)
     assert [l.rank for l in launches] == list(range(128))
     assert {l.launcher for l in launches} == {"srun"} and {l.world_size for l in launches} == {128}
     for l in launches:
@@ -69,7 +70,7 @@ def test_srun_16_nodes_x_8_gpus_teacher_12_nodes_student_4():
 
 
 def test_colocated_every_rank_is_teacher_and_student():
-    layout = distributed.RankLayout.build("colocated", 128)
+    layout = Roles.build("colocated", 128)
     assert not layout.disaggregated and layout.is_teacher(100) and layout.is_student(100)
 
 
@@ -147,7 +148,7 @@ def test_missing_or_inconsistent_variables_are_clear_errors(env, needle):
                                                     (128, None, "needs transport.teacher_ranks")])
 def test_rank_layout_validates_teacher_student_counts(world, teacher, needle):
     with pytest.raises(ValueError, match=needle):
-        distributed.RankLayout.build("disaggregated", world, teacher)
+        Roles.build("disaggregated", world, teacher)
 
 
 def test_setup_env_exports_the_srun_rank(monkeypatch):

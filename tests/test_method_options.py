@@ -108,7 +108,7 @@ def test_skip_layer_equals_removing_the_layer():
     (["method.map=none", "method.layer_objective=fisher_logits"], "fisher_logits"),
     (["method.layer_objective=hidden_mse", "method.map=logit"], "set method.map=none or leave method.map unset"),
     (["method.map=logit", "method.basis=input"], "leave method.basis=output"),
-    (["method.layer_balance=0"], "method.layer_balance=0.0 must be > 0"),
+    (["method.layer_balance=0"], "method.layer_balance=0 must be > 0"),
     (["method.layer_balance=0.5", "method.output_objective=none"], "no output term"),
     (["method.layer_balance=0.5", "method.w_out=0"], "no output term"),
     (["method.log_grad_cosine=true", "method.layer_objective=none"], "no layer term"),
@@ -150,8 +150,19 @@ def test_every_preset_is_complete_and_applies():
     v2 = cfgmod.config_from_dict({}, ["method.preset=paper_v2"])
     assert (v2.method.layer_objective, v2.method.output_objective, v2.method.w_label, v2.schedule.mode) == \
         ("relation_geometry", "kl", 0, "frontier")
-    none = cfgmod.config_from_dict({}, ["method.preset=null"])  # no preset: the field defaults
-    assert none.method.preset is None and none.schedule.mode == "frontier"
+    none = cfgmod.config_from_dict({}, ["method.preset=null"])  # no preset: the field defaults, best's values
+    assert none.method.preset is None and none.schedule.mode == "full" and none.method.overrides == {}
+    sft = cfgmod.config_from_dict({}, ["method.preset=sft"])  # CE counted once: no label term on top
+    assert (sft.method.layer_objective, sft.method.output_objective, sft.method.w_label) == ("none", "ce", 0.0)
+    kd, kd_ce = (cfgmod.config_from_dict({}, [f"method.preset={p}"]) for p in ("kd", "kd_ce"))
+    assert (kd.method.output_objective, kd.method.w_label, kd_ce.method.w_label) == ("kl", 0.0, 1.0)
+    assert cfgmod.config_from_dict({}, ["method.preset=hidden_mse"]).method.map == "none"
+
+
+def test_field_defaults_are_the_default_presets_values():
+    plain = cfgmod.RunConfig()
+    assert plain.method.preset == cfgmod.DEFAULT_PRESET
+    assert {k: cfgmod.get_dotted(plain, k) for k in cfgmod.PRESET_KEYS} == cfgmod.PRESETS[cfgmod.DEFAULT_PRESET]
 
 
 def test_best_is_the_default_and_the_configuration_the_benchmark_chose_on_validation():
@@ -192,6 +203,7 @@ def test_packet_binding_tells_maps_and_target_normalisation_apart(tmp_path):
     from types import SimpleNamespace
 
     from semalign_ds.run import supervision
+    from semalign_ds.spec import MethodSpec
 
     blocks = SimpleNamespace(ids_NT=torch.zeros(2, 4, dtype=torch.long), mask_NT=torch.ones(2, 4, dtype=torch.bool),
                              cross=False)
@@ -199,7 +211,8 @@ def test_packet_binding_tells_maps_and_target_normalisation_apart(tmp_path):
     def method_digest(*overrides):
         cfg = cfgmod.config_from_dict({"teacher": {"path": str(tmp_path)}, "student": {"path": str(tmp_path)}},
                                       list(overrides))
-        return supervision.binding(SimpleNamespace(cfg=cfg, blocks=blocks))["method"]
+        spec = SimpleNamespace(method=MethodSpec.from_config(cfg))
+        return supervision.binding(SimpleNamespace(cfg=cfg, blocks=blocks, spec=spec))["method"]
 
     digests = [method_digest(f"method.map={m}") for m in ("pinv", "logit", "random")]
     digests += [method_digest("method.map=logit", "method.layer_objective=mse"),

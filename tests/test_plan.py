@@ -57,18 +57,46 @@ def test_public_shapes_have_their_published_sizes():
     assert shape("llama-3.2-1b").total_params == pytest.approx(1.236e9, rel=0.005)
 
 
-def test_teacher_pass_reproduces_the_h200_measurements():
-    s8 = shape("llama-3.1-8b")
-    big = tp.teacher_pass_seconds(s8, 64, 1024, 2, H200, world=1, nodes=1, offload="cpu", dtype="bfloat16")
-    assert big["pass_s"] == pytest.approx(1.91, rel=0.06) and big["compute_s"] > big["fetch_s"]  # offload hidden
-    assert big["fetch_s"] == pytest.approx(0.29, rel=0.03)  # the PCIe floor: 16 GB / 55 GB/s
-    floor = tp.forward_flops(s8, 16, 1024) / (H200.matmul_tflops["bfloat16"] * 1e12)
-    assert floor == pytest.approx(0.33, rel=0.05)
-    s70 = shape("llama-3.1-70b")
-    one = tp.teacher_pass_seconds(s70, 16, 1024, 2, H200, world=1, nodes=1, offload="cpu", dtype="bfloat16")
-    assert 16 * 1024 / one["pass_s"] == pytest.approx(4.0e3, rel=0.06)
-    roof = tp.forward_flops(s70, 16, 1024) / (H200.matmul_tflops["bfloat16"] * 1e12)
-    assert 16 * 1024 / roof == pytest.approx(5.6e3, rel=0.05)
+# A made-up device whose round numbers make every figure computable by hand (no fitted constant is asserted).
+ROUND = tp.DeviceProfile("round", {"bfloat16": 100.0, "float32": 10.0}, 0.5, 0.5, 10.0, 1000.0, 100.0, 10.0, 1.0,
+                         80.0, 100.0, 1.0, 1.0, False, 1.0, (6.0, 3.0), (9.0, 4.0), "test")
+TOY = tp.ModelShape(layers=2, hidden=1024, inter=4096, heads=8, kv_heads=8, head_dim=128, vocab=32768, tied=False,
+                    gated=False)
+
+
+def test_model_shape_and_forward_flops_by_hand():
+    layer = 1024 * 1024 * 4 + 2 * 1024 * 4096 + 2 * 1024  # q, k, v, o; up + down; two norms
+    assert TOY.layer_params == layer
+    assert TOY.total_params == 2 * layer + 2 * 32768 * 1024 + 1024  # + embedding + head + final norm
+    # 2 x (layers + head) x tokens + attention 2 T^2 heads head_dim per layer: B 4, T 512
+    weights = 2 * layer + 32768 * 1024
+    assert tp.forward_flops(TOY, 4, 512) == 2 * weights * 2048 + 2 * 4 * 512 * 512 * 8 * 128 * 2
+
+
+def test_teacher_pass_is_the_slowest_of_compute_fetch_and_gather_by_hand():
+    flops, weights = tp.forward_flops(TOY, 4, 512), TOY.total_params * 2
+    one = tp.teacher_pass_seconds(TOY, 4, 512, 2, ROUND, world=1, nodes=1, offload="cpu", dtype="bfloat16")
+    assert one["compute_s"] == pytest.approx(flops / (100e12 * 0.5))
+    assert one["fetch_s"] == pytest.approx(weights / 10e9) and one["gather_s"] == 0
+    assert one["pass_s"] == max(one["compute_s"], one["fetch_s"])
+    four = tp.teacher_pass_seconds(TOY, 4, 512, 2, ROUND, world=4, nodes=1, offload="cpu", dtype="bfloat16")
+    assert four["fetch_s"] == pytest.approx(one["fetch_s"] / 4)  # each rank fetches its quarter of the shard
+    assert four["gather_s"] == pytest.approx(weights * 3 / 4 / 100e9)  # and gathers the other three quarters
+    across = tp.teacher_pass_seconds(TOY, 4, 512, 2, ROUND, world=8, nodes=2, offload="nvme", dtype="bfloat16")
+    assert across["gather_s"] == pytest.approx(weights * 7 / 8 / 10e9)  # between nodes: the network's 10 GB/s
+    assert across["fetch_s"] == pytest.approx(weights / 8 / 1e9)  # NVMe at 1 GB/s
+
+
+def test_packet_bytes_per_token_by_hand():
+    from semalign_ds.spec import PacketLayout
+
+    flagship = PacketLayout(1024, tuple(range(1, 17)), 2048, "bfloat16", 64, 128256, True, True, True, False)
+    assert flagship.bytes_per_token == 16 * 2048 * 2 + 64 * (4 + 4) + 4 + 8 + 1  # targets, top-k, tail, ids, mask
+    assert flagship.parts()["targets"] == 16 * 2048 * 2 and flagship.bytes_per_sample == 1024 * 66061 + 8
+    full = PacketLayout(16, (1, 2), 32, "float32", 0, 100, True, True, True, True)
+    assert full.bytes_per_token == 2 * 32 * 4 + 100 * 4 + 8 + 1 + 2  # full logits; cross-tokenizer masks
+    uld = PacketLayout(16, (), 32, "float32", 8, 100, False, True, False, False)
+    assert uld.bytes_per_token == 8 * 4 + 4 + 8 + 1  # sorted values and the tail, no ids, no targets
 
 
 def test_transfers_dominate_small_batches_and_more_ranks_split_the_shard():
@@ -81,9 +109,7 @@ def test_transfers_dominate_small_batches_and_more_ranks_split_the_shard():
     assert resident["fetch_s"] == 0
 
 
-def test_bytes_per_token_and_stage_costs():
-    assert tp.bytes_per_token(16, 2048, 64, 128256, 2) == 16 * 2048 * 2 + 64 * 12 + 4 + 9
-    assert tp.bytes_per_token(2, 32, 0, 100, 4) == 2 * 32 * 4 + 400 + 9
+def test_stage_costs_order():
     s1 = shape("llama-3.2-1b")
     first, last = (tp.student_step_flops(s1, 8, 1024, k) for k in (1, 16))
     full = tp.student_step_flops(s1, 8, 1024, 1, full=True)
@@ -122,7 +148,8 @@ def test_attribution_on_the_training_micro_batch_does_not_fit_and_the_advice_fix
     assert fixed.fits and fixed.figures["attribution_gib"] <= H200.device_mem_gib
     skipped = plan.build_plan(cfg70("pairing.critical_layer=false"), shape("llama-3.1-70b"), shape("llama-3.2-1b"),
                               1, 8, H200)
-    assert skipped.fits and skipped.figures["teacher_tokens_per_s"] == pytest.approx(8 * 4.0e3, rel=0.06)
+    assert skipped.fits and "attribution_gib" not in skipped.figures
+    assert skipped.figures["wall_s"] < fixed.figures["wall_s"]
 
 
 def test_a_store_too_big_for_host_memory_goes_to_disk_or_is_named():

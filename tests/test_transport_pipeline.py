@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 from engines_common import warm_deepspeed  # noqa: E402
 from test_pipeline import SEMALIGN, env, semalign, student_weights, write_config  # noqa: E402
 
-from semalign_ds.cluster.distributed import free_port  # noqa: E402
+from semalign_ds.cluster.launch import free_port  # noqa: E402
 from semalign_ds.transport import spool  # noqa: E402
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -61,9 +61,9 @@ def assert_same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
 
 
 def assert_plan_agrees(run_dir: Path, config: Path, *overrides: str, gpus: int = 1, spool_run: bool = False) -> None:
-    """`semalign plan` on the run's config (CPU profile) against what the run logged, within 20%: steps and tokens
-    per stage, teacher passes per sample, the packets' bytes (a rank's memory store; a spool's size), peak host
-    memory per rank."""
+    """`semalign plan` on the run's config (CPU profile) against what the run logged: the store kind and the packet
+    bytes per token exactly (both come from the one RunSpec), and within 20%: steps and tokens per stage, teacher
+    passes per sample, the packets' bytes (a rank's memory store; a spool's size), peak host memory per rank."""
     proc = semalign("plan", "--config", config, "--nodes", "1", "--gpus-per-node", gpus, "--device-profile", "cpu",
                     "--json", *overrides)
     figures = json.loads(proc.stdout)["figures"]
@@ -76,6 +76,8 @@ def assert_plan_agrees(run_dir: Path, config: Path, *overrides: str, gpus: int =
            "teacher_passes_per_sample": metrics["teacher_passes_per_sample"], packets[0]: packets[1],
            "host_gib": metrics["host/peak_rss_bytes"] / 2**30}
     want = {**{k: figures[k] for k in got}, "host_gib": figures["host_gib"] / gpus}
+    assert (params["plan.store"], int(params["plan.bytes_per_token"])) == \
+        (figures["store_kind"], figures["bytes_per_token"])
     for key in got:
         assert got[key] == pytest.approx(want[key], rel=0.2), (key, got[key], want[key])
 

@@ -7,7 +7,6 @@ on CUDA. DS_ACCELERATOR is set from the configured device before deepspeed is fi
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from semalign_ds import log
+from semalign_ds.cluster.launch import Launch, resolve_launch
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -23,6 +23,7 @@ class DistInfo:
     local_rank: int
     backend: str
     device: torch.device
+    local_world_size: int = 1  # ranks on this node (the launcher's)
 
     @property
     def is_main(self) -> bool:
@@ -46,12 +47,6 @@ def all_reduce(values: list[float], device, group=None, op: str = "sum") -> list
     return t.tolist()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def resolve_device(device: str) -> str:
     """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'; recorded in the resolved config."""
     if device == "auto":
@@ -63,18 +58,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def setup_env(device: str) -> None:
+def setup_env(device: str) -> Launch:
     """Tell DeepSpeed which accelerator to use (before its first import) and set RANK/WORLD_SIZE/LOCAL_RANK/
     MASTER_ADDR/MASTER_PORT from whichever launcher started us (launch.resolve_launch; single rank if none)."""
-    from semalign_ds.cluster.launch import resolve_launch
-
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
-    os.environ.update(resolve_launch(os.environ).torch_env())
+    launch = resolve_launch(os.environ)
+    os.environ.update(launch.torch_env())
+    return launch
 
 
 def init(device: str, timeout_s: float = 600.0) -> DistInfo:
     """Initialise the default process group (idempotent) and return this rank's place in it."""
-    setup_env(device)
+    launch = setup_env(device)
     backend = "gloo" if device == "cpu" else "nccl"
     local_rank = int(os.environ["LOCAL_RANK"])
     if device == "cuda":
@@ -83,7 +78,7 @@ def init(device: str, timeout_s: float = 600.0) -> DistInfo:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     log.setup(dist.get_rank())
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, dev)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, dev, launch.local_world_size)
 
 
 def barrier(group=None) -> None:
@@ -96,46 +91,3 @@ def shutdown() -> None:
     """Destroy the process group (the CLI calls it after a command succeeds: a clean exit for NCCL/gloo)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-@dataclass(frozen=True)
-class RankLayout:
-    """Which global ranks run the teacher and which the student.
-
-    colocated / spool: every rank does both (teacher ZeRO-3 shard + student ZeRO-2 replica).
-    disaggregated: the first `n_teacher` ranks are teacher ranks, the rest student ranks; any ratio.
-    """
-
-    world_size: int
-    teacher_ranks: tuple[int, ...]
-    student_ranks: tuple[int, ...]
-
-    @classmethod
-    def build(cls, topology: str, world_size: int, teacher_ranks: int | None = None) -> "RankLayout":
-        if world_size < 1:
-            raise ValueError(f"world size must be >= 1, got {world_size}")
-        everyone = tuple(range(world_size))
-        if topology in ("colocated", "spool"):
-            if teacher_ranks not in (None, world_size):
-                raise ValueError(f"transport.teacher_ranks={teacher_ranks} only applies to runtime.topology="
-                                 f"disaggregated; with {topology} every rank is a teacher and a student rank")
-            return cls(world_size, everyone, everyone)
-        if topology != "disaggregated":
-            raise ValueError(f"runtime.topology must be colocated, disaggregated or spool, got {topology!r}")
-        if teacher_ranks is None:
-            raise ValueError("runtime.topology=disaggregated needs transport.teacher_ranks (how many of the "
-                             f"{world_size} ranks run the teacher)")
-        if not 1 <= teacher_ranks < world_size:
-            raise ValueError(f"transport.teacher_ranks={teacher_ranks} must leave at least one rank of the "
-                             f"{world_size} for the student (1..{world_size - 1}); launch more tasks or lower it")
-        return cls(world_size, everyone[:teacher_ranks], everyone[teacher_ranks:])
-
-    @property
-    def disaggregated(self) -> bool:
-        return self.teacher_ranks != self.student_ranks
-
-    def is_teacher(self, rank: int) -> bool:
-        return rank in self.teacher_ranks
-
-    def is_student(self, rank: int) -> bool:
-        return rank in self.student_ranks

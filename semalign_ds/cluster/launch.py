@@ -12,11 +12,12 @@ Who started the process is read from the variables each launcher sets:
   by hand             all of RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT
   nothing             a single rank on a free local port.
 A missing, malformed or inconsistent variable is a ValueError naming it and the fix. Which ranks are teacher or
-student ranks is the run's business (distributed.RankLayout, from runtime.topology and transport.teacher_ranks).
+student ranks is the run's business (spec.Roles, from runtime.topology and transport.teacher_ranks).
 """
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -45,6 +46,13 @@ class Launch:
         """The variables torch.distributed (env://) and DeepSpeed read."""
         return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
                 "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the single-rank rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def resolve_launch(env: Mapping[str, str], default_port: int | None = None) -> Launch:
@@ -100,8 +108,6 @@ def _by_hand(env: Mapping[str, str]) -> dict:
 def _single(env: Mapping[str, str], default_port: int | None) -> dict:
     port = _int(env, "MASTER_PORT", default_port if default_port is not None else 0)
     if not port:
-        from semalign_ds.cluster.distributed import free_port
-
         port = free_port()
     return dict(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1,
                 node_name=env.get("SLURMD_NODENAME", "localhost"), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),

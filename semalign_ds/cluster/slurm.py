@@ -5,7 +5,7 @@ submitted. A template's run settings are shell lines of two forms, which render 
     : "${NAME:?message}"          required: the job stops with the message when NAME is left unset
     NAME=${NAME:-default}         optional
 The checks a job would otherwise fail on after queueing: the config file exists; the teacher/student split fits
-the job's tasks (RankLayout, whole nodes per role); the spool directory is one the student job can read.
+the job's tasks (Roles, whole nodes per role); the spool directory is one the student job can read.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semalign_ds import config as cfgmod
-from semalign_ds.cluster.distributed import RankLayout
+from semalign_ds.spec import Roles
 
 SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
 TEMPLATES = {
@@ -140,8 +140,8 @@ def parse_sbatch(text: str) -> list[Component]:
     return comps
 
 
-def check_layout(tpl: Template, cfg: cfgmod.RunConfig) -> RankLayout:
-    """The teacher/student split against the template's tasks (RankLayout), as the job would find it."""
+def check_layout(tpl: Template, cfg: cfgmod.RunConfig) -> Roles:
+    """The teacher/student split against the template's tasks (Roles), as the job would find it."""
     comps = tpl.components
     if tpl.kind == "hetjob":
         if len(comps) != 2:
@@ -152,14 +152,14 @@ def check_layout(tpl: Template, cfg: cfgmod.RunConfig) -> RankLayout:
             raise ValueError(f"transport.teacher_ranks={cfg.transport.teacher_ranks} does not match the hetjob's "
                              f"teacher component: {comps[0].nodes()} nodes x {comps[0].per_node()} tasks = {teacher} "
                              f"ranks; drop transport.teacher_ranks (the template passes it) or resize the component")
-        return RankLayout.build("disaggregated", teacher + comps[1].tasks(), teacher)
+        return Roles.build("disaggregated", teacher + comps[1].tasks(), teacher)
     world = comps[0].tasks()
     if tpl.kind.startswith("spool"):
-        return RankLayout.build("spool", world)
+        return Roles.build("spool", world)
     if cfg.runtime.topology == "spool":
         raise ValueError("runtime.topology=spool runs as two jobs: render --template spool_teacher and "
                          "--template spool_student (or set runtime.topology=colocated)")
-    layout = RankLayout.build(cfg.runtime.topology, world, cfg.transport.teacher_ranks)
+    layout = Roles.build(cfg.runtime.topology, world, cfg.transport.teacher_ranks)
     per_node = comps[0].per_node()
     if layout.disaggregated and len(layout.teacher_ranks) % per_node:
         raise ValueError(f"transport.teacher_ranks={len(layout.teacher_ranks)} does not divide the job's "
@@ -235,7 +235,7 @@ def fill(tpl: Template, values: dict[str, str], cfg: cfgmod.RunConfig, config_fi
     return "\n".join(out) + "\n", unfilled
 
 
-def summary(tpl: Template, layout: RankLayout, cfg: cfgmod.RunConfig, values: dict[str, str],
+def summary(tpl: Template, layout: Roles, cfg: cfgmod.RunConfig, values: dict[str, str],
             unfilled: list[str], notes: list[str]) -> str:
     roles = ("teacher", "student") if tpl.kind == "hetjob" else ("all ranks",)
     lines = [f"semalign slurm render: nothing was submitted. Save the script above (e.g. > job.sbatch) and run "
@@ -263,7 +263,7 @@ def summary(tpl: Template, layout: RankLayout, cfg: cfgmod.RunConfig, values: di
     return "\n".join(lines + notes)
 
 
-def _command(tpl: Template, values: dict[str, str], layout: RankLayout) -> str:
+def _command(tpl: Template, values: dict[str, str], layout: Roles) -> str:
     """The template's srun line with the run settings (and a het job's teacher task count) filled in."""
     srun = next((l for l in tpl.text.splitlines() if l.lstrip().startswith("srun ")), "").rstrip(" &")
     values = {**values, "SLURM_NTASKS_HET_GROUP_0": str(len(layout.teacher_ranks))}

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from semalign_ds.config import active_terms
 from semalign_ds.engines.kl_lean import kl_topk_lean
 from semalign_ds.engines.teacher import import_deepspeed, model_device_kind
 from semalign_ds.method import objectives as obj
@@ -42,9 +43,6 @@ from semalign_ds.method.lora import add_lora, merge_lora
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.capture import capture_states
 from semalign_ds.transport.packet import SupervisionPacket
-
-LAYER_OBJECTIVES = ("relation_geometry", "cosine", "fisher_logits", "mse", "hidden_mse", "none")
-OUTPUT_OBJECTIVES = ("kl", "uld", "label_cosine", "ce", "none")
 
 
 @dataclass(frozen=True)
@@ -61,39 +59,10 @@ class ObjectiveSpec:
     layer_balance: float | None = None  # gradient-balanced layer weight (a fraction of the output gradient's norm)
     log_grad_cosine: bool = False  # measure cos(g_layer, g_out) every micro-step without balancing
 
-    def __post_init__(self):
-        if self.layer_objective not in LAYER_OBJECTIVES:
-            raise ValueError(f"method.layer_objective must be one of {LAYER_OBJECTIVES}, got {self.layer_objective!r}")
-        if self.output_objective not in OUTPUT_OBJECTIVES:
-            raise ValueError(f"method.output_objective must be one of {OUTPUT_OBJECTIVES}, "
-                             f"got {self.output_objective!r}")
-        if self.target_kind not in ("residual", "state"):
-            raise ValueError(f"target kind must be 'residual' or 'state', got {self.target_kind!r}")
-        if self.layer_objective == "fisher_logits" and self.target_kind != "state":
-            raise ValueError("method.layer_objective 'fisher_logits' compares the head on states: emit state "
-                             "targets (target kind 'state')")
-        if self.tau <= 0:
-            raise ValueError(f"objectives.tau must be > 0, got {self.tau}")
-        if min(self.w_layer, self.w_out, self.w_label) < 0 or not self.active_terms():
-            raise ValueError("the loss weights must be >= 0 and at least one active term (w_layer with a layer "
-                             "objective, w_out with an output objective, or w_label) must be > 0")
-        if (self.layer_balance is not None or self.log_grad_cosine) and \
-                not {"layer", "out"} <= set(self.active_terms()):
-            raise ValueError("method.layer_balance / method.log_grad_cosine compare the layer and output terms' "
-                             "gradients: both terms must be active (a layer objective with w_layer > 0 and an "
-                             "output objective with w_out > 0)")
-        if self.layer_balance is not None and self.layer_balance <= 0:
-            raise ValueError(f"method.layer_balance must be > 0, got {self.layer_balance}")
-
     def active_terms(self) -> list[str]:
-        terms = []
-        if self.w_layer > 0 and self.layer_objective != "none":
-            terms.append("layer")
-        if self.w_out > 0 and self.output_objective != "none":
-            terms.append("out")
-        if self.w_label > 0:
-            terms.append("label")
-        return terms
+        """The terms with a positive weight (config.active_terms: the rules were checked when the config was
+        parsed; an ObjectiveSpec is built from a validated config, or by tests)."""
+        return active_terms(self)
 
 
 def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int) -> float:

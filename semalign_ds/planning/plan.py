@@ -15,9 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from semalign_ds.run import budget as budgetmod
+from semalign_ds import spec as specmod
 from semalign_ds.planning import throughput as tp
 from semalign_ds.planning.throughput import DTYPE_BYTES, GiB, ModelShape, get_profile
+from semalign_ds.spec import Roles, RunSpec
 
 @dataclass
 class Plan:
@@ -65,28 +66,31 @@ def duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class Setup:
-    """The run's numbers the cost model needs, read from the config and the cluster shape."""
+    """The run's RunSpec (spec.resolve: the same one the run builds) on a cluster shape, and the cost model's
+    shorthands for it."""
 
-    teacher: ModelShape
-    student: ModelShape
-    nodes: int
+    spec: RunSpec
     gpus: int
-    t_world: int
-    s_world: int
-    B: int
-    T: int
-    stages: tuple[int, ...]
-    budget: budgetmod.Budget
-    attr_B: int
-    tb: int
-    sb: int
-    target_b: int
-    top_k: int
-    need_logits: bool
-    offload: str
-    dtype: str
-    full: bool
-    topology: str = "colocated"
+
+    teacher = property(lambda self: self.spec.teacher)
+    student = property(lambda self: self.spec.student)
+    budget = property(lambda self: self.spec.budget)
+    B = property(lambda self: self.spec.cfg.data.micro_batch_size)
+    T = property(lambda self: self.spec.cfg.data.seq_len)
+    nodes = property(lambda self: self.spec.roles.nodes)
+    t_world = property(lambda self: len(self.spec.roles.teacher_ranks))
+    s_world = property(lambda self: len(self.spec.roles.student_ranks))
+    stages = property(lambda self: tuple(s.k for s in self.spec.budget.stages))
+    attr_B = property(lambda self: self.spec.cfg.pairing.attribution_micro_batch or self.B)
+    tb = property(lambda self: DTYPE_BYTES[self.spec.cfg.teacher.dtype])
+    sb = property(lambda self: DTYPE_BYTES[self.spec.cfg.student.dtype])
+    target_b = property(lambda self: DTYPE_BYTES[self.spec.cfg.method.target_dtype])
+    top_k = property(lambda self: self.spec.cfg.method.top_k)
+    need_logits = property(lambda self: self.spec.method.needs_logits)
+    offload = property(lambda self: self.spec.cfg.teacher_engine.offload)
+    dtype = property(lambda self: self.spec.cfg.teacher.dtype)
+    full = property(lambda self: self.spec.cfg.schedule.mode == "full")
+    topology = property(lambda self: self.spec.cfg.runtime.topology)
 
     @property
     def n(self) -> int:
@@ -98,53 +102,17 @@ class Setup:
         return sum(s.micro_batches for s in self.budget.stages)
 
 
-def _layout(cfg, world: int) -> tuple[int, int]:
-    """(teacher ranks, student ranks) of the topology."""
-    if cfg.runtime.topology != "disaggregated":
-        return world, world
-    t = cfg.transport.teacher_ranks
-    if t is None or not 1 <= t < world:
-        raise ValueError(f"transport.teacher_ranks={t} must be in 1..{world - 1} for runtime.topology=disaggregated "
-                         f"on {world} ranks; set it (e.g. transport.teacher_ranks={max(1, world // 2)})")
-    return t, world - t
+def ram_per_node(prof, gpus: int) -> float:
+    """Host RAM of one node of the profile (its device memory where host and device share it)."""
+    return (prof.device_mem_gib if prof.unified else prof.host_mem_gib_per_device * gpus) * GiB
 
 
-def make_setup(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: int) -> Setup:
+def make_setup(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: int, prof=None) -> Setup:
     if nodes < 1 or gpus < 1:
         raise ValueError(f"--nodes ({nodes}) and --gpus-per-node ({gpus}) must be >= 1")
-    t_world, s_world = _layout(cfg, nodes * gpus)
-    plan = budgetmod.budget(cfg, student.layers, cfg.data.max_sequences, s_world)
-    d, m = cfg.data, cfg.method
-    return Setup(teacher, student, nodes, gpus, t_world, s_world, d.micro_batch_size, d.seq_len,
-                 tuple(s.k for s in plan.stages), plan, cfg.pairing.attribution_micro_batch or d.micro_batch_size,
-                 DTYPE_BYTES[cfg.teacher.dtype], DTYPE_BYTES[cfg.student.dtype],
-                 2 if m.target_dtype == "bfloat16" else 4, m.top_k, m.output_objective == "kl" and m.w_out > 0,
-                 cfg.teacher_engine.offload, cfg.teacher.dtype, cfg.schedule.mode == "full", cfg.runtime.topology)
-
-
-def packet_bytes(cfg, su: Setup) -> int:
-    """Bytes of one sample's packet in a store or spool (supervision.packet_bytes_per_sample)."""
-    from semalign_ds.run.supervision import packet_bytes_per_sample
-
-    layers = len({l for s in su.budget.stages for l in s.layers})
-    width = su.teacher.hidden if cfg.method.map == "none" else su.student.hidden
-    return packet_bytes_per_sample(cfg, su.T, layers, width, su.student.vocab)
-
-
-def store_per_rank(cfg, su: Setup) -> float:
-    """Packet bytes one student rank keeps (its share of the samples; the largest share)."""
-    return -(-cfg.data.max_sequences // su.s_world) * packet_bytes(cfg, su)
-
-
-def store_kind(cfg, su: Setup, prof) -> str:
-    """Where the run keeps its packets (topology.store_kind with the profile's host RAM)."""
-    if su.topology == "spool":
-        return "spool"
-    if cfg.transport.store != "auto":
-        return cfg.transport.store
-    ram = (prof.device_mem_gib if prof.unified else prof.host_mem_gib_per_device * su.gpus) * GiB
-    share = cfg.transport.store_memory_fraction * ram / min(su.gpus, su.s_world)
-    return "memory" if store_per_rank(cfg, su) <= share else "disk"
+    roles = Roles.build(cfg.runtime.topology, nodes * gpus, cfg.transport.teacher_ranks, gpus)
+    ram = ram_per_node(prof or get_profile("h200"), gpus)
+    return Setup(specmod.resolve(cfg, teacher, student, roles, cfg.data.max_sequences, ram), gpus)
 
 
 def captured_layers(L_T: int, L_S: int, residual: str) -> int:
@@ -162,7 +130,9 @@ def device_peak(su: Setup, prof, B: int, captured: int, bpt: int) -> dict[str, f
     """Peak device bytes of one rank (colocated: the teacher pass and the student step share the device)."""
     n = B * su.T
     teacher = tp.teacher_memory(su.teacher, n, su.tb, su.t_world, su.offload, captured, su.need_logits,
-                                su.student.layers * n * su.student.hidden * su.target_b)
+                                n * su.spec.packets.parts()["targets"])
+    if not su.spec.method.needs_teacher:  # no teacher is loaded
+        teacher = {"total": 0.0, "host_shard": 0.0}
     student = tp.student_memory(su.student, B, su.T, min(su.stages), su.sb, su.s_world, su.top_k, prof, su.full)
     resident = student["weights"] + student["gradients"] + student["optimizer_state"]
     phase_student = student["activations"] + student["logits_and_loss"] + n * bpt
@@ -176,8 +146,9 @@ def device_peak(su: Setup, prof, B: int, captured: int, bpt: int) -> dict[str, f
 
 def host_per_node(su: Setup, prof, host_shard: float, store: float) -> float:
     """Offloaded teacher shards, the packet store (memory store) and the runtime, per node."""
-    ranks = min(su.gpus, su.t_world)
-    return host_shard * ranks + store * min(su.gpus, su.s_world) + prof.host_overhead_gib * GiB * su.gpus
+    roles = su.spec.roles
+    return (host_shard * roles.per_node(roles.teacher_ranks) + store * roles.per_node(roles.student_ranks)
+            + prof.host_overhead_gib * GiB * su.gpus)
 
 
 def rank_device(su: Setup, parts: dict) -> float:
@@ -213,14 +184,14 @@ def timings(cfg, su: Setup, prof) -> dict[str, float]:
                                                                  cfg.student.dtype, su.full)
                  for s in su.budget.stages}
     train = sum(per_stage.values())
-    attribution = 0.0
-    if cfg.pairing.critical_layer and cfg.pairing.manual is None:
+    attribution, method = 0.0, su.spec.method
+    if method.needs_attribution:
         per_epoch = max(1, cfg.data.max_sequences // su.t_world // su.attr_B)
         attribution = min(cfg.pairing.attribution_batches, per_epoch) * attribution_pass_seconds(
             su, prof, cfg.pairing.attribution)
     shared = min(su.teacher.vocab, su.student.vocab)
-    build = tp.map_build(su.teacher, su.student, shared, prof)["seconds"] if cfg.method.map != "none" else 0.0
-    teach = math.ceil(cfg.data.max_sequences / (su.t_world * su.B)) * t["pass_s"]
+    build = tp.map_build(su.teacher, su.student, shared, prof)["seconds"] if needs_map(su) else 0.0
+    teach = math.ceil(cfg.data.max_sequences / (su.t_world * su.B)) * t["pass_s"] if method.needs_teacher else 0.0
     if su.topology == "disaggregated":  # the student trains its first epoch on packets as they arrive
         first = su.budget.stages[0]
         overlap = min(teach, per_stage[first.k] * min(1.0, 1.0 / max(first.epochs, 1e-9)))
@@ -235,9 +206,9 @@ def timings(cfg, su: Setup, prof) -> dict[str, float]:
 # ---- the plan ----
 
 def build_plan(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: int, prof) -> Plan:
-    su = make_setup(cfg, teacher, student, nodes, gpus)
+    su = make_setup(cfg, teacher, student, nodes, gpus, prof)
     captured = captured_layers(teacher.layers, student.layers, cfg.method.residual)
-    bpt = tp.bytes_per_token(student.layers, student.hidden, su.top_k, student.vocab, su.target_b)
+    bpt = su.spec.packets.bytes_per_token
     plan = Plan()
     _describe(plan, cfg, su, prof, bpt)
     t = timings(cfg, su, prof)
@@ -257,8 +228,11 @@ def _describe(plan: Plan, cfg, su: Setup, prof, bpt: int) -> None:
     plan.add("device profile", f"{prof.name}: {prof.source}")
     plan.add("tokens per weight pass", f"{su.n:,} per teacher rank (data.micro_batch_size {su.B} x data.seq_len "
                                        f"{su.T})", "tokens_per_pass", su.n)
-    plan.add("bytes per token moved", f"{bpt:,} (targets {su.student.layers} x {su.student.hidden} x "
-                                      f"{su.target_b} B, top-k {su.top_k}, ids, mask)", "bytes_per_token", bpt)
+    parts = ", ".join(f"{k} {v:,}" for k, v in su.spec.packets.parts().items() if v)
+    plan.add("bytes per token moved", f"{bpt:,} ({parts}; {len(su.spec.trained_layers)} target layer(s) x "
+                                      f"{su.spec.packets.width} x {su.target_b} B)", "bytes_per_token", bpt)
+    for k, v in su.spec.packets.parts().items():
+        plan.figures[f"bytes_per_token.{k}"] = v
 
 
 def _speed(plan: Plan, cfg, su: Setup, t: dict) -> None:
@@ -290,7 +264,7 @@ def _budget(plan: Plan, su: Setup) -> None:
 def _memory(plan: Plan, cfg, su: Setup, prof, captured: int, bpt: int) -> None:
     parts = device_peak(su, prof, su.B, captured, bpt)
     per_rank = rank_device(su, parts)
-    store = store_per_rank(cfg, su) if store_kind(cfg, su, prof) == "memory" else 0.0
+    store = su.spec.store_bytes_per_rank if su.spec.store == "memory" else 0.0
     host = host_per_node(su, prof, parts["host_shard"], store)
     cap = prof.device_mem_gib * GiB
     plan.add("device memory per rank", f"{gib(per_rank)} of {prof.device_mem_gib:.0f} GiB: teacher pass "
@@ -342,8 +316,8 @@ def _host_advice(plan: Plan, su: Setup, prof, used: float, cap: float, store: fl
 
 
 def _attribution(plan: Plan, cfg, su: Setup, prof) -> None:
-    if not cfg.pairing.critical_layer or cfg.pairing.manual is not None:
-        plan.add("attribution", "off (pairing.critical_layer false or pairing.manual set)")
+    if not su.spec.method.needs_attribution:
+        plan.add("attribution", "off (no layer targets, pairing.critical_layer false or pairing.manual set)")
         return
     def peak(B: int) -> float:
         work = tp.teacher_memory(su.teacher, B * su.T, su.tb, su.t_world, su.offload, 0, False, 0)
@@ -360,8 +334,13 @@ def _attribution(plan: Plan, cfg, su: Setup, prof) -> None:
                            "pairing.critical_layer=false (or a pairing.manual table)")
 
 
+def needs_map(su: Setup) -> bool:
+    """The alignment map is built where layer targets travel through one (method.map other than none)."""
+    return su.spec.method.needs_targets and su.spec.method.map != "none"
+
+
 def _map(plan: Plan, cfg, su: Setup, prof) -> None:
-    if cfg.method.map == "none":
+    if not needs_map(su):
         return
     build = tp.map_build(su.teacher, su.student, min(su.teacher.vocab, su.student.vocab), prof)
     plan.add("semantic bases + map", f"{duration(build['seconds'])} once per run on the first rank (float64 Gram "
@@ -372,18 +351,23 @@ def _map(plan: Plan, cfg, su: Setup, prof) -> None:
 
 
 def _packets_and_wall(plan: Plan, cfg, su: Setup, prof, t: dict) -> None:
-    per_sample = packet_bytes(cfg, su)
-    total = cfg.data.max_sequences * per_sample
-    kind = store_kind(cfg, su, prof)
-    plan.add("teacher passes per sample", "1 (one teacher forward per transfer sample; every stage trains from "
-                                          "its packets)", "teacher_passes_per_sample", 1.0)
+    spec = su.spec
+    per_sample, total, per_rank = spec.packets.bytes_per_sample, spec.total_packet_bytes, spec.store_bytes_per_rank
+    if spec.method.needs_teacher:
+        plan.add("teacher passes per sample", "1 (one teacher forward per transfer sample; every stage trains from "
+                                              "its packets)", "teacher_passes_per_sample", 1.0)
+    else:
+        plan.add("teacher passes per sample", "0 (the method needs no teacher output: no teacher is loaded)",
+                 "teacher_passes_per_sample", 0.0)
     where = {"memory": "in host memory", "disk": "in a local spool per rank (transport.store_dir)",
-             "spool": "in the spool (semalign teach)"}[kind]
-    per_rank = store_per_rank(cfg, su)
-    plan.add("packets", f"{gib(total)} ({per_sample:,} B per sample), {gib(per_rank)} per student rank {where}",
+             "spool": "in the spool (semalign teach)", "none": "(none kept)"}[spec.store]
+    bpt = spec.packets.bytes_per_token
+    plan.add("packets", f"{gib(total)} ({per_sample:,} B per sample), {gib(per_rank)} per student rank {where}; "
+                        f"{bpt * 1e6 / GiB:,.2f} GiB per 1M tokens, {bpt * 1e9 / 1e12:,.2f} TB per 1B tokens",
              "spool_bytes", total)
     plan.figures["store_bytes_per_rank"] = per_rank
-    plan.figures["store_host_bytes_per_rank"] = per_rank if kind == "memory" else 0.0
+    plan.figures["store_host_bytes_per_rank"] = per_rank if spec.store == "memory" else 0.0
+    plan.figures["store_kind"] = spec.store
     plan.add("wall time", f"{duration(t['wall_s'])} (attribution {duration(t['attribution_s'])}, map "
                           f"{duration(t['map_s'])}, teacher pass {duration(t['teach_once_s'])}, {su.micro_steps:,} "
                           f"student micro-steps over {len(su.stages)} stages {duration(t['train_s'])})",

@@ -206,13 +206,6 @@ def student_memory(shape: ModelShape, B: int, T: int, k: int, elem: int, world: 
     return parts
 
 
-def bytes_per_token(L_S: int, D_S: int, top_k: int, vocab_S: int, target_bytes: int, value_bytes: int = 4,
-                    index_bytes: int = 8) -> int:
-    """Packet bytes per token: L_S aligned targets of D_S, top-k values + ids + tail (or V logits), ids, mask."""
-    logits = top_k * (value_bytes + index_bytes) + 4 if top_k else vocab_S * 4
-    return L_S * D_S * target_bytes + logits + 8 + 1
-
-
 def teacher_memory(shape: ModelShape, n: int, elem: int, world: int, offload: str, captured: int,
                    need_logits: bool, student_targets: int) -> dict[str, float]:
     """Device bytes of one teacher rank during a pass, and the host bytes of its offloaded shard."""

@@ -15,7 +15,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from semalign_ds.data import micro_batches_per_epoch
+
+
+def micro_batches_per_epoch(num_sequences: int, micro_batch: int, world: int) -> int:
+    """Full micro-batches per rank per epoch: every rank draws the same number, (N // world) // micro_batch."""
+    per_rank = num_sequences // world
+    if micro_batch < 1 or per_rank < micro_batch:
+        raise ValueError(f"the transfer data has {num_sequences} sequences: {per_rank} per rank over {world} "
+                         f"rank(s), fewer than one micro-batch of {micro_batch}; add data (data.max_sequences) or "
+                         f"lower data.micro_batch_size")
+    return per_rank // micro_batch
 
 
 @dataclass(frozen=True)

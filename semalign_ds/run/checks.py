@@ -31,25 +31,22 @@ _STAGE = {"teacher": (3, "ZeRO-3 inference", "ds_configs/teacher_zero3_offload_c
           "student": (2, "ZeRO-2 training", "ds_configs/student_zero2.json")}
 
 
-def check_all(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None) -> None:
+def check_all(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None,
+              config_problems: list[str] = ()) -> None:
     """ValueError listing every problem of `cfg` for `command` (see the module docstring); None if none.
-    world_size (the launch's ranks) lets the DeepSpeed templates be checked against the batch sizes too."""
-    found = problems(cfg, command, world_size)
+    world_size (the launch's ranks) lets the DeepSpeed templates be checked against the batch sizes too;
+    config_problems (the value problems config.parse found) come first in the same report."""
+    found = [*config_problems, *problems(cfg, command, world_size)]
     if found:
-        raise ValueError(format_problems(found))
-
-
-def format_problems(found: list[str]) -> str:
-    if len(found) == 1:
-        return found[0]
-    return f"{len(found)} problems in the config:\n  - " + "\n  - ".join(found)
+        raise ValueError(cfgmod.format_problems(found))
 
 
 def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None) -> list[str]:
+    """Every problem of the paths and files `cfg` names for `command` (its values were checked when parsed)."""
     assert command in COMMANDS, command
     reads_spool = command == "train" or (command in ("run", "check") and cfg.runtime.topology == "spool")
     teacher_engine = command == "teach" or not reads_spool
-    found = cfgmod.range_problems(cfg)
+    found: list[str] = []
     models_ok = _model(found, cfg.teacher, "teacher", weights=teacher_engine)
     models_ok &= _model(found, cfg.student, "student", weights=True)
     if models_ok:

@@ -44,18 +44,20 @@ def finished_result(out: Path, kind: str) -> dict:
     return result
 
 
-def owned_run(cfg: cfgmod.RunConfig, command: str, work: Callable[[cfgmod.RunConfig], dict]) -> dict:
-    """Steps 1-5 of the module docstring around `work(cfg)`; returns its result (or the finished one)."""
+def owned_run(cfg: cfgmod.RunConfig, command: str, work: Callable[[cfgmod.RunConfig], dict],
+              config_problems: list[str] = ()) -> dict:
+    """Steps 1-5 of the module docstring around `work(cfg)`; returns its result (or the finished one).
+    config_problems: the values config.parse refused, reported in step 2 with the rest."""
     from semalign_ds.cluster.launch import resolve_launch
 
     out, kind = target(cfg, command)
     config_hash = cfgmod.result_hash(cfg)
     marker = ownership.read(out) if out.is_dir() else None
-    if marker and (marker["kind"], marker["config_hash"], marker.get("status")) == (kind, config_hash, "finished"):
+    if marker and not config_problems and (marker["kind"], marker["config_hash"], marker.get("status")) == (kind, config_hash, "finished"):
         log.info("%s holds a finished %s of this config: nothing to do (delete it to redo it)", out, kind)
         return {**finished_result(out, kind), "finished_before": True}
     launch = resolve_launch(os.environ)
-    checks.check_all(cfg, command, world_size=launch.world_size)
+    checks.check_all(cfg, command, world_size=launch.world_size, config_problems=config_problems)
     writer = launch.rank == 0
     if writer:
         ownership.claim(out, kind, config_hash)

@@ -20,6 +20,7 @@ import torch
 
 from semalign_ds.run import budget as budgetmod, ownership, resume, signals, supervision, topology
 from semalign_ds import config as cfgmod
+from semalign_ds import spec as specmod
 from semalign_ds import data as datamod
 from semalign_ds import files
 from semalign_ds.cluster import distributed
@@ -91,16 +92,17 @@ def _say(ctx: RunContext, line: str) -> None:
 
 
 def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
+    announce(ctx)
+    if not ctx.spec.method.needs_teacher:  # e.g. SFT: the labels are the whole supervision
+        history = train_stages(ctx, progress, topology.Feed(ctx, topology.LabelStore(ctx.blocks), "data"))
+        return _finish(ctx, progress, history)
     table = pair_layers(ctx, progress)
     M_DsDt = supervision.build_map(ctx, table)
     binding = supervision.binding(ctx, table, M_DsDt)
-    plan = run_budget(ctx)
-    kind = _store_kind(ctx, plan)
-    announce(ctx, plan, kind)
-    store = topology.open_store(ctx, binding, kind)
+    store = topology.open_store(ctx, binding, ctx.spec.store)
     resume.check_packets(ctx, progress, schema.digest(binding))
     t0 = time.perf_counter()
-    counts = topology.teach_local(ctx, store, _recipes(ctx, table, _trained_layers(plan)), M_DsDt)
+    counts = topology.teach_local(ctx, store, _recipes(ctx, table, ctx.spec.trained_layers), M_DsDt)
     seconds = time.perf_counter() - t0
     samples, restored, tokens = distributed.all_reduce([counts["samples"], counts["restored"], counts["tokens"]],
                                                        ctx.info.device, ctx.group)
@@ -109,7 +111,7 @@ def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
     progress.teacher_samples = max(progress.teacher_samples, int(restored)) + int(samples)
     counts.update(samples=samples, restored=restored)
     _log_teach(ctx, progress, store, {**counts, "tokens": tokens, "seconds": seconds})
-    history = train_stages(ctx, progress, plan, topology.Feed(ctx, store, store.kind))
+    history = train_stages(ctx, progress, topology.Feed(ctx, store, store.kind))
     _drop_store(ctx, store)
     return _finish(ctx, progress, history)
 
@@ -122,9 +124,8 @@ def _run_from_spool(ctx: RunContext, progress: Progress) -> dict:
     record_pairing(ctx, progress, topology.spool_pairing(ctx, reader))
     resume.check_packets(ctx, progress, reader.manifest["binding_digest"])
     progress.teacher_samples = round(reader.manifest.get("teacher_passes_per_sample", 1.0) * reader.num_samples)
-    plan = run_budget(ctx)
-    announce(ctx, plan, "spool", spool_bytes=reader.manifest["bytes"])
-    history = train_stages(ctx, progress, plan, topology.Feed(ctx, reader, "spool_read", check_tokens=True))
+    announce(ctx, spool_bytes=reader.manifest["bytes"])
+    history = train_stages(ctx, progress, topology.Feed(ctx, reader, "spool_read", check_tokens=True))
     return _finish(ctx, progress, history)
 
 
@@ -132,15 +133,17 @@ def _run_disaggregated(cfg: RunConfig, world: distributed.DistInfo) -> dict:
     """Topology disaggregated: the first transport.teacher_ranks ranks stream packets to the others."""
     from semalign_ds.engines.teacher import GroupMPU
 
-    layout = distributed.RankLayout.build("disaggregated", world.world_size, cfg.transport.teacher_ranks)
+    layout = specmod.Roles.build("disaggregated", world.world_size, cfg.transport.teacher_ranks,
+                                 world.local_world_size)
     group, single = topology.role_groups(layout, world.rank)
     teacher = layout.is_teacher(world.rank)
     info = topology.role_info(world, layout.teacher_ranks if teacher else layout.student_ranks)
     if teacher:
         with topology.tell_students_on_error(cfg, layout, info.device):
-            ctx, progress = prepare(cfg, info, role="teacher", group=group, mpu=GroupMPU(group, single))
+            ctx, progress = prepare(cfg, info, role="teacher", group=group, mpu=GroupMPU(group, single),
+                                    roles=layout)
             return _guarded(ctx, lambda: _serve_stream(ctx, progress, layout))
-    ctx, progress = prepare(cfg, info, role="student", group=group, mpu=GroupMPU(group, single))
+    ctx, progress = prepare(cfg, info, role="student", group=group, mpu=GroupMPU(group, single), roles=layout)
     # transformers' save_pretrained writes only on global rank 0 (a teacher rank here): the student's first rank
     # writes its checkpoints and export instead (the callers already restrict writing to it)
     ctx.student.should_save_on_this_rank = lambda is_main_process: is_main_process
@@ -150,23 +153,20 @@ def _run_disaggregated(cfg: RunConfig, world: distributed.DistInfo) -> dict:
 def _serve_stream(ctx: RunContext, progress: Progress, layout) -> dict:
     table = pair_layers(ctx, progress)
     M_DsDt = supervision.build_map(ctx, table)
-    plan = run_budget(ctx, len(layout.student_ranks))
-    stats = topology.serve_stream(ctx, layout, _recipes(ctx, table, _trained_layers(plan)), M_DsDt,
-                                  supervision.binding(ctx, table, M_DsDt), table, plan.stages[0].k)
+    stats = topology.serve_stream(ctx, layout, _recipes(ctx, table, ctx.spec.trained_layers), M_DsDt,
+                                  supervision.binding(ctx, table, M_DsDt), table, ctx.spec.budget.stages[0].k)
     return {"table": f"teacher rank {ctx.info.rank}: streamed {stats['packets']} packets ({stats['samples']} "
                      f"samples), {stats['bytes'] / 2**20:.1f} MiB, idle {stats['idle_s']:.1f} of "
                      f"{stats['wall_s']:.1f} s"}
 
 
 def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
-    plan = run_budget(ctx)
-    kind = _store_kind(ctx, plan)
-    feed_store = topology.StreamStore(ctx, layout, None, plan.stages[0].k)
+    feed_store = topology.StreamStore(ctx, layout, None, ctx.spec.budget.stages[0].k)
     record_pairing(ctx, progress, feed_store.hello())
-    feed_store.inner = topology.open_store(ctx, feed_store.binding, kind)
+    feed_store.inner = topology.open_store(ctx, feed_store.binding, ctx.spec.store)
     resume.check_packets(ctx, progress, schema.digest(feed_store.binding))
-    announce(ctx, plan, kind)
-    history = train_stages(ctx, progress, plan, topology.Feed(ctx, feed_store, "wire"))
+    announce(ctx)
+    history = train_stages(ctx, progress, topology.Feed(ctx, feed_store, "wire"))
     feed_store.drain()
     stats = feed_store.stats()
     progress.teacher_samples += int(stats.pop("teacher_samples"))
@@ -219,10 +219,9 @@ def teach(cfg: RunConfig) -> dict:
             state.write_text(json.dumps({"config_hash": progress.config_hash, "pairing": True,
                                          "mlflow_run_id": progress.mlflow_run_id}))
         M_DsDt = supervision.build_map(ctx, table)
-        plan = run_budget(ctx)
-        announce(ctx, plan, "spool", spool_bytes=len(ctx.blocks) * _bytes_per_sample(ctx, plan))
-        layers = _trained_layers(plan)
-        need = spool.space_needed(out, len(ctx.blocks) * _bytes_per_sample(ctx, plan))
+        announce(ctx, spool_bytes=ctx.spec.total_packet_bytes)
+        layers = ctx.spec.trained_layers
+        need = spool.space_needed(out, ctx.spec.total_packet_bytes)
         files.check_free_space(out, need, f"the spool ({len(ctx.blocks)} sequences x {ctx.blocks.seq_len} tokens)")
         manifest = topology.write_spool(ctx, _recipes(ctx, table, layers), M_DsDt,
                                         supervision.binding(ctx, table, M_DsDt), layers)
@@ -240,7 +239,8 @@ def teach(cfg: RunConfig) -> dict:
 
 
 def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated", out: Path | None = None,
-            progress: Progress | None = None, group=None, mpu=None) -> tuple[RunContext, Progress]:
+            progress: Progress | None = None, group=None, mpu=None,
+            roles: specmod.Roles | None = None) -> tuple[RunContext, Progress]:
     out = cfgmod.resolved_output_dir(cfg) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if progress is None:
@@ -248,15 +248,18 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     main = info.is_main and role != "teacher"
     (out / "config.yaml").write_text(cfgmod.to_yaml(cfg)) if main else None
     torch.manual_seed(cfg.seed)
+    method = specmod.MethodSpec.from_config(cfg)
     tok_T = load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     tok_S = load_tokenizer(cfg.student.path, "student.path", cfg.student.trust_remote_code)
     student = _load_student(cfg, info, progress)
     teacher_config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
-    vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, int(teacher_config.get_text_config().vocab_size))
+    vocab = (supervision.vocab_map(cfg, tok_T, tok_S, student, int(teacher_config.get_text_config().vocab_size))
+             if method.needs_teacher else supervision.VocabMap.none())
     blocks = _load_blocks(cfg, tok_S, student.config, teacher_config, tok_T if vocab.cross else None)
     _check_layers(cfg, teacher_config, student)
+    spec = run_spec(cfg, info, teacher_config, student, len(blocks), vocab.cross, roles)
     hidden_T = int(teacher_config.get_text_config().hidden_size)
-    teacher = None if role == "student" else _build_teacher(cfg, info, hidden_T, mpu)
+    teacher = None if role == "student" or not method.needs_teacher else _build_teacher(cfg, info, hidden_T, mpu)
     # the MLflow run exists only once everything loaded (a load error leaves none RUNNING); the directory's
     # marker names it, so a rerun continues it (runtime.resume=false starts over: a new one)
     run_id = (progress.mlflow_run_id or ownership.mlflow_run_id(out)) if cfg.runtime.resume else None
@@ -269,8 +272,24 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     if main:
         ownership.note_mlflow_run(out, tracker.run_id)
         tracker.log_artifact(out / "config.yaml")
-    ctx = RunContext(cfg, info, out, role, tracker, tok_T, tok_S, student, teacher, blocks, vocab, group, mpu)
+    ctx = RunContext(cfg, info, out, role, tracker, tok_T, tok_S, student, teacher, blocks, vocab, spec, group, mpu)
     return ctx, progress
+
+
+def run_spec(cfg: RunConfig, info: distributed.DistInfo, teacher_config, student, num_sequences: int, cross: bool,
+             roles: specmod.Roles | None = None) -> specmod.RunSpec:
+    """This run's RunSpec (spec.resolve, as `semalign plan` computes it): both models' shapes, the world's roles
+    (colocated and spool: every rank both), the packed sequences and this node's RAM."""
+    import os
+
+    from semalign_ds.planning.throughput import ModelShape
+
+    if roles is None:
+        topo = "spool" if cfg.runtime.topology == "spool" else "colocated"
+        roles = specmod.Roles.build(topo, info.world_size, None, info.local_world_size)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return specmod.resolve(cfg, ModelShape.from_config(teacher_config), ModelShape.from_config(student.config),
+                           roles, num_sequences, ram, cross)
 
 
 def _check_layers(cfg: RunConfig, teacher_config, student) -> None:
@@ -323,51 +342,15 @@ def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):
 # ---------------------------------------------------------------- the plan of the run
 
 
-def run_budget(ctx: RunContext, world: int | None = None) -> budgetmod.Budget:
-    """The stages of this run over its `world` student ranks (default: this role's ranks)."""
-    return budgetmod.budget(ctx.cfg, get_adapter(ctx.student).num_layers, len(ctx.blocks),
-                            ctx.info.world_size if world is None else world)
-
-
-def _trained_layers(plan: budgetmod.Budget) -> list[int]:
-    return sorted({l for s in plan.stages for l in s.layers})
-
-
-def _bytes_per_sample(ctx: RunContext, plan: budgetmod.Budget) -> int:
-    cfg, adapter = ctx.cfg, get_adapter(ctx.student)
-    width = adapter.hidden_size
-    if cfg.method.map == "none":  # raw teacher residuals travel (D_T wide)
-        width = int(load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
-                    .get_text_config().hidden_size)
-    return supervision.packet_bytes_per_sample(cfg, ctx.blocks.seq_len, len(_trained_layers(plan)), width,
-                                               adapter.vocab_size)
-
-
-def _store_kind(ctx: RunContext, plan: budgetmod.Budget) -> str:
-    import os
-
-    capacity = len(datamod.owned_samples(len(ctx.blocks), ctx.info.rank, ctx.info.world_size))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return topology.store_kind(ctx.cfg, capacity, _bytes_per_sample(ctx, plan), local)
-
-
-def announce(ctx: RunContext, plan: budgetmod.Budget, store: str, spool_bytes: int | None = None) -> None:
-    """Print and log the run's plan: stages, steps and tokens per stage, teacher passes per sample, packet bytes."""
-    per_rank = len(datamod.owned_samples(len(ctx.blocks), ctx.info.rank, ctx.info.world_size))
-    store_bytes = spool_bytes if spool_bytes is not None else per_rank * _bytes_per_sample(ctx, plan)
-    where = {"memory": "host memory of each rank", "disk": f"a local spool per rank in "
-             f"{topology.store_dir(ctx.cfg, ctx.out)}", "spool": f"the spool {ctx.cfg.transport.spool_dir}"}[store]
-    lines = plan.describe() + [f"teacher passes per sample: 1 (one teacher forward per transfer sample; "
-                               f"{len(plan.stages)} stage(s) train from its packets)",
-                               f"packets: {store_bytes / 2**20:,.1f} MiB{' per rank' if store != 'spool' else ''} "
-                               f"in {where}"]
-    for line in lines:
+def announce(ctx: RunContext, spool_bytes: int | None = None) -> None:
+    """Print and log the run's plan (ctx.spec: stages, steps and tokens per stage, teacher passes per sample,
+    packet bytes per token and per rank, the store)."""
+    for line in ctx.spec.describe():
         _say(ctx, f"plan: {line}")
-    first = plan.stages[0]
-    ctx.tracker.log_params({"plan.stages": [s.k for s in plan.stages], "plan.steps_per_stage": first.steps,
-                            "plan.tokens_per_stage": first.tokens, "plan.epochs_per_stage": round(first.epochs, 4),
-                            "plan.teacher_passes_per_sample": 1.0, "plan.store": store,
-                            "plan.store_bytes": store_bytes})
+    params = ctx.spec.params()
+    if spool_bytes is not None:
+        params["plan.store_bytes"] = spool_bytes
+    ctx.tracker.log_params(params)
 
 
 def _log_teach(ctx: RunContext, progress: Progress, store, counts: dict) -> None:
@@ -449,7 +432,7 @@ def record_pairing(ctx: RunContext, progress: Progress, table: PairingTable) -> 
 
 
 def _recipes(ctx: RunContext, table: PairingTable, layers: list[int]) -> dict:
-    recipes = target_recipes(_sources(table), ctx.cfg.method.residual, supervision.target_kind(ctx.cfg))
+    recipes = target_recipes(_sources(table), ctx.cfg.method.residual, ctx.spec.method.target_kind)
     return {l: recipes[l] for l in layers}
 
 
@@ -460,14 +443,14 @@ def _sources(table: PairingTable) -> list:
 # ---------------------------------------------------------------- training
 
 
-def train_stages(ctx: RunContext, progress: Progress, plan: budgetmod.Budget, feed) -> list[dict]:
+def train_stages(ctx: RunContext, progress: Progress, feed) -> list[dict]:
     """Every stage still to train, its packets from `feed` (topology.py); checkpoints inside and between.
     Metrics go to MLflow on the run's global optimizer step (stage offsets from the plan); returns this process's
     rows of metrics (global `step`, `stage`, losses) for the loss curves and eval.md's per-stage table."""
     from semalign_ds.engines.student import StudentStage
 
     offset, history = 0, []
-    for stage in plan.stages:
+    for stage in ctx.spec.budget.stages:
         if stage.k not in progress.stages_done:
             student = StudentStage(ctx.student, stage.k,
                                    **supervision.stage_kwargs(ctx, stage.steps, list(stage.layers)))

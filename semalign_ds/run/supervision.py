@@ -31,6 +31,12 @@ class VocabMap:
     ids_S: torch.Tensor
     cross: bool  # the tokenizers differ: the teacher reads its own tokens (TokenBlocks carry them)
 
+    @classmethod
+    def none(cls) -> "VocabMap":
+        """A run that needs no teacher output (e.g. SFT) pairs no vocabularies."""
+        empty = torch.zeros(0, dtype=torch.int64)
+        return cls(empty, empty, False)
+
 
 def same_tokenizer(tok_T, tok_S) -> bool:
     """The fast path: one vocabulary (same strings, same ids), so the teacher can read the student's ids."""
@@ -134,28 +140,25 @@ def _logit_map(ctx) -> torch.Tensor:
     return broadcast_from_first(M, ctx.group)
 
 
-def target_kind(cfg) -> str:
-    return "state" if cfg.method.layer_objective == "fisher_logits" else "residual"
-
-
 def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
     """The hashes that bind packets to this configuration (transport/schema.py); `pairing` and `map` only
     where the pairing table and M are at hand (the teacher side). Only what changes the packets is bound (the
     target kind and normalisation, not the layer objective's name; not the student's training seed), so runs that
     differ in nothing else share one spool."""
-    cfg, m = ctx.cfg, ctx.cfg.method
-    kind = target_kind(cfg)
+    cfg, m, method = ctx.cfg, ctx.cfg.method, ctx.spec.method
+    kind = method.target_kind
     b = {"schema": str(schema.SCHEMA_VERSION),
          "teacher": schema.model_fingerprint(cfg.teacher.path, cfg.teacher.dtype, weights=False),
          "student": schema.model_fingerprint(cfg.student.path, cfg.student.dtype),
          "data": _data_digest(ctx.blocks),
          "method": schema.digest({"top_k": m.top_k, "tau": m.tau, "target_dtype": m.target_dtype, "basis": m.basis,
                                   "map": m.map, "seed": cfg.seed if m.map == "random" else None,
-                                  "normalised_targets": normalised_targets(cfg),
-                                  "min_shared_tokens": m.min_shared_tokens, "logits": needs_teacher_logits(cfg),
-                                  "kind": kind, "targets": needs_teacher_targets(cfg),
+                                  "normalised_targets": method.normalised_targets,
+                                  "min_shared_tokens": m.min_shared_tokens, "logits": method.needs_logits,
+                                  "kind": kind, "targets": method.needs_targets,
                                   "output_objective": m.output_objective}),
-         "pairing_config": schema.digest({"pairing": vars(cfg.pairing), "residual": m.residual, "kind": kind})}
+         "pairing_config": schema.digest({"pairing": cfg.pairing.model_dump(), "residual": m.residual,
+                                           "kind": kind})}
     if schema.weight_files(cfg.teacher.path):
         b["teacher_weights"] = schema.model_fingerprint(cfg.teacher.path)
     if table is not None:
@@ -163,11 +166,6 @@ def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
     if M_DsDt is not None:
         b["map"] = schema.tensor_digest(M_DsDt.float())
     return b
-
-
-def normalised_targets(cfg) -> bool:
-    """Targets are M R_T / ||R_T|| per token (METHOD §4), except for the `mse` layer objective: M R_T."""
-    return cfg.method.layer_objective != "mse"
 
 
 def _data_digest(blocks: datamod.TokenBlocks) -> str:
@@ -178,44 +176,22 @@ def _data_digest(blocks: datamod.TokenBlocks) -> str:
                                 blocks.align_NT, blocks.exact_NT)
 
 
-def needs_teacher_targets(cfg) -> bool:
-    return cfg.method.layer_objective != "none" and cfg.method.w_layer > 0
-
-
-def needs_teacher_logits(cfg) -> bool:
-    return cfg.method.output_objective in ("kl", "uld") and cfg.method.w_out > 0
-
-
 def emit(ctx, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> SupervisionPacket:
     """One teacher pass -> the packet for this batch (colocated transport: in memory)."""
-    cfg, dev = ctx.cfg, ctx.info.device
-    if not (needs_teacher_logits(cfg) or needs_teacher_targets(cfg)):  # e.g. SFT: the teacher has nothing to add
-        return SupervisionPacket(ids_BT=batch.ids_BT.to(dev), mask_BT=batch.mask_BT.to(dev),
-                                 sample_ids_B=batch.sample_ids_B.to(dev))
-    recipes = recipes if needs_teacher_targets(cfg) else {}
+    cfg, dev, method = ctx.cfg, ctx.info.device, ctx.spec.method
+    recipes = recipes if method.needs_targets else {}
     ids_T, mask_T = teacher_view(batch)
     shared = ctx.vocab.cross and cfg.method.output_objective == "kl"  # kl across tokenizers: the shared ids
     packet = ctx.teacher.emit(
         ids_T.to(dev), mask_T.to(dev), batch.sample_ids_B, recipes, M_DsDt,
-        top_k=cfg.method.top_k, tau=cfg.method.tau, need_logits=needs_teacher_logits(cfg),
+        top_k=cfg.method.top_k, tau=cfg.method.tau, need_logits=method.needs_logits,
         target_dtype=torch_dtype(cfg.method.target_dtype),
         logit_ids_T=ctx.vocab.ids_T if shared else None, logit_ids_S=ctx.vocab.ids_S if shared else None,
         sorted_only=cfg.method.output_objective == "uld", student=student_positions(batch, dev),
-        normalise_targets=normalised_targets(cfg),
+        normalise_targets=method.normalised_targets,
     )
     packet.ids_BT = batch.ids_BT.to(dev)
     return packet
-
-
-def packet_bytes_per_sample(cfg, seq_len: int, layers: int, width: int, vocab: int) -> int:
-    """Bytes one sample's packet takes in a store or spool (the schema's flat tensors): ids + mask, `layers`
-    targets of `width` (D_S; D_T with method.map none), top-k values + ids + tail (or full logits), the sample id."""
-    per_token = 8 + 1
-    if needs_teacher_targets(cfg):
-        per_token += layers * width * (2 if cfg.method.target_dtype == "bfloat16" else 4)
-    if needs_teacher_logits(cfg):
-        per_token += 8 * cfg.method.top_k + 4 if cfg.method.top_k > 0 else 4 * vocab  # int32 ids on disk
-    return seq_len * per_token + 8
 
 
 def student_positions(batch: datamod.Batch, device):
@@ -228,16 +204,6 @@ def student_positions(batch: datamod.Batch, device):
                             batch.exact_BT.to(device))
 
 
-
-def _teacher_hidden(cfg) -> int | None:
-    if cfg.method.layer_objective != "hidden_mse":
-        return None
-    from semalign_ds.models.loading import load_config
-
-    config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
-    return int(config.get_text_config().hidden_size)
-
-
 def stage_kwargs(ctx, total_steps: int, train_layers: list[int] | None = None) -> dict:
     from semalign_ds.engines.ds_config import load_template, student_ds_config
     from semalign_ds.engines.student import ObjectiveSpec
@@ -248,12 +214,12 @@ def stage_kwargs(ctx, total_steps: int, train_layers: list[int] | None = None) -
     ds = student_ds_config(template, bf16=cfg.student.dtype == "bfloat16", micro_batch=cfg.data.micro_batch_size,
                            grad_accum=s.grad_accum, world_size=ctx.info.world_size, grad_clip=s.grad_clip,
                            hidden_size=get_adapter(ctx.student).hidden_size)
-    m = cfg.method
+    m = ctx.spec.method
     objective = ObjectiveSpec(layer_objective=m.layer_objective, output_objective=m.output_objective, tau=m.tau,
-                              w_layer=m.w_layer, w_out=m.w_out, w_label=m.w_label, target_kind=target_kind(cfg),
+                              w_layer=m.w_layer, w_out=m.w_out, w_label=m.w_label, target_kind=m.target_kind,
                               layer_balance=m.layer_balance, log_grad_cosine=m.log_grad_cosine)
     targets = s.lora_targets or list(get_adapter(ctx.student).family.lora_targets)
     return dict(ds_config=ds, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=total_steps,
                 weight_decay=s.weight_decay, adapter_kind=s.adapter, lora_rank=s.lora_rank,
                 lora_alpha=s.lora_alpha, lora_targets=targets, objective=objective, train_layers=train_layers,
-                teacher_hidden=_teacher_hidden(cfg), mpu=getattr(ctx, "mpu", None))
+                teacher_hidden=ctx.spec.teacher.hidden if m.layer_objective == "hidden_mse" else None, mpu=ctx.mpu)

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from semalign_ds import data as datamod
 from semalign_ds.run import signals, supervision
 from semalign_ds.run.budget import stage_seed
-from semalign_ds.cluster.distributed import DistInfo, RankLayout, all_reduce, barrier
+from semalign_ds.cluster.distributed import DistInfo, all_reduce, barrier
+from semalign_ds.spec import Roles
 from semalign_ds.method.pairing import PairingTable
 from semalign_ds.progress import bar
 from semalign_ds.transport import schema, spool, store as storemod, stream
@@ -59,19 +60,20 @@ class Feed:
                 f"transport/{self.kind}_bytes": float(self.bytes)}
 
 
+class LabelStore:
+    """The packets of a method that needs no teacher output (e.g. SFT): the transfer data's own tokens."""
+
+    kind = "data"
+
+    def __init__(self, blocks: datamod.TokenBlocks):
+        self.blocks = blocks
+
+    def packet(self, sample_ids_B: torch.Tensor, layers) -> SupervisionPacket:
+        return SupervisionPacket(ids_BT=self.blocks.ids_NT[sample_ids_B], mask_BT=self.blocks.mask_NT[sample_ids_B],
+                                 sample_ids_B=sample_ids_B)
+
+
 # ---------------------------------------------------------------- the local store (colocated, disaggregated)
-
-
-def store_kind(cfg, capacity: int, bytes_per_sample: int, local_ranks: int) -> str:
-    """memory or disk: transport.store, or for auto, memory when this rank's packets fit in its share of
-    transport.store_memory_fraction of the node's RAM."""
-    if cfg.transport.store != "auto":
-        return cfg.transport.store
-    import os
-
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    share = cfg.transport.store_memory_fraction * ram / max(local_ranks, 1)
-    return "memory" if capacity * bytes_per_sample <= share else "disk"
 
 
 def store_dir(cfg, out: Path) -> Path:
@@ -130,8 +132,7 @@ def write_spool(ctx, recipes: dict, M_DsDt, binding: dict, stages: list[int]) ->
     barrier(ctx.group)
     extra = {"teacher_passes_per_sample": 1.0, "seq_len": ctx.blocks.seq_len, "top_k": cfg.method.top_k,
              "target_dtype": cfg.method.target_dtype,
-             "reference_bytes_per_token": schema.bytes_per_token_model(len(stages), _student_hidden(ctx),
-                                                                        cfg.method.top_k)}
+             "planned_bytes_per_token": ctx.spec.packets.bytes_per_token}
     manifest = spool.write_manifest(plan, extra) if ctx.info.is_main else {}
     barrier(ctx.group)
     emitted = int(all_reduce([emitted], ctx.info.device, ctx.group)[0])
@@ -166,19 +167,13 @@ def _write_shard(ctx, plan: spool.SpoolPlan, j: int | None, per_shard: int, reci
     return emitted
 
 
-def _student_hidden(ctx) -> int:
-    from semalign_ds.models.adapters import get_adapter
-
-    return get_adapter(ctx.student).hidden_size
-
-
 def spool_pairing(ctx, reader: spool.SpoolReader) -> PairingTable:
     """The spool's pairing table, checked against the hash its manifest binds the targets to."""
     path = reader.directory / spool.PAIRING
     if not path.is_file():
         raise ValueError(f"the spool in {str(reader.directory)!r} lacks {spool.PAIRING}; rerun `semalign teach`")
     table = PairingTable.from_json(path.read_text())
-    kind = supervision.target_kind(ctx.cfg)
+    kind = ctx.spec.method.target_kind
     if schema.digest([table.to_json(), ctx.cfg.method.residual, kind]) != reader.manifest["binding"].get("pairing"):
         raise ValueError(f"{path} is not the pairing table the spool's targets were made with (edited?); "
                          f"rerun `semalign teach` into a new directory")
@@ -203,7 +198,7 @@ def stream_jobs(N: int, micro: int, S: int, seed: int) -> list[tuple[int, torch.
             if m < len(per_student[s])]
 
 
-def role_groups(layout: RankLayout, rank: int):
+def role_groups(layout: Roles, rank: int):
     """(this rank's role group, its one-rank group); collective: every rank of the world calls it."""
     teacher = dist.new_group(list(layout.teacher_ranks))
     student = dist.new_group(list(layout.student_ranks))
@@ -217,7 +212,7 @@ def role_info(info: DistInfo, ranks: tuple[int, ...]) -> DistInfo:
 
 
 @contextmanager
-def tell_students_on_error(cfg, layout: RankLayout, device):
+def tell_students_on_error(cfg, layout: Roles, device):
     """Around a teacher rank's whole life: an exception is sent to every student (ERROR with its message) before
     it propagates, so the students fail with the teacher's reason instead of a broken link."""
     try:
@@ -228,7 +223,7 @@ def tell_students_on_error(cfg, layout: RankLayout, device):
         raise
 
 
-def serve_stream(ctx, layout: RankLayout, recipes: dict, M_DsDt, binding: dict, table: PairingTable,
+def serve_stream(ctx, layout: Roles, recipes: dict, M_DsDt, binding: dict, table: PairingTable,
                  first_stage: int) -> dict:
     """Teacher rank: HELLO (binding + pairing) from the first teacher, then its share of stream_jobs in lockstep
     rounds of T (a spare forward where a round has no job for it), then END on every link."""
@@ -264,7 +259,7 @@ class StreamStore:
     micro-batch due next is trained on straight from the wire when it is the next to arrive (the first stage's
     first epoch, on a fresh start), anything else waits until the whole stream is in the store."""
 
-    def __init__(self, ctx, layout: RankLayout, inner, first_stage: int):
+    def __init__(self, ctx, layout: Roles, inner, first_stage: int):
         cfg = ctx.cfg
         self.ctx, self.layout, self.inner = ctx, layout, inner
         self.receiver = stream.PacketReceiver(cfg.transport.timeout_s, ctx.info.device)
@@ -280,7 +275,7 @@ class StreamStore:
                              "start every rank with the same config and the same files at teacher.path, "
                              "student.path and data.path")
         table = PairingTable.from_json(bytes(flat["pairing"].cpu().numpy()).decode())
-        kind = supervision.target_kind(self.ctx.cfg)
+        kind = self.ctx.spec.method.target_kind
         if schema.digest([table.to_json(), self.ctx.cfg.method.residual, kind]) != meta["binding"].get("pairing"):
             raise stream.StreamError("the pairing table in the teacher's HELLO does not match its binding")
         self.binding = meta["binding"]

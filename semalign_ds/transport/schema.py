@@ -150,9 +150,3 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def flat_nbytes(flat: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in flat.values())
-
-
-def bytes_per_token_model(L: int, D_S: int, top_k: int, target_bytes: int = 2, value_bytes: int = 4,
-                          index_bytes: int = 4) -> int:
-    """The issue's reference: L * D_S * target bytes + k * (value + index bytes)."""
-    return L * D_S * target_bytes + top_k * (value_bytes + index_bytes)

@@ -60,7 +60,7 @@ def warm_deepspeed() -> None:
     """JIT-compile DeepSpeed's shm comm op once, in a single process, before any multi-rank run."""
     if _WARM["done"]:
         return
-    from semalign_ds.cluster.distributed import free_port
+    from semalign_ds.cluster.launch import free_port
 
     env = child_env()
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -73,7 +73,7 @@ def warm_deepspeed() -> None:
 
 def run_workers(script: str, nproc: int, out_dir: Path, args: list[str], timeout: float = 120.0) -> list[dict]:
     """torchrun `script` on nproc CPU ranks; return each rank's JSON result (rank order)."""
-    from semalign_ds.cluster.distributed import free_port
+    from semalign_ds.cluster.launch import free_port
 
     warm_deepspeed()
     out_dir.mkdir(parents=True, exist_ok=True)

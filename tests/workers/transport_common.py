@@ -43,7 +43,7 @@ def packet_digest(packet) -> str:
 
 def launch(script: str, world: int, out_dir: Path, args: list[str]) -> list[subprocess.Popen]:
     """Start `world` ranks of tests/workers/<script> as separate processes of one gloo world."""
-    from semalign_ds.cluster.distributed import free_port
+    from semalign_ds.cluster.launch import free_port
 
     out_dir.mkdir(parents=True, exist_ok=True)
     port = str(free_port())

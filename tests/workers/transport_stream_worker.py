@@ -18,7 +18,7 @@ from datetime import timedelta  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from semalign_ds.cluster.distributed import RankLayout  # noqa: E402
+from semalign_ds.spec import Roles  # noqa: E402
 from semalign_ds.transport import schema, stream  # noqa: E402
 from transport_common import kill_self, packet_digest, stream_packet  # noqa: E402
 
@@ -34,7 +34,7 @@ args = parser.parse_args(rest)
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))
 RANK = dist.get_rank()
-LAYOUT = RankLayout.build("disaggregated", dist.get_world_size(), args.teachers)
+LAYOUT = Roles.build("disaggregated", dist.get_world_size(), args.teachers)
 T, S = len(LAYOUT.teacher_ranks), len(LAYOUT.student_ranks)
 STAGES = [1, 2]
 DIGEST = schema.digest({"schema": "1", "test": "stream"})
