@@ -332,6 +332,17 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Held-out evaluation."""
 
+    @model_validator(mode="after")
+    def _rules(self) -> "RunConfig":
+        terms = active_terms(self.method)
+        teacher_output = ("layer" in terms) or ("out" in terms and self.method.output_objective in ("kl", "uld"))
+        if not teacher_output and self.runtime.topology != "colocated":
+            raise ValueError(f"runtime.topology={self.runtime.topology} moves the teacher's packets, but this method "
+                             f"needs no teacher output (layer objective {self.method.layer_objective}, output "
+                             f"objective {self.method.output_objective}): run it with runtime.topology=colocated "
+                             "(`semalign run`), which loads no teacher")
+        return self
+
 
 # ---------------------------------------------------------------- the method rules (one place)
 
@@ -615,7 +626,7 @@ def parse(raw: dict | None, overrides: list[str] = ()) -> tuple[RunConfig, list[
     if structural:
         raise ValueError(format_problems(structural + values))
     cleaned = json.loads(json.dumps(resolved))
-    for loc in locs:  # the offending field, or the whole section whose rule failed, back to its default
+    for loc in filter(None, locs):  # the offending field, or the section whose rule failed, back to its default
         node = cleaned
         for part in loc[:-1]:
             node = node.get(part, {}) if isinstance(node, dict) else {}

@@ -235,7 +235,10 @@ def run_name(cfg, world_size: int | None = None) -> str:
     method = "+".join(terms) or "none"
     method += f" ({m.basis} basis)" if m.basis != "output" else ""
     method += f" map={m.map}" if m.map != "pinv" else ""
-    method += f" [{m.preset}]" if m.preset else ""
+    label = m.preset or "no preset"
+    if m.overrides:  # keys set on top of the preset (config.yaml's method.overrides names them)
+        label += f" + {len(m.overrides)} override{'s' if len(m.overrides) > 1 else ''}"
+    method += f" [{label}]"
     schedule = s.mode + ("/lora" if s.adapter == "lora" else "")
     topology = cfg.runtime.topology + (f" x{world_size}" if world_size else "")
     return f"{cfg.name} | {method} | {schedule} | {topology}"
@@ -261,6 +264,7 @@ def relink(run_dir: Path) -> int:
     new = (Path(run_dir).resolve() / "mlartifacts").as_uri()
     con = sqlite3.connect(db, timeout=60)
     try:
+        _check_schema(con, db)
         with con:
             olds = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")
                     if row[0] and row[0].rstrip("/").endswith("/mlartifacts") and row[0].rstrip("/") != new]
@@ -270,6 +274,24 @@ def relink(run_dir: Path) -> int:
     if changed:
         _forget_cached_locations()
     return changed
+
+
+# MLflow has no API that moves a run's artifact location, so relink edits these columns of its sqlite schema
+# directly. They are checked before any write (a newer MLflow that renamed one gets a clear error, not a broken
+# store); tests/test_lm_eval_bridge.py moves a real run directory and lists its artifacts through MLflow's API.
+RELINK_COLUMNS = {"experiments": ("artifact_location",), "runs": ("artifact_uri",),
+                  "logged_models": ("artifact_location",), "logged_model_tags": ("tag_key", "tag_value")}
+
+
+def _check_schema(con, db: Path) -> None:
+    for table, columns in RELINK_COLUMNS.items():
+        have = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+        if not set(columns) <= have:
+            from importlib.metadata import version
+
+            raise ValueError(f"{db}: MLflow {version('mlflow')}'s store lacks {table}.{sorted(set(columns) - have)}, "
+                             f"which `semalign mlflow-relink` rewrites; this MLflow is newer than semalign supports "
+                             f"(pyproject.toml's range): install a tested MLflow, or log to a tracking server")
 
 
 def _forget_cached_locations() -> None:

@@ -96,7 +96,7 @@ def test_run_produces_checkpoint_mlflow_and_eval(tmp_path, tiny_pair):
         assert metric in mlrun.data.metrics
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"config.yaml", "pairing.json", "attribution.png", "loss_curves.png", "eval.md"} <= artifacts
-    assert mlrun.info.run_name == "tiny | relation_geometry+kl+ce [best] | frontier | colocated x1"
+    assert mlrun.info.run_name == "tiny | relation_geometry+kl+ce [best + 2 overrides] | frontier | colocated x1"
     (model_output,) = mlrun.outputs.model_outputs  # the exported student as a LoggedModel, linked both ways
     assert client.get_logged_model(model_output.model_id).source_run_id == mlrun.info.run_id
 

@@ -129,4 +129,22 @@ def test_run_names_say_the_method_and_the_topology():
     assert tracking.run_name(base, 1) == "demo | relation_geometry+kl+ce [best] | full | colocated x1"
     other = cfgmod.config_from_dict({"name": "demo", "method": {"layer_objective": "cosine", "w_label": 0},
                                      "schedule": {"adapter": "lora", "mode": "frontier"}, "runtime": {"topology": "spool"}})
-    assert tracking.run_name(other, 4) == "demo | cosine+kl [best] | frontier/lora | spool x4"
+    assert tracking.run_name(other, 4) == "demo | cosine+kl [best + 4 overrides] | frontier/lora | spool x4"
+    sft = cfgmod.config_from_dict({"name": "demo", "method": {"preset": "sft"}})
+    assert tracking.run_name(sft, 1) == "demo | ce [sft] | full | colocated x1"  # CE once, no teacher term
+
+
+def test_relink_refuses_a_store_whose_schema_it_does_not_know(tmp_path):
+    """relink edits MLflow's sqlite columns (no API moves artifact locations): a schema without them is refused by
+    name before anything is written."""
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE experiments (experiment_id INTEGER, artifact_root TEXT)")  # a renamed column
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    with pytest.raises(ValueError, match=r"lacks experiments\.\['artifact_location'\]"):
+        tracking.relink(tmp_path)
+    assert db.read_bytes() == before

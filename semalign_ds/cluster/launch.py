@@ -208,7 +208,22 @@ def _checked(f: dict, local_var: str, node_var: str, nodes_var: str) -> dict:
 # ---- Slurm's compact lists ----
 
 def expand_hostlist(text: str) -> list[str]:
-    """Slurm host list -> names, as `scontrol show hostnames` prints them: 'gpu[01-03,7],login' -> gpu01..."""
+    """Slurm host list -> names: 'gpu[01-03,7],login' -> gpu01, gpu02, gpu03, gpu07, login. Slurm's own
+    `scontrol show hostnames` where it is on PATH (every node of a Slurm cluster); the parser below where it is
+    not (a container that passes SLURM_* through without Slurm's commands), which tests check against scontrol."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        proc = subprocess.run(["scontrol", "show", "hostnames", text], capture_output=True, text=True, timeout=30)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.split()
+        raise ValueError(f"malformed Slurm host list {text!r}: scontrol says {proc.stderr.strip() or 'nothing'}")
+    return parse_hostlist(text)
+
+
+def parse_hostlist(text: str) -> list[str]:
+    """The Slurm host-list grammar (name prefixes with [a-b,c] ranges, zero-padded), without Slurm."""
     names: list[str] = []
     for item in _split_top(text.strip()):
         names.extend(_expand_one(item))

@@ -9,6 +9,7 @@ What each command needs:
                                     output_dir (ownership: absent, empty or this config's, writable)
     train / run with topology spool the teacher's config and tokenizer (no weights: no teacher engine), student,
                                     data, eval sets, the student template, the spool to read, output_dir
+    a method needing no teacher     (e.g. the sft preset) the teacher's config and tokenizer only, as for spool
     teach                           teacher + student, data, the teacher template, the spool directory to write
                                     (ownership kind spool); no eval sets (teach does not evaluate)
 Checks that need the models' configs (layer indices, seq_len against max positions) run when both model
@@ -45,7 +46,11 @@ def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None
     """Every problem of the paths and files `cfg` names for `command` (its values were checked when parsed)."""
     assert command in COMMANDS, command
     reads_spool = command == "train" or (command in ("run", "check") and cfg.runtime.topology == "spool")
-    teacher_engine = command == "teach" or not reads_spool
+    from semalign_ds.spec import MethodSpec
+
+    # the teacher's weights and engine template only where a teacher engine runs (config + tokenizer always: the
+    # run reads the teacher's shape, and its tokenizer decides the alignment)
+    teacher_engine = (command == "teach" or not reads_spool) and MethodSpec.from_config(cfg).needs_teacher
     found: list[str] = []
     models_ok = _model(found, cfg.teacher, "teacher", weights=teacher_engine)
     models_ok &= _model(found, cfg.student, "student", weights=True)
