@@ -13,13 +13,14 @@ value that was not an override.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from semalign_ds.files import json_digest
 
 
 def _non_empty(value: str) -> str:
@@ -718,17 +719,11 @@ def flatten(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def canonical_digest(obj: Any, length: int = 16) -> str:
-    """sha256 (first `length` hex) of a JSON-able object in canonical form: the one hash of configs, bindings and
-    cache keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
 def result_hash(cfg: RunConfig) -> str:
     """Hash of everything that changes what a run computes (a resume directory must match it)."""
     flat = {k: v for k, v in flatten(cfg).items()
             if not any(k == p or k.startswith(p + ".") for p in _NON_RESULT_KEYS)}
-    return canonical_digest(flat)
+    return json_digest(flat)
 
 
 def resolved_output_dir(cfg: RunConfig) -> Path:

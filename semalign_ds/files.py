@@ -105,3 +105,11 @@ def user_error(err: BaseException, path=None, bytes_needed: int | None = None) -
         return ValueError(f"{target}: {what}; point the output at a writable directory")
     return ValueError(f"{target}: {what}; fix its permissions (e.g. chmod u+w) or point the output at a "
                       f"directory you can write")
+
+
+def json_digest(obj, length: int = 16) -> str:
+    """sha256 (first `length` hex) of a JSON-able object in canonical form (sorted keys): the one hash of configs,
+    packet bindings and cache keys."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]

@@ -38,13 +38,19 @@ def broadcast_from_first(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def all_reduce(values: list[float], device, group=None, op: str = "sum") -> list[float]:
-    """Element-wise sums (op "sum") or maxima ("max") of `values` over the group (float64)."""
+def all_reduce_tensor(t: torch.Tensor, device, group=None, op: str = "sum") -> torch.Tensor:
+    """Element-wise sums (op "sum") or maxima ("max") of `t` over the group, reduced on `device` (the backend's:
+    NCCL needs CUDA tensors), returned on t's device. The one all-reduce of the project's counters and sums."""
     if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+        return t
+    packed = t.to(device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return packed.to(t.device)
+
+
+def all_reduce(values: list[float], device, group=None, op: str = "sum") -> list[float]:
+    """all_reduce_tensor of a list of numbers (float64)."""
+    return all_reduce_tensor(torch.tensor(values, dtype=torch.float64), device, group, op).tolist()
 
 
 def resolve_device(device: str) -> str:

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from semalign_ds.evaluation.evaluate import perplexity
+from semalign_ds.method.lr import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +215,8 @@ def _optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, total: int, warmup: float, min_ratio: float) -> float:
-    """Linear warmup over ``warmup * total`` steps, then cosine decay to ``min_ratio``."""
-    n_warm = max(1, int(warmup * total))
-    if step < n_warm:
-        return (step + 1) / n_warm
-    progress = (step - n_warm) / max(1, total - n_warm)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Linear warmup over ``warmup * total`` steps (at least one), then cosine decay to ``min_ratio``."""
+    return warmup_cosine(step, max(1, int(warmup * total)), total, min_ratio)
 
 
 def pretrain(model, seqs_NT: torch.Tensor, recipe: dict, lr: float, device, desc: str, progress: bool) -> dict:

@@ -29,7 +29,6 @@ Legend: B batch, T tokens, D_S student hidden, V vocabulary, K top-k; ids_BT, ma
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +38,7 @@ from semalign_ds.config import active_terms
 from semalign_ds.engines.kl_lean import kl_topk_lean
 from semalign_ds.engines.teacher import import_deepspeed, model_device_kind
 from semalign_ds.method import objectives as obj
+from semalign_ds.method.lr import warmup_cosine
 from semalign_ds.method.lora import add_lora, merge_lora
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.capture import capture_states
@@ -67,11 +67,7 @@ class ObjectiveSpec:
 
 def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup to lr, then cosine decay to 0."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0) / span, 1.0)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr * warmup_cosine(step, warmup_steps, total_steps)
 
 
 def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:

@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from semalign_ds.cluster.distributed import setup_env
+from semalign_ds.cluster.distributed import all_reduce_tensor, setup_env
 from semalign_ds.engines.kl_lean import rows_per_chunk
 from semalign_ds.method.attribution import AttributionAccumulator, skip_layer
 from semalign_ds.method.basis import align
@@ -380,13 +380,8 @@ class TeacherEngine:
         return acc.means()
 
     def _all_reduce(self, acc: AttributionAccumulator) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            return
-        packed = torch.cat([acc.sum_abs, acc.sum_signed, acc.n_tokens.reshape(1)]).to(self.device)
-        dist.all_reduce(packed, group=self.engine.data_parallel_group)
-        packed = packed.cpu()
+        packed = torch.cat([acc.sum_abs, acc.sum_signed, acc.n_tokens.reshape(1)])
+        packed = all_reduce_tensor(packed, self.device, self.engine.data_parallel_group)
         n = len(acc.layers)
         acc.sum_abs, acc.sum_signed, acc.n_tokens = packed[:n], packed[n:2 * n], packed[2 * n]
 
@@ -411,17 +406,8 @@ class TeacherEngine:
                 with skip_layer(self.adapter.layer(l)):
                     sums[i] += n * float(_lm_loss(self._run(ids, mask).logits, ids, mask))
             sums[-1] += n
-        sums = self._all_reduce_sums(sums)
+        sums = all_reduce_tensor(sums, self.device, self.engine.data_parallel_group)
         if sums[-1] <= 0:
             raise ValueError("no tokens were attributed: the attribution data yielded no valid next-token pairs")
         clean = sums[-2] / sums[-1]
         return sums[:-2] / sums[-1] - clean, float(clean)
-
-    def _all_reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            return sums
-        packed = sums.to(self.device)
-        dist.all_reduce(packed, group=self.engine.data_parallel_group)
-        return packed.cpu()

@@ -89,15 +89,15 @@ def graceful():
 def stop_requested(group=None, device=None) -> str | None:
     """Did any rank of `group` get a signal? Collective when a process group is up (every rank of the group
     calls it at the same point, e.g. after each optimizer step), so all ranks stop at the same step."""
-    import torch
     import torch.distributed as dist
 
     name = requested()
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return name
-    flag = torch.tensor([SIGNALS.index(signal.Signals[name]) + 1 if name else 0], device=device or "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return SIGNALS[int(flag.item()) - 1].name if int(flag.item()) else None
+    from semalign_ds.cluster.distributed import all_reduce
+
+    flag = int(all_reduce([SIGNALS.index(signal.Signals[name]) + 1 if name else 0], device or "cpu", group, "max")[0])
+    return SIGNALS[flag - 1].name if flag else None
 
 
 def graceful_steps(steps, on_stop=None, group=None, device=None):

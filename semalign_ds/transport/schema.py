@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from semalign_ds.files import json_digest
 from semalign_ds.transport.packet import SupervisionPacket
 
 SCHEMA_VERSION = 2
@@ -43,8 +44,8 @@ _EXPLAINED = {"teacher": "teacher.path / teacher.dtype", "teacher_weights": "the
 
 
 def digest(obj) -> str:
-    """sha256 (first 16 hex) of a JSON-able object in canonical form."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """sha256 (first 16 hex) of a JSON-able object in canonical form (files.json_digest)."""
+    return json_digest(obj)
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
