@@ -82,8 +82,24 @@ def test_digests_follow_content_and_dtype(tmp_path):
     assert schema.model_fingerprint(other, "float32") != first
 
 
-def test_bytes_per_token_reference():
-    assert schema.bytes_per_token_model(L=24, D_S=2048, top_k=64) == 24 * 2048 * 2 + 64 * 8
+@pytest.mark.parametrize("cross, uld", [(False, False), (True, False), (False, True)])
+def test_the_specs_packet_layout_is_the_schemas_flat_packet(cross, uld):
+    """spec.PacketLayout (what plan and run say a token costs) lists exactly the tensors packet_to_flat writes."""
+    from semalign_ds.spec import PacketLayout
+
+    B, T, D, K = 2, 5, 6, 3
+    mask = torch.ones(B, T, dtype=torch.bool)
+    packet = SupervisionPacket(ids_BT=torch.zeros(B, T, dtype=torch.long), mask_BT=mask, sample_ids_B=torch.arange(B),
+                               targets={1: torch.zeros(B, T, D).bfloat16(), 3: torch.zeros(B, T, D).bfloat16()},
+                               top_values_BTK=torch.zeros(B, T, K), top_idx_BTK=None if uld else torch.zeros(
+                                   B, T, K, dtype=torch.long), tail_BT=torch.zeros(B, T),
+                               state_mask_BT=mask if cross else None, out_mask_BT=mask if cross else None)
+    flat = schema.packet_to_flat(packet)
+    layout = PacketLayout(T, (1, 3), D, "bfloat16", K, 100, True, True, not uld, cross)
+    per_token = {name: (schema.DTYPE_NAMES[t.dtype], t[0].numel() // T) for name, t in flat.items()
+                 if name != "sample_ids"}
+    assert per_token == {name: (dtype, n) for name, dtype, n in layout.tensors()}
+    assert schema.flat_nbytes(flat) == B * layout.bytes_per_sample
 
 
 def test_stream_header_round_trip_and_guard():
