@@ -14,12 +14,13 @@ from importlib.metadata import PackageNotFoundError, version
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-# package -> tested range (last verified: deepspeed 0.19.8, transformers 5.24.0, torch 2.13.0, mlflow 3.17.2)
+# package -> tested range (last verified: deepspeed 0.19.8, transformers 5.24.0, torch 2.13.0, mlflow 3.17.2, pydantic 2.14.4)
 TESTED = {
     "deepspeed": ">=0.19,<0.20",
     "transformers": ">=5.0,<6",
     "torch": ">=2.4,<3",
     "mlflow": ">=3.0,<4",
+    "pydantic": ">=2.5,<3",  # config.py's models use the v2 API
 }
 OVERRIDE = "SEMALIGN_ALLOW_UNTESTED_VERSIONS"
 

@@ -232,3 +232,14 @@ def test_a_child_of_a_large_process_reports_its_own_peak_rss():
                                  cwd=REPO).stdout)
     assert float(ballast.sum()) > 0
     assert 1 * 2**20 < child < 400 * 2**20
+
+
+def test_two_nodes_say_why_the_teacher_is_slower_and_placeholders_name_the_shapes(capsys):
+    two = plan.build_plan(cfg70(), shape("llama-3.1-70b"), shape("llama-3.2-1b"), 2, 8, H200)
+    one = plan.build_plan(cfg70(), shape("llama-3.1-70b"), shape("llama-3.2-1b"), 1, 8, H200)
+    assert two.figures["teacher_pass_s"] > one.figures["teacher_pass_s"]
+    assert any("all-gather crosses nodes" in a for a in two.advice)
+    assert not any("crosses nodes" in a for a in one.advice)
+    rc, out = run_plan(capsys, "--config", str(REPO / "configs" / "llama70b_to_1b.yaml"), "--nodes", "1",
+                       "--gpus-per-node", "8")
+    assert rc == 2 and "bench/throughput/shapes/" in out and "teacher.path=bench/throughput/shapes/llama-3.1-70b" in out

@@ -105,7 +105,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def check_weights(path, key: str, gguf_file: str | None = None) -> None:
-    """ValueError unless the checkpoint's weights are safetensors (or the named GGUF file exists: issue 10's
+    """ValueError unless the checkpoint's weights are safetensors (or the named GGUF file exists: the config's
     gguf_file field; how a GGUF file is read is the loader's business)."""
     directory = _checkpoint_dir(path, key)
     if gguf_file:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from semalign_ds import spec as specmod
 from semalign_ds.planning import throughput as tp
@@ -212,7 +213,7 @@ def build_plan(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: 
     plan = Plan()
     _describe(plan, cfg, su, prof, bpt)
     t = timings(cfg, su, prof)
-    _speed(plan, cfg, su, t)
+    _speed(plan, cfg, su, t, prof)
     _budget(plan, su)
     _memory(plan, cfg, su, prof, captured, bpt)
     _attribution(plan, cfg, su, prof)
@@ -235,7 +236,7 @@ def _describe(plan: Plan, cfg, su: Setup, prof, bpt: int) -> None:
         plan.figures[f"bytes_per_token.{k}"] = v
 
 
-def _speed(plan: Plan, cfg, su: Setup, t: dict) -> None:
+def _speed(plan: Plan, cfg, su: Setup, t: dict, prof) -> None:
     bound = max(("compute", t["compute_s"]), ("host->device", t["fetch_s"]), ("all-gather", t["gather_s"]),
                 key=lambda x: x[1])[0]
     plan.add("teacher pass", f"{t['pass_s']:.3f} s per rank: compute {t['compute_s']:.3f}, host->device "
@@ -245,6 +246,15 @@ def _speed(plan: Plan, cfg, su: Setup, t: dict) -> None:
     plan.add("teacher tokens/s", f"{rate(tps)} over {su.t_world} teacher ranks", "teacher_tokens_per_s", tps)
     plan.add("student step", f"{t['student_s']:.3f} s per micro-step (mean over {len(su.stages)} stages); "
                              f"{rate(su.s_world * su.n / t['student_s'])} tokens/s", "student_step_s", t["student_s"])
+    if su.nodes > 1 and t["gather_s"] >= max(t["compute_s"], t["fetch_s"]):
+        one = tp.teacher_pass_seconds(su.teacher, su.B, su.T, su.tb, prof, world=su.gpus, nodes=1,
+                                      offload=su.offload, dtype=su.dtype)
+        plan.advice.append(f"the teacher's ZeRO-3 all-gather crosses nodes: every pass gathers the whole teacher "
+                           f"over the network ({prof.network_gbps:g} GB/s per GPU against {prof.interconnect_gbps:g} "
+                           f"inside a node), so a pass takes {t['pass_s']:.2f} s here against {one['pass_s']:.2f} s "
+                           f"on one node (attribution too); more nodes add student ranks, not teacher speed: run "
+                           f"the teacher on one node (--nodes 1), or a spool/disaggregated job with a one-node "
+                           f"teacher")
     if t["fetch_s"] > t["compute_s"]:
         need = math.ceil(su.B * t["fetch_s"] / t["compute_s"])
         plan.advice.append(f"the teacher waits on host->device copies ({t['fetch_s']:.2f} s vs {t['compute_s']:.2f} s "
@@ -374,15 +384,44 @@ def _packets_and_wall(plan: Plan, cfg, su: Setup, prof, t: dict) -> None:
              "wall_s", t["wall_s"])
 
 
+SHAPES_HINT = ("`semalign plan` reads only each model's config.json: point {key} at a checkpoint folder, or at a "
+               "folder holding just its config.json (bench/throughput/shapes/ has llama-3.1-70b, llama-3.1-8b and "
+               "llama-3.2-1b), e.g. {key}=bench/throughput/shapes/llama-3.1-70b")
+
+
+def _shape(model, key: str) -> ModelShape:
+    """The model's shape from its config.json, read as JSON (no transformers import: the plan answers in
+    seconds)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model.path) / "config.json"
+    if not model.path or not path.is_file():
+        what = "is empty" if not model.path else f"has no config.json ({path})"
+        raise ValueError(f"{key}={model.path!r} {what}; {SHAPES_HINT.format(key=key)}")
+    try:
+        raw = json.loads(path.read_text())
+        return ModelShape.from_config(SimpleNamespace(**raw.get("text_config", raw)))
+    except (ValueError, TypeError, AttributeError):
+        pass  # a family whose config.json names its sizes otherwise (GPT-2's n_embd, ...): transformers maps them
+    from semalign_ds.models.loading import load_config
+
+    try:
+        return ModelShape.from_config(load_config(model.path, key, model.trust_remote_code))
+    except ValueError as err:
+        raise ValueError(f"{err}; {SHAPES_HINT.format(key=key)}") from None
+
+
 def main(args) -> int:
     """The `semalign plan` command (args: config, nodes, gpus_per_node, overrides, device_profile)."""
     from semalign_ds import config as cfgmod
-    from semalign_ds.models.gguf import resolved_config
-    from semalign_ds.models.loading import load_config
 
-    cfg = resolved_config(cfgmod.load_config(args.config, args.overrides))  # a GGUF checkpoint: its converted folder
-    teacher = ModelShape.from_config(load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code))
-    student = ModelShape.from_config(load_config(cfg.student.path, "student.path", cfg.student.trust_remote_code))
+    cfg = cfgmod.load_config(args.config, args.overrides)
+    if cfg.teacher.gguf_file or cfg.student.gguf_file:  # a GGUF checkpoint: its converted folder's config.json
+        from semalign_ds.models.gguf import resolved_config
+
+        cfg = resolved_config(cfg)
+    teacher, student = (_shape(m, key) for m, key in ((cfg.teacher, "teacher.path"), (cfg.student, "student.path")))
     name = getattr(args, "device_profile", None) or ("cpu" if cfg.runtime.device == "cpu" else "h200")
     plan = build_plan(cfg, teacher, student, args.nodes, args.gpus_per_node, get_profile(name))
     if getattr(args, "json", False):

@@ -4,7 +4,7 @@ Cost model (shared/DESIGN.md "Cost model"): under ZeRO-3 parameter offload every
 teacher weights once, whatever the batch, so a pass takes
     max(forward FLOPs / (matmul peak x forward efficiency), shard bytes / host->device GB/s,
         all-gathered bytes / interconnect GB/s)
-(transfers overlap compute; measured on one H200 with DeepSpeed 0.19.8 in issue 6: 55 GB/s pinned PCIe,
+(transfers overlap compute; measured on one H200 with DeepSpeed 0.19.8 (docs/BENCHMARKS.md): 55 GB/s pinned PCIe,
 791 TFLOP/s bf16, forward efficiency ~0.71; at >= 32k tokens per pass the offload was hidden, at 16k it cost
 5-50% more than this model says). A student stage step costs its forward, the input gradients from the head down
 to the frontier layer k and layer k's weight gradients, plus AdamW over the trainable parameters.
@@ -51,7 +51,7 @@ PROFILES = {
     "h200": DeviceProfile(
         "h200", {"bfloat16": 791.0, "float16": 791.0, "float32": 60.0}, 0.68, 0.5, 55.0, 4000.0, 360.0, 50.0, 6.0,
         139.0, 256.0, 3.0, 6.0, False, 30.0, (6.0, 3.0), (9.0, 4.0),
-        "measured on one H200 (issue 6): bf16 matmul 791 TFLOP/s, pinned H2D 55 GB/s, forward efficiency 0.68 "
+        "measured on one H200 (docs/BENCHMARKS.md, 2026-11): bf16 matmul 791 TFLOP/s, pinned H2D 55 GB/s, forward efficiency 0.68 "
         "(8B at 65k tokens 1.91 s, 70B ~4.0k tok/s, against forward_flops: the issue's 0.71 counted embeddings); "
         "assumed (not measured here): student efficiency 0.5, fp32 60 TFLOP/s, HBM 4 TB/s, NVLink all-gather "
         "360 GB/s, 50 GB/s per GPU between nodes, NVMe 6 GB/s, 256 GiB host RAM per GPU (8-GPU node, 2 TiB), "

@@ -6,13 +6,12 @@ token sequence translated through that map, so every transfer token must be shar
 """
 from __future__ import annotations
 
-import fcntl
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from semalign_ds import data as datamod
@@ -67,18 +66,6 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SEMALIGN_CACHE", Path.home() / ".cache" / "semalign_ds")) / "bases"
 
 
-@contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock on `path`.lock (concurrent runs on one machine compute a basis once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def semantic_basis(weight_VD: torch.Tensor, kind: str, random_basis: bool, seed: int,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """S (D x V, float32 on CPU), cached on disk by a hash of the weights and the kind (under a file lock);
@@ -88,7 +75,8 @@ def semantic_basis(weight_VD: torch.Tensor, kind: str, random_basis: bool, seed:
         S = torch.randn(weight_VD.shape[1], weight_VD.shape[0], generator=gen)
         return S / S.norm(dim=0, keepdim=True)
     path = _cache_dir() / f"{kind}-{basismod.basis_cache_key(weight_VD)}.safetensors"
-    with _file_lock(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(path.name + ".lock")):  # concurrent runs on one machine compute a basis once
         if path.is_file():
             return load_file(path)["S"]
         w = weight_VD.to(device)
