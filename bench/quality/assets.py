@@ -28,13 +28,19 @@ from semalign_ds.demo import assets as demo
 EXTRA_VERSION = 1
 
 
-def register_medium_recipe(changes: dict) -> None:
-    """Add the `quality-medium` scale to the demo's recipe table (in this process only)."""
-    demo.RECIPES.setdefault("quality-medium", dict(demo.RECIPES["default"], **changes))
+def recipe_of(scale: str) -> dict:
+    """The demo recipe of a benchmark size: the demo's own scales, or `quality-medium` (the demo's default with
+    MEDIUM_RECIPE_CHANGES: a bigger pair for a GPU), passed to the demo as data."""
+    from methods import MEDIUM_RECIPE_CHANGES
+
+    if scale == "quality-medium":
+        return dict(demo.RECIPES["default"], **MEDIUM_RECIPE_CHANGES)
+    return demo.RECIPES[scale]
 
 
 def main_assets(scale: str, cache_dir, device: str, progress: bool):
-    return demo.build_demo_assets(cache_dir=cache_dir, device=device, progress=progress, scale=scale)
+    return demo.build_demo_assets(cache_dir=cache_dir, device=device, progress=progress, scale=scale,
+                                  recipe=recipe_of(scale))
 
 
 def _tokenizer(path):
@@ -120,7 +126,7 @@ def _build_extra(out: Path, assets, recipe: dict, extra: dict, device, progress:
 
 def extra_assets(assets, scale: str, extra: dict, device: str = "cpu", progress: bool = True) -> Path:
     """The extra models for `assets` (cached); returns their folder."""
-    recipe = demo.RECIPES[scale]
+    recipe = recipe_of(scale)
     key = hashlib.sha256(json.dumps([EXTRA_VERSION, assets.cache_dir.name, extra], sort_keys=True).encode())
     folder = assets.cache_dir.parent / f"quality-{scale}-{key.hexdigest()[:12]}"
     if (folder / "manifest.json").is_file():

@@ -183,7 +183,7 @@ SIZES: dict[str, Size] = {s.name: s for s in [
          extra={"cross_vocab": 12288, "mamba_layers": 2, "mamba_state": 16}),
 ]}
 
-# The demo recipe `quality-medium` registers into semalign_ds.demo.assets.RECIPES at run time (assets.py): a bigger pair
+# The demo recipe `quality-medium` (assets.recipe_of: passed to the demo as data): a bigger pair
 # (teacher 8 x 512, student 4 x 256, 8k vocabulary, 256 tokens) pretrained on one GPU; the target domain is small
 # (~550 sequences of 256 tokens), so the teacher sees it ~4 times and the transfer runs ~3.5 epochs of it.
 MEDIUM_RECIPE_CHANGES = dict(vocab_size=8192, seq_len=256, batch=16, teacher_steps=400,

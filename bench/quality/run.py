@@ -27,7 +27,7 @@ sys.path[:0] = [str(HERE), str(REPO)]
 import assets as assetsmod  # noqa: E402
 import gate as gatemod  # noqa: E402
 import report  # noqa: E402
-from methods import MEDIUM_RECIPE_CHANGES, METHODS, PAIRS, SIZES, lr_of_run  # noqa: E402
+from methods import METHODS, PAIRS, SIZES, lr_of_run  # noqa: E402
 from worker import EvalSets, run_config  # noqa: E402
 
 EXIT_REFUSED = 3
@@ -139,7 +139,6 @@ def choose_lrs(out: Path, methods: list[str], grid) -> tuple[dict, dict]:
 
 
 def prepare_assets(size, pairs: list[str], cache_dir, progress: bool) -> dict[str, dict]:
-    assetsmod.register_medium_recipe(MEDIUM_RECIPE_CHANGES)
     device = size.device
     main = assetsmod.main_assets(size.demo_scale, cache_dir, device, progress)
     extra = None

@@ -392,16 +392,18 @@ def _build(out: Path, key: str, recipe: dict, device, progress: bool) -> None:
 
 
 def build_demo_assets(cache_dir=None, device: str | torch.device = "cpu", progress: bool = True,
-                      scale: str = "default", threads: int = 2) -> DemoAssets:
+                      scale: str = "default", threads: int = 2, recipe: dict | None = None) -> DemoAssets:
     """Build (or reuse from the cache) the demo's tokenizer, teacher, student and JSONL data.
 
     ``cache_dir``: cache root (else $SEMALIGN_CACHE, else ~/.cache/semalign_ds/demo-v1); ``device``: where the
     models pretrain; ``scale``: 'default' (a few minutes on 2 cores) or 'tiny' (seconds, for tests); ``threads``:
-    torch intra-op threads during the build (restored afterwards). Concurrent callers wait on a file lock.
+    torch intra-op threads during the build (restored afterwards); ``recipe``: a recipe of the caller's (e.g. the
+    quality benchmark's bigger pair) cached under the name ``scale``, instead of RECIPES[scale]. Concurrent callers
+    wait on a file lock.
     """
-    if scale not in RECIPES:
+    if recipe is None and scale not in RECIPES:
         raise ValueError(f"scale={scale!r} is unknown; use one of {sorted(RECIPES)}")
-    recipe, root = RECIPES[scale], cache_root(cache_dir)
+    recipe, root = recipe or RECIPES[scale], cache_root(cache_dir)
     key = recipe_key(recipe, stdlib_root())
     folder = root / f"{scale}-{key}"
     with _lock(root / f".{scale}-{key}.lock"):

@@ -98,7 +98,9 @@ def get_profile(name: str) -> DeviceProfile:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A decoder-only LM's shape, from its config (no weights)."""
+    """A decoder-only LM's shape, from its config (no weights). An attention-free family (Mamba) has heads 0: its
+    cost is estimated from the MLP-shaped terms alone (a rough figure; the packets need only layers, hidden and
+    vocab, which are exact)."""
 
     layers: int
     hidden: int
@@ -113,8 +115,8 @@ class ModelShape:
     @classmethod
     def from_config(cls, config) -> "ModelShape":
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        D, H = int(text.hidden_size), int(text.num_attention_heads)
-        head_dim = getattr(text, "head_dim", None) or D // H
+        D, H = int(text.hidden_size), int(getattr(text, "num_attention_heads", None) or 0)  # 0: no attention (Mamba)
+        head_dim = getattr(text, "head_dim", None) or (D // H if H else 0)
         return cls(int(text.num_hidden_layers), D, int(getattr(text, "intermediate_size", None) or 4 * D), H,
                    int(getattr(text, "num_key_value_heads", None) or H), int(head_dim), int(text.vocab_size),
                    bool(getattr(text, "tie_word_embeddings", False)), getattr(text, "model_type", "") in GATED_FAMILIES)
