@@ -229,6 +229,23 @@ class TransportConfig(Section):
     """auto store: the share of the node's RAM (split over its student ranks) the memory store may take."""
     keep_spool: bool = False
     """Keep the disk store after the run (removed at the end by default)."""
+    codec: Literal["lossless", "compact"] = "compact"
+    """How packets are kept and moved (transport/codec.py). compact: each layer's targets as target_rank
+    coefficients over a basis fitted on a first window of targets (target_bits each, a per-token scale), top-k
+    logits in logit_bits, ids in the fewest bytes the vocabulary allows; lossless: the teacher's tensors as
+    emitted."""
+    target_rank: PosInt = 32
+    """compact: coefficients per token and layer (the most, with target_energy)."""
+    target_energy: Optional[Annotated[float, Field(gt=0, le=1)]] = None
+    """compact: the smallest rank per layer (at most target_rank) whose basis explains this share of the first
+    window's variance; null = target_rank for every layer."""
+    target_bits: Literal[8, 16] = 8
+    """compact: bits per target coefficient (8: int8 with a per-token scale; 16: float16)."""
+    logit_bits: Literal[8, 16] = 8
+    """compact: bits per top-k logit value (8: uint8 steps below the token's top value; 16: float16)."""
+    fit_tokens: PosInt = 8192
+    """compact: tokens of the first window the bases are fitted on (one extra teacher forward each, counted as
+    teacher_codec_passes_per_sample)."""
 
 
 class RuntimeConfig(Section):

@@ -12,13 +12,19 @@ Pure Python: no torch, so `plan` and the checks stay fast.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from semalign_ds.config import RunConfig, active_terms
 from semalign_ds.planning.throughput import ModelShape
 from semalign_ds.run import budget as budgetmod
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1}
+def id_bytes(vocab: int) -> int:
+    """Bytes per token id in the compact codec: the fewest that hold a vocabulary of `vocab` ids (1 to 4)."""
+    return max(1, math.ceil(math.log2(max(vocab, 2)) / 8))
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -116,12 +122,15 @@ class Roles:
 
 @dataclass(frozen=True)
 class PacketLayout:
-    """Every tensor one sample's packet carries (the schema's flat names), per token, and its bytes.
+    """Every tensor one sample's packet carries in its codec (transport/codec.py), per token, and its bytes.
 
-    ids (int64) and mask (bool) per token, sample_ids (int64) per sample; target.{k} per trained layer (`width`
-    wide: D_S, or D_T with method.map none; method.target_dtype); top_values (float32, K) + top_idx (int32, K; not
-    for uld) + tail (float32), or full_logits (float32, V) with top_k 0; state_mask + out_mask (bool) across
-    tokenizers.
+    lossless (the schema's flat names): ids (int64) and mask (bool) per token, sample_ids (int64) per sample;
+    target.{k} per trained layer (`width` wide: D_S, or D_T with method.map none; method.target_dtype); top_values
+    (float32, K) + top_idx (int32, K; not for uld) + tail (float32), or full_logits (float32, V) with top_k 0;
+    state_mask + out_mask (bool) across tokenizers.
+    compact: ids in `id_bytes`; per layer `rank` int8 coefficients + a float16 scale (target_bits 8) or `rank`
+    float16 (16); top-k values uint8 + a float16 scale (logit_bits 8) or float16; top-k ids in `id_bytes`; tail
+    float16. `rank` is transport.target_rank: with an energy threshold a layer may keep fewer (an upper bound).
     """
 
     seq_len: int
@@ -134,9 +143,16 @@ class PacketLayout:
     logits: bool
     logit_ids: bool
     cross: bool
+    codec: str = "lossless"
+    rank: int = 0
+    target_bits: int = 8
+    logit_bits: int = 8
+    id_bytes: int = 8
 
     def tensors(self) -> list[tuple[str, str, int]]:
         """(flat name, dtype, elements per token) of every per-token tensor, in schema order."""
+        if self.codec == "compact":
+            return self._compact()
         out = [("ids", "int64", 1), ("mask", "bool", 1)]
         if self.targets:
             out += [(f"target.{k}", self.target_dtype, self.width) for k in self.layers]
@@ -145,9 +161,27 @@ class PacketLayout:
             out += [("top_idx", "int32", self.top_k)] if self.logit_ids else []
         elif self.logits:
             out += [("full_logits", "float32", self.vocab)]
-        if self.cross and (self.targets or self.logits):
-            out += [("state_mask", "bool", 1), ("out_mask", "bool", 1)]
-        return out
+        return out + self._masks()
+
+    def _compact(self) -> list[tuple[str, str, int]]:
+        out = [("ids.packed", "uint8", self.id_bytes), ("mask", "bool", 1)]
+        if self.targets:
+            for k in self.layers:
+                rank = min(self.rank, self.width)
+                out += ([(f"target.{k}.q", "int8", rank), (f"target.{k}.scale", "float16", 1)]
+                        if self.target_bits == 8 else [(f"target.{k}.c16", "float16", rank)])
+        if self.logits and self.top_k:
+            out += ([("top_values.q", "uint8", self.top_k), ("top_values.scale", "float16", 1)]
+                    if self.logit_bits == 8 else [("top_values.f16", "float16", self.top_k)])
+            out += [("tail.f16", "float16", 1)]
+            out += [("top_idx.packed", "uint8", self.top_k * self.id_bytes)] if self.logit_ids else []
+        elif self.logits:
+            out += [("full_logits", "float32", self.vocab)]
+        return out + self._masks()
+
+    def _masks(self) -> list[tuple[str, str, int]]:
+        return [("state_mask", "bool", 1), ("out_mask", "bool", 1)] if self.cross and (self.targets or
+                                                                                        self.logits) else []
 
     def parts(self) -> dict[str, int]:
         """Bytes per token by part: tokens (ids + mask), targets, logits (values + tail, or full), logit_ids,
@@ -156,7 +190,7 @@ class PacketLayout:
                 "top_idx": "logit_ids", "state_mask": "masks", "out_mask": "masks"}
         out = {"tokens": 0, "targets": 0, "logits": 0, "logit_ids": 0, "masks": 0}
         for name, dtype, n in self.tensors():
-            out[part.get(name, "targets")] += n * DTYPE_BYTES[dtype]
+            out[part.get(name.split(".")[0], "targets")] += n * DTYPE_BYTES[dtype]
         return out
 
     @property
@@ -242,8 +276,10 @@ class RunSpec:
 def packet_layout(cfg: RunConfig, method: MethodSpec, teacher: ModelShape, student: ModelShape, seq_len: int,
                   layers: list[int], cross: bool) -> PacketLayout:
     width = teacher.hidden if method.map == "none" else student.hidden
+    t = cfg.transport
     return PacketLayout(seq_len, tuple(layers), width, cfg.method.target_dtype, cfg.method.top_k, teacher.vocab,
-                        method.needs_targets, method.needs_logits, method.output_objective != "uld", cross)
+                        method.needs_targets, method.needs_logits, method.output_objective != "uld", cross, t.codec,
+                        t.target_rank, t.target_bits, t.logit_bits, id_bytes(student.vocab))
 
 
 def resolve(cfg: RunConfig, teacher: ModelShape, student: ModelShape, roles: Roles, num_sequences: int,

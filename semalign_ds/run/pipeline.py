@@ -37,6 +37,7 @@ from semalign_ds.run.resume import Progress
 from semalign_ds import tracking
 from semalign_ds.tracking import make_tracker
 from semalign_ds.transport import schema, spool
+from semalign_ds.transport.codec import Codec
 
 ATTRIBUTION_SEED = 7919  # the batches attribution reads: a property of the data, not of the training seed
 
@@ -94,15 +95,17 @@ def _say(ctx: RunContext, line: str) -> None:
 def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
     announce(ctx)
     if not ctx.spec.method.needs_teacher:  # e.g. SFT: the labels are the whole supervision
-        history = train_stages(ctx, progress, topology.Feed(ctx, topology.LabelStore(ctx.blocks), "data"))
-        return _finish(ctx, progress, history)
+        feed = topology.Feed(ctx, topology.LabelStore(ctx.blocks), "data", Codec())
+        return _finish(ctx, progress, train_stages(ctx, progress, feed))
     table = pair_layers(ctx, progress)
     M_DsDt = supervision.build_map(ctx, table)
-    binding = supervision.binding(ctx, table, M_DsDt)
+    recipes = _recipes(ctx, table, ctx.spec.trained_layers)
+    codec = make_codec(ctx, recipes, M_DsDt)
+    binding = supervision.binding(ctx, table, M_DsDt, codec)
     store = topology.open_store(ctx, binding, ctx.spec.store)
     resume.check_packets(ctx, progress, schema.digest(binding))
     t0 = time.perf_counter()
-    counts = topology.teach_local(ctx, store, _recipes(ctx, table, ctx.spec.trained_layers), M_DsDt)
+    counts = topology.teach_local(ctx, store, recipes, M_DsDt, codec)
     seconds = time.perf_counter() - t0
     samples, restored, tokens = distributed.all_reduce([counts["samples"], counts["restored"], counts["tokens"]],
                                                        ctx.info.device, ctx.group)
@@ -111,7 +114,7 @@ def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
     progress.teacher_samples = max(progress.teacher_samples, int(restored)) + int(samples)
     counts.update(samples=samples, restored=restored)
     _log_teach(ctx, progress, store, {**counts, "tokens": tokens, "seconds": seconds})
-    history = train_stages(ctx, progress, topology.Feed(ctx, store, store.kind))
+    history = train_stages(ctx, progress, topology.Feed(ctx, store, store.kind, codec))
     _drop_store(ctx, store)
     return _finish(ctx, progress, history)
 
@@ -125,7 +128,7 @@ def _run_from_spool(ctx: RunContext, progress: Progress) -> dict:
     resume.check_packets(ctx, progress, reader.manifest["binding_digest"])
     progress.teacher_samples = round(reader.manifest.get("teacher_passes_per_sample", 1.0) * reader.num_samples)
     announce(ctx, spool_bytes=reader.manifest["bytes"])
-    history = train_stages(ctx, progress, topology.Feed(ctx, reader, "spool_read", check_tokens=True))
+    history = train_stages(ctx, progress, topology.Feed(ctx, reader, "spool_read", reader.codec, check_tokens=True))
     return _finish(ctx, progress, history)
 
 
@@ -153,8 +156,10 @@ def _run_disaggregated(cfg: RunConfig, world: distributed.DistInfo) -> dict:
 def _serve_stream(ctx: RunContext, progress: Progress, layout) -> dict:
     table = pair_layers(ctx, progress)
     M_DsDt = supervision.build_map(ctx, table)
-    stats = topology.serve_stream(ctx, layout, _recipes(ctx, table, ctx.spec.trained_layers), M_DsDt,
-                                  supervision.binding(ctx, table, M_DsDt), table, ctx.spec.budget.stages[0].k)
+    recipes = _recipes(ctx, table, ctx.spec.trained_layers)
+    codec = make_codec(ctx, recipes, M_DsDt)
+    stats = topology.serve_stream(ctx, layout, recipes, M_DsDt, supervision.binding(ctx, table, M_DsDt, codec),
+                                  table, ctx.spec.budget.stages[0].k, codec)
     return {"table": f"teacher rank {ctx.info.rank}: streamed {stats['packets']} packets ({stats['samples']} "
                      f"samples), {stats['bytes'] / 2**20:.1f} MiB, idle {stats['idle_s']:.1f} of "
                      f"{stats['wall_s']:.1f} s"}
@@ -166,7 +171,7 @@ def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
     feed_store.inner = topology.open_store(ctx, feed_store.binding, ctx.spec.store)
     resume.check_packets(ctx, progress, schema.digest(feed_store.binding))
     announce(ctx)
-    history = train_stages(ctx, progress, topology.Feed(ctx, feed_store, "wire"))
+    history = train_stages(ctx, progress, topology.Feed(ctx, feed_store, "wire", feed_store.codec))
     feed_store.drain()
     stats = feed_store.stats()
     progress.teacher_samples += int(stats.pop("teacher_samples"))
@@ -176,6 +181,25 @@ def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
                                  "store/disk_bytes": float(inner.nbytes if inner.kind == "disk" else 0)})
     _drop_store(ctx, feed_store.inner)
     return _finish(ctx, progress, history)
+
+
+def make_codec(ctx: RunContext, recipes: dict, M_DsDt) -> Codec:
+    """The run's packet codec (fitted on the first window: supervision.fit_codec), its reconstruction error on an
+    attribution batch, and the teacher forwards both cost, logged."""
+    codec, passes = supervision.fit_codec(ctx, recipes, M_DsDt)
+    if codec.lossless:
+        return codec
+    micro = ctx.cfg.data.micro_batch_size
+    ids = datamod.micro_batch_ids(len(ctx.blocks), micro, ctx.info.world_size, ctx.info.rank, ATTRIBUTION_SEED, 0)
+    errors = supervision.codec_error(ctx, codec, recipes, M_DsDt, datamod.take(ctx.blocks, ids))
+    passes += micro * ctx.info.world_size / len(ctx.blocks)
+    if ctx.writes:
+        ctx.tracker.log_metrics({**errors, "teacher_codec_passes_per_sample": passes})
+        ctx.tracker.log_params({"codec.ranks": codec.describe()["ranks"]})
+        worst = min((v for k, v in errors.items() if k.startswith("codec/cosine.")), default=1.0)
+        _say(ctx, f"codec: compact, ranks {codec.describe()['ranks']}, {codec.target_bits}-bit targets; "
+                  f"reconstruction cosine >= {worst:.3f} on an attribution batch")
+    return codec
 
 
 def _drop_store(ctx: RunContext, store) -> None:
@@ -223,8 +247,10 @@ def teach(cfg: RunConfig) -> dict:
         layers = ctx.spec.trained_layers
         need = spool.space_needed(out, ctx.spec.total_packet_bytes)
         files.check_free_space(out, need, f"the spool ({len(ctx.blocks)} sequences x {ctx.blocks.seq_len} tokens)")
-        manifest = topology.write_spool(ctx, _recipes(ctx, table, layers), M_DsDt,
-                                        supervision.binding(ctx, table, M_DsDt), layers)
+        recipes = _recipes(ctx, table, layers)
+        codec = make_codec(ctx, recipes, M_DsDt)
+        manifest = topology.write_spool(ctx, recipes, M_DsDt, supervision.binding(ctx, table, M_DsDt, codec), layers,
+                                        codec)
         if ctx.writes:
             ctx.tracker.log_metrics({"teacher_passes_per_sample": manifest["teacher_passes_per_sample"],
                                      "teach/emitted_samples": float(manifest["emitted_samples"]),

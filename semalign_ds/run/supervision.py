@@ -20,7 +20,10 @@ from semalign_ds.method import basis as basismod
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.loading import torch_dtype
 from semalign_ds.progress import phase
+from semalign_ds.cluster.distributed import all_reduce_tensor
+from semalign_ds.spec import id_bytes
 from semalign_ds.transport import schema
+from semalign_ds.transport.codec import BasisFit, Codec, fit_bases, reconstruction_error
 from semalign_ds.transport.packet import SupervisionPacket
 
 
@@ -128,7 +131,7 @@ def _logit_map(ctx) -> torch.Tensor:
     return broadcast_from_first(M, ctx.group)
 
 
-def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
+def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None, codec: Codec | None = None) -> dict:
     """The hashes that bind packets to this configuration (transport/schema.py); `pairing` and `map` only
     where the pairing table and M are at hand (the teacher side). Only what changes the packets is bound (the
     target kind and normalisation, not the layer objective's name; not the student's training seed), so runs that
@@ -153,6 +156,8 @@ def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None) -> dict:
         b["pairing"] = schema.digest([table.to_json(), m.residual, kind])
     if M_DsDt is not None:
         b["map"] = schema.tensor_digest(M_DsDt.float())
+    if codec is not None:
+        b["codec"] = codec.digest()
     return b
 
 
@@ -211,3 +216,53 @@ def stage_kwargs(ctx, total_steps: int, train_layers: list[int] | None = None) -
                 weight_decay=s.weight_decay, adapter_kind=s.adapter, lora_rank=s.lora_rank,
                 lora_alpha=s.lora_alpha, lora_targets=targets, objective=objective, train_layers=train_layers,
                 teacher_hidden=ctx.spec.teacher.hidden if m.layer_objective == "hidden_mse" else None, mpu=ctx.mpu)
+
+
+# ---------------------------------------------------------------- the packet codec
+
+CODEC_SEED = 104729  # which samples the compact codec's bases are fitted on: a property of the data
+
+
+def codec_samples(N: int, fit_tokens: int, seq_len: int) -> torch.Tensor:
+    """The first window the compact codec is fitted on: ceil(fit_tokens / seq_len) samples of a fixed order of
+    the transfer set (the same on any number of ranks)."""
+    n = min(N, -(-fit_tokens // seq_len))
+    return torch.randperm(N, generator=torch.Generator().manual_seed(CODEC_SEED))[:n].sort().values
+
+
+def fit_codec(ctx, recipes: dict, M_DsDt) -> tuple[Codec, float]:
+    """The run's packet codec (transport.codec) and the teacher forwards it cost per transfer sample. compact:
+    every teacher rank emits its share of the first window (lockstep micro-batches, spare forwards where a rank
+    has fewer), the per-layer sums are all-reduced over the teacher group and every rank fits the same bases (a
+    float64 eigendecomposition on the CPU: the same answer on every rank)."""
+    t = ctx.cfg.transport
+    if t.codec == "lossless" or not ctx.spec.method.needs_teacher:
+        return Codec(), 0.0
+    info, B, N = ctx.info, ctx.cfg.data.micro_batch_size, len(ctx.blocks)
+    window = codec_samples(N, t.fit_tokens, ctx.blocks.seq_len)
+    own = window[info.rank::info.world_size]
+    per_rank = -(-len(window) // info.world_size)
+    rounds = -(-per_rank // B)
+    fit = BasisFit()
+    with phase("codec bases (first window)", ctx):
+        for i in range(rounds):
+            ids = own[i * B:(i + 1) * B] if i * B < len(own) else window[:1]
+            packet = emit(ctx, datamod.take(ctx.blocks, ids), recipes, M_DsDt)
+            if i * B < len(own):
+                fit.add(packet.targets, packet.layer_mask_BT)
+        if fit.n:
+            fit.unpack(all_reduce_tensor(fit.packed(), info.device, ctx.group).cpu())
+        ranks, means, bases, energy = fit_bases(fit, t.target_rank, t.target_energy)
+    codec = Codec("compact", t.target_bits, t.logit_bits, id_bytes(ctx.spec.student.vocab), ranks, means, bases,
+                  energy)
+    return codec, rounds * B * info.world_size / N
+
+
+def codec_error(ctx, codec: Codec, recipes: dict, M_DsDt, batch: datamod.Batch) -> dict[str, float]:
+    """The codec's target reconstruction error on one batch (relative error and cosine per layer; logged)."""
+    if codec.lossless or not ctx.spec.method.needs_targets:
+        return {}
+    packet = emit(ctx, batch, recipes, M_DsDt)
+    errors = reconstruction_error(codec, packet.targets, packet.layer_mask_BT)
+    return {**errors, **{f"codec/rank.{k}": float(r) for k, r in codec.ranks.items()},
+            **{f"codec/fit_energy.{k}": e for k, e in codec.energy.items()}}

@@ -31,15 +31,19 @@ from semalign_ds.cluster.distributed import DistInfo, all_reduce, barrier
 from semalign_ds.spec import Roles
 from semalign_ds.method.pairing import PairingTable
 from semalign_ds.progress import bar
+from semalign_ds.models.loading import torch_dtype
 from semalign_ds.transport import schema, spool, store as storemod, stream
+from semalign_ds.transport.codec import Codec
 from semalign_ds.transport.packet import SupervisionPacket
 
 
 class Feed:
-    """A stage's packets for this rank from a store; counts the bytes and tokens the student received."""
+    """A stage's packets for this rank from a store: each read moves the stored (encoded) tensors to the student's
+    device and decodes them there; counts the bytes read and the tokens the student received."""
 
-    def __init__(self, ctx, store, kind: str, check_tokens: bool = False):
-        self.ctx, self.store, self.kind, self.check_tokens = ctx, store, kind, check_tokens
+    def __init__(self, ctx, store, kind: str, codec: Codec, check_tokens: bool = False):
+        self.ctx, self.store, self.kind, self.codec, self.check_tokens = ctx, store, kind, codec, check_tokens
+        self.target_dtype = torch_dtype(ctx.cfg.method.target_dtype)
         self.bytes = self.tokens = 0
 
     def source(self, k: int, layers: list[int], start: int, steps: int):
@@ -47,11 +51,13 @@ class Feed:
         N, B = len(self.ctx.blocks), cfg.data.micro_batch_size
         for index in range(start * ga, steps * ga):
             ids = datamod.micro_batch_ids(N, B, info.world_size, info.rank, stage_seed(cfg, k), index)
-            packet = self.store.packet(ids, layers)
+            flat = self.store.flat(ids, layers)
+            self.bytes += schema.flat_nbytes(flat)
+            flat = {name: t.to(info.device, non_blocking=True) for name, t in flat.items()}
+            packet = schema.packet_from_flat(self.codec.decode(flat, self.target_dtype))
             if self.check_tokens and not torch.equal(packet.ids_BT.cpu(), self.ctx.blocks.ids_NT[ids]):
                 raise ValueError(f"the spool's tokens for samples {ids.tolist()} differ from this run's data; "
                                  f"the spool was written from other data")
-            self.bytes += schema.flat_nbytes(schema.packet_to_flat(packet))
             self.tokens += packet.num_tokens
             yield packet
 
@@ -68,9 +74,9 @@ class LabelStore:
     def __init__(self, blocks: datamod.TokenBlocks):
         self.blocks = blocks
 
-    def packet(self, sample_ids_B: torch.Tensor, layers) -> SupervisionPacket:
-        return SupervisionPacket(ids_BT=self.blocks.ids_NT[sample_ids_B], mask_BT=self.blocks.mask_NT[sample_ids_B],
-                                 sample_ids_B=sample_ids_B)
+    def flat(self, sample_ids_B: torch.Tensor, layers) -> dict[str, torch.Tensor]:
+        return {"ids": self.blocks.ids_NT[sample_ids_B], "mask": self.blocks.mask_NT[sample_ids_B],
+                "sample_ids": sample_ids_B}
 
 
 # ---------------------------------------------------------------- the local store (colocated, disaggregated)
@@ -90,7 +96,7 @@ def open_store(ctx, binding: dict, kind: str):
     return storemod.DiskStore(directory, binding, N, capacity, ctx.cfg.transport.shard_sequences)
 
 
-def teach_local(ctx, store, recipes: dict, M_DsDt) -> dict:
+def teach_local(ctx, store, recipes: dict, M_DsDt, codec: Codec) -> dict:
     """Colocated teach phase: this rank's samples not yet in its store, through the teacher once. Returns this
     rank's counts: samples emitted, samples restored from an interrupted run's disk store, real tokens emitted and
     forwards (spares included)."""
@@ -101,7 +107,7 @@ def teach_local(ctx, store, recipes: dict, M_DsDt) -> dict:
     for i in bar(range(rounds), "teacher pass (once per sample)", ctx):
         ids = todo[i * B:(i + 1) * B]
         if len(ids):
-            store.put(supervision.emit(ctx, datamod.take(ctx.blocks, ids), recipes, M_DsDt))
+            store.put(encoded(codec, supervision.emit(ctx, datamod.take(ctx.blocks, ids), recipes, M_DsDt)))
         else:  # keep ZeRO-3's lockstep with ranks that have one micro-batch more
             supervision.emit(ctx, datamod.take(ctx.blocks, own[:1]), recipes, M_DsDt)
     store.finish()
@@ -112,13 +118,15 @@ def teach_local(ctx, store, recipes: dict, M_DsDt) -> dict:
 # ---------------------------------------------------------------- spool
 
 
-def write_spool(ctx, recipes: dict, M_DsDt, binding: dict, stages: list[int]) -> dict:
+def write_spool(ctx, recipes: dict, M_DsDt, binding: dict, stages: list[int], codec: Codec) -> dict:
     """Every teacher rank writes whole shards (pending shards dealt round-robin; ZeRO-3 lockstep kept by spare
     forwards); rank 0 writes the manifest once all are committed. Resumes an interrupted spool. Returns the
     manifest (rank 0) with this run's counts: samples emitted, seconds."""
     cfg = ctx.cfg
     plan = spool.open_plan(Path(cfg.transport.spool_dir), binding, len(ctx.blocks), cfg.transport.shard_sequences,
                            stages)
+    if ctx.info.is_main:
+        spool.write_codec(plan.directory, codec)
     barrier(ctx.group)
     pending = plan.pending()
     barrier(ctx.group)  # every rank saw the same committed shards before anyone writes
@@ -128,11 +136,11 @@ def write_spool(ctx, recipes: dict, M_DsDt, binding: dict, stages: list[int]) ->
     rounds = bar(range(0, len(pending), world), "spool shards", ctx, unit="round")
     for first in signals.graceful_steps(rounds, None, ctx.group, ctx.info.device):  # committed shards: the resume
         j = pending[first + rank] if first + rank < len(pending) else None
-        emitted += _write_shard(ctx, plan, j, per_shard, recipes, M_DsDt, spare=world > 1)
+        emitted += _write_shard(ctx, plan, j, per_shard, recipes, M_DsDt, codec, spare=world > 1)
     barrier(ctx.group)
     extra = {"teacher_passes_per_sample": 1.0, "seq_len": ctx.blocks.seq_len, "top_k": cfg.method.top_k,
              "target_dtype": cfg.method.target_dtype,
-             "planned_bytes_per_token": ctx.spec.packets.bytes_per_token}
+             "planned_bytes_per_token": ctx.spec.packets.bytes_per_token, "codec": codec.describe()}
     manifest = spool.write_manifest(plan, extra) if ctx.info.is_main else {}
     barrier(ctx.group)
     emitted = int(all_reduce([emitted], ctx.info.device, ctx.group)[0])
@@ -140,7 +148,8 @@ def write_spool(ctx, recipes: dict, M_DsDt, binding: dict, stages: list[int]) ->
             "shards_written": len(pending)}
 
 
-def _write_shard(ctx, plan: spool.SpoolPlan, j: int | None, per_shard: int, recipes: dict, M, spare: bool) -> int:
+def _write_shard(ctx, plan: spool.SpoolPlan, j: int | None, per_shard: int, recipes: dict, M, codec: Codec,
+                 spare: bool) -> int:
     micro, emitted = ctx.cfg.data.micro_batch_size, 0
     first, n = plan.rows_of(j) if j is not None else (0, 0)
     shard = None
@@ -152,7 +161,7 @@ def _write_shard(ctx, plan: spool.SpoolPlan, j: int | None, per_shard: int, reci
                     supervision.emit(ctx, datamod.take(ctx.blocks, torch.arange(1)), recipes, M)
                 continue
             ids = torch.arange(first + a, first + min(n, a + micro))
-            flat = schema.packet_to_flat(supervision.emit(ctx, datamod.take(ctx.blocks, ids), recipes, M))
+            flat = encoded(codec, supervision.emit(ctx, datamod.take(ctx.blocks, ids), recipes, M))
             emitted += len(ids)
             if shard is None:
                 layout = [[name, dtype, [n] + shape[1:]] for name, dtype, shape in schema.layout_of(flat)]
@@ -198,6 +207,11 @@ def stream_jobs(N: int, micro: int, S: int, seed: int) -> list[tuple[int, torch.
             if m < len(per_student[s])]
 
 
+def encoded(codec: Codec, packet: SupervisionPacket) -> dict[str, torch.Tensor]:
+    """A packet's flat tensors in the run's codec (on the teacher's device: only the encoded bytes move)."""
+    return codec.encode(schema.packet_to_flat(packet))
+
+
 def role_groups(layout: Roles, rank: int):
     """(this rank's role group, its one-rank group); collective: every rank of the world calls it."""
     teacher = dist.new_group(list(layout.teacher_ranks))
@@ -224,7 +238,7 @@ def tell_students_on_error(cfg, layout: Roles, device):
 
 
 def serve_stream(ctx, layout: Roles, recipes: dict, M_DsDt, binding: dict, table: PairingTable,
-                 first_stage: int) -> dict:
+                 first_stage: int, codec: Codec) -> dict:
     """Teacher rank: HELLO (binding + pairing) from the first teacher, then its share of stream_jobs in lockstep
     rounds of T (a spare forward where a round has no job for it), then END on every link."""
     cfg = ctx.cfg
@@ -234,8 +248,9 @@ def serve_stream(ctx, layout: Roles, recipes: dict, M_DsDt, binding: dict, table
     digest, t0, spares, samples = schema.digest(binding), time.perf_counter(), 0, 0
     if ctx.info.is_main:
         text = torch.frombuffer(bytearray(table.to_json().encode()), dtype=torch.uint8)
+        state = {f"codec.{name}": t for name, t in codec.state().items()}
         for dst in students:
-            sender.send(dst, stream.HELLO, {"binding": binding}, {"pairing": text})
+            sender.send(dst, stream.HELLO, {"binding": binding, "codec": codec.describe()}, {"pairing": text, **state})
     for j in bar(range(-(-len(jobs) // T)), "teacher pass (once per sample)", ctx):
         p = j * T + ctx.info.rank
         if p >= len(jobs):
@@ -244,7 +259,7 @@ def serve_stream(ctx, layout: Roles, recipes: dict, M_DsDt, binding: dict, table
             continue
         s, ids = jobs[p]
         packet = supervision.emit(ctx, datamod.take(ctx.blocks, ids), recipes, M_DsDt)
-        sender.send(students[s], stream.DATA, {"job": p, "binding": digest}, schema.packet_to_flat(packet))
+        sender.send(students[s], stream.DATA, {"job": p, "binding": digest}, encoded(codec, packet))
         samples += len(ids)
     stats = {"packets": sender.packets, "bytes": sender.bytes_sent, "idle_s": sender.idle_s, "samples": samples,
              "wall_s": time.perf_counter() - t0, "spare_forwards": spares}
@@ -266,7 +281,7 @@ class StreamStore:
         S, T = len(layout.student_ranks), len(layout.teacher_ranks)
         jobs = stream_jobs(len(ctx.blocks), cfg.data.micro_batch_size, S, stage_seed(cfg, first_stage))
         self.pending = deque((p, ids) for p, (s, ids) in enumerate(jobs) if s == ctx.info.rank)
-        self.T, self.binding, self.teacher_stats = T, {}, []
+        self.T, self.binding, self.teacher_stats, self.codec = T, {}, [], Codec()
 
     def hello(self) -> PairingTable:
         """The first teacher's HELLO: its binding (checked against this config) and the pairing table."""
@@ -278,13 +293,17 @@ class StreamStore:
         kind = self.ctx.spec.method.target_kind
         if schema.digest([table.to_json(), self.ctx.cfg.method.residual, kind]) != meta["binding"].get("pairing"):
             raise stream.StreamError("the pairing table in the teacher's HELLO does not match its binding")
+        state = {name.split(".", 1)[1]: t.cpu() for name, t in flat.items() if name.startswith("codec.")}
+        self.codec = Codec.from_state(meta.get("codec", {}), state, "the teacher ranks' stream")
+        if self.codec.digest() != meta["binding"].get("codec"):
+            raise stream.StreamError("the codec in the teacher's HELLO does not match its binding")
         self.binding = meta["binding"]
         return table
 
     def _source(self, p: int) -> int:
         return self.layout.teacher_ranks[p % self.T]
 
-    def _next(self) -> SupervisionPacket:
+    def _next(self) -> dict[str, torch.Tensor]:
         p, ids = self.pending.popleft()
         prefetch = self._source(self.pending[0][0]) if self.pending else None
         meta, flat = self.receiver.expect(self._source(p), stream.DATA, prefetch)
@@ -292,13 +311,12 @@ class StreamStore:
             raise stream.StreamError(f"expected job {p} of the stream from teacher rank {self._source(p)}, got job "
                                      f"{meta.get('job')} (binding {meta.get('binding')}): the ranks run different "
                                      f"configurations or code")
-        packet = schema.packet_from_flat(flat)
-        if not torch.equal(packet.sample_ids_B.cpu(), ids):
-            raise stream.StreamError(f"job {p} carries samples {packet.sample_ids_B.tolist()}, not {ids.tolist()}")
-        self.inner.put(packet)
+        if not torch.equal(flat["sample_ids"].cpu(), ids):
+            raise stream.StreamError(f"job {p} carries samples {flat['sample_ids'].tolist()}, not {ids.tolist()}")
+        self.inner.put(flat)
         if not self.pending:
             self._end()
-        return packet
+        return flat
 
     def _end(self) -> None:
         self.teacher_stats = [self.receiver.expect(t, stream.END)[0]["stats"] for t in self.layout.teacher_ranks]
@@ -308,13 +326,12 @@ class StreamStore:
         while self.pending:
             self._next()
 
-    def packet(self, sample_ids_B: torch.Tensor, layers) -> SupervisionPacket:
+    def flat(self, sample_ids_B: torch.Tensor, layers) -> dict[str, torch.Tensor]:
         if self.pending and torch.equal(self.pending[0][1], sample_ids_B):
-            packet = self._next()
-            packet.targets = {k: v for k, v in packet.targets.items() if k in layers}
-            return packet
+            flat = self._next()
+            return {name: flat[name] for name in schema.wanted(flat, layers)}
         self.drain()
-        return self.inner.packet(sample_ids_B, layers)
+        return self.inner.flat(sample_ids_B, layers)
 
     def stats(self) -> dict:
         wall = max(s["wall_s"] for s in self.teacher_stats)

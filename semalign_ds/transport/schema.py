@@ -33,7 +33,7 @@ from semalign_ds.transport.packet import SupervisionPacket
 
 SCHEMA_VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
-          "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8}
+          "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _FINGERPRINT_BYTES = 1 << 20  # of each weight file: its header, size, first and last MiB
 _EXPLAINED = {"teacher": "teacher.path / teacher.dtype", "teacher_weights": "the weight files at teacher.path",
@@ -114,6 +114,13 @@ def packet_to_flat(packet: SupervisionPacket) -> dict[str, torch.Tensor]:
     if packet.state_mask_BT is not None:
         flat.update(state_mask=packet.state_mask_BT.bool(), out_mask=packet.out_mask_BT.bool())
     return {name: t.contiguous() for name, t in flat.items()}
+
+
+def wanted(names, layers) -> list[str]:
+    """The flat names a read of student layers `layers` needs: every non-target tensor, and the targets of those
+    layers (`target.{k}`, or a codec's `target.{k}.<part>`)."""
+    keep = {str(k) for k in layers}
+    return [n for n in names if not n.startswith("target.") or n.split(".")[1] in keep]
 
 
 def packet_from_flat(flat: dict[str, torch.Tensor]) -> SupervisionPacket:

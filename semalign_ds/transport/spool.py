@@ -31,13 +31,14 @@ import torch
 from safetensors import safe_open
 
 from semalign_ds import files
-from semalign_ds.transport import schema
+from semalign_ds.transport import codec as codec_mod, schema
+from semalign_ds.transport.codec import Codec
 from semalign_ds.transport.packet import SupervisionPacket
 
 MANIFEST = "manifest.json"
 PAIRING = "pairing.json"
 _ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64", torch.int32: "I32",
-       torch.bool: "BOOL", torch.uint8: "U8"}
+       torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8"}
 _FROM_ST = {v: k for k, v in _ST.items()}
 BLOCK = 8 << 20  # readers verify the sha256 of each block they read, the first time they read it
 _REWRITE = ("delete it and its .json record, then rerun `semalign teach` with the same config and --out (it rewrites "
@@ -208,6 +209,34 @@ def open_plan(directory, binding: dict, num_samples: int, shard_rows: int, stage
     return SpoolPlan(directory, binding, num_samples, shard_rows, stages)
 
 
+def write_codec(directory: Path, codec: Codec) -> None:
+    """The codec's basis tensors beside the shards (compact; the manifest describes the codec), so a student job
+    decodes the spool without the teacher. Deterministic bytes: a resumed writer rewrites the same file."""
+    from safetensors.torch import save_file
+
+    state = codec.state()
+    if state:
+        tmp = files.tmp_name(directory / codec_mod.BASIS_FILE)
+        save_file(state, str(tmp), metadata={"codec": json.dumps(codec.describe(), sort_keys=True)})
+        os.replace(tmp, directory / codec_mod.BASIS_FILE)
+
+
+def read_codec(directory: Path, manifest: dict) -> Codec:
+    """The codec a spool was written with; ValueError naming a codec, rank or bits this reader cannot decode, or a
+    basis file that is missing or not the one the manifest binds."""
+    from safetensors.torch import load_file
+
+    described = manifest.get("codec", {"name": "lossless", "version": codec_mod.VERSION})
+    path, where = directory / codec_mod.BASIS_FILE, f"the spool in {str(directory)!r}"
+    tensors = load_file(str(path)) if path.is_file() else {}
+    codec = Codec.from_state(described, tensors, where)
+    bound = manifest.get("binding", {}).get("codec")
+    if bound is not None and codec.digest() != bound:
+        raise ValueError(f"{where}: {codec_mod.BASIS_FILE} is not the codec its packets were written with (changed "
+                         f"or damaged); rewrite the spool with `semalign teach`")
+    return codec
+
+
 def space_needed(directory, total_bytes: int) -> int:
     """Bytes a spool of `total_bytes` (supervision.packet_bytes_per_sample x samples) still needs in `directory`:
     less the shards already there."""
@@ -258,6 +287,7 @@ class SpoolReader:
         schema.check_binding(expected_binding, self.manifest["binding"], f"the spool in {str(self.directory)!r}",
                              "point --from-spool (transport.spool_dir) at a spool written with this config, or "
                              "write one with `semalign teach --config X --out NEW_DIR`")
+        self.codec = read_codec(self.directory, self.manifest)
         self.shard_rows = int(self.manifest["shard_sequences"])
         self.stages = list(self.manifest["stages"])
         self.bytes_read = 0
@@ -301,15 +331,20 @@ class SpoolReader:
                 runs.append([j, row, 1])
         return [tuple(r) for r in runs]
 
-    def packet(self, sample_ids_B: torch.Tensor, layers: list[int]) -> SupervisionPacket:
-        """The packet of these samples with the targets of student layers `layers` (only those are read)."""
+    def flat(self, sample_ids_B: torch.Tensor, layers: list[int]) -> dict[str, torch.Tensor]:
+        """The packets of these samples (flat, in the spool's codec) with the targets of student layers `layers`
+        (only those are read)."""
         missing = [k for k in layers if k not in self.stages]
         if missing:
             raise ValueError(f"the spool in {str(self.directory)!r} holds targets for student layers {self.stages}, "
                              f"not {missing}; train schedule.stages within them or write a spool for this schedule")
-        wanted = {f"target.{k}" for k in layers}
-        names = [n for n in self.manifest["tensor_names"] if not n.startswith("target.") or n in wanted]
-        return schema.packet_from_flat(self.rows(sample_ids_B, names))
+        return self.rows(sample_ids_B, schema.wanted(self.manifest["tensor_names"], layers))
+
+    def packet(self, sample_ids_B: torch.Tensor, layers: list[int]) -> SupervisionPacket:
+        """flat(), decoded on the CPU (the spool's targets in the dtype it was written with): for tools and tests;
+        a student decodes on its device (run/topology.Feed)."""
+        dtype = schema.DTYPES[self.manifest.get("target_dtype", "float32")]
+        return schema.packet_from_flat(self.codec.decode(self.flat(sample_ids_B, layers), dtype))
 
 
 def _starts(runs) -> list[int]:

@@ -7,8 +7,9 @@ Each rank stores the packets of its own samples (data.owned_samples), rows in ar
   `shard_rows` rows are committed as they fill, so a rank killed while teaching resumes without recomputing
   committed shards; `finish()` writes the manifest, after which rows are read back (each 8 MiB block's sha256
   verified the first time it is read). Removed at the end of the run unless transport.keep_spool.
-A store of either kind: `missing(ids)` (sample ids not stored yet), `put(packet)`, `finish()`,
-`packet(sample_ids_B, layers)` -> SupervisionPacket with the targets of those student layers only, `nbytes`.
+A store of either kind: `missing(ids)` (sample ids not stored yet), `put(flat)` (a packet's flat tensors in the
+run's codec), `finish()`, `flat(sample_ids_B, layers)` -> those flat tensors with the targets of those student
+layers only (the student decodes them on its device), `nbytes`.
 Legend: B rows, N samples of the run, R rows this rank stores.
 """
 from __future__ import annotations
@@ -20,12 +21,6 @@ import torch
 from safetensors import safe_open
 
 from semalign_ds.transport import schema, spool
-from semalign_ds.transport.packet import SupervisionPacket
-
-
-def _wanted(names, layers) -> list[str]:
-    keep = {f"target.{k}" for k in layers}
-    return [n for n in names if not n.startswith("target.") or n in keep]
 
 
 class _Index:
@@ -56,9 +51,9 @@ class _Index:
         return rows
 
 
-def _new_rows(index: _Index, packet: SupervisionPacket) -> dict[str, torch.Tensor] | None:
-    """The packet's flat tensors on the CPU, restricted to rows not stored yet (None if there are none)."""
-    flat = {n: t.detach().cpu() for n, t in schema.packet_to_flat(packet).items()}
+def _new_rows(index: _Index, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """A packet's flat tensors (in its codec) on the CPU, restricted to rows not stored yet (None if none)."""
+    flat = {n: t.detach().cpu() for n, t in flat.items()}
     new = index.row_of[flat["sample_ids"]] < 0
     if not new.any():
         return None
@@ -79,9 +74,9 @@ class MemoryStore:
     def nbytes(self) -> int:
         return schema.flat_nbytes(self.tensors) if self.tensors else 0
 
-    def put(self, packet: SupervisionPacket) -> None:
-        """Store the packet's rows (rows of samples already stored are skipped)."""
-        flat = _new_rows(self.index, packet)
+    def put(self, flat: dict[str, torch.Tensor]) -> None:
+        """Store a packet's rows (its flat tensors; rows of samples already stored are skipped)."""
+        flat = _new_rows(self.index, flat)
         if flat is None:
             return
         if self.tensors is None:
@@ -93,9 +88,10 @@ class MemoryStore:
     def finish(self) -> None:
         pass
 
-    def packet(self, sample_ids_B: torch.Tensor, layers) -> SupervisionPacket:
+    def flat(self, sample_ids_B: torch.Tensor, layers) -> dict[str, torch.Tensor]:
+        """The stored flat tensors of these samples, with the targets of student layers `layers` only."""
         rows = self.index.rows_of(sample_ids_B)
-        return schema.packet_from_flat({n: self.tensors[n][rows] for n in _wanted(self.tensors, layers)})
+        return {n: self.tensors[n][rows] for n in schema.wanted(self.tensors, layers)}
 
     def remove(self) -> None:
         self.tensors = None
@@ -135,13 +131,13 @@ class DiskStore:
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.glob("shard-*.safetensors"))
 
-    def put(self, packet: SupervisionPacket) -> None:
-        """Store the packet's rows (rows of samples already stored, e.g. re-sent after a restart, are skipped)."""
-        flat = _new_rows(self.index, packet)
+    def put(self, flat: dict[str, torch.Tensor]) -> None:
+        """Store a packet's rows (rows of samples already stored, e.g. re-sent after a restart, are skipped)."""
+        flat = _new_rows(self.index, flat)
         if flat is None:
             return
         row = self.index.add(flat["sample_ids"])
-        B = flat["ids"].shape[0]
+        B = flat["sample_ids"].shape[0]
         while B:
             j, offset = divmod(row, self.plan.shard_rows)
             first, n = self.plan.rows_of(j)
@@ -166,12 +162,11 @@ class DiskStore:
             spool.write_manifest(self.plan, {"local_store": True})
             self.reader = spool.SpoolReader(self.directory, self.binding)
 
-    def packet(self, sample_ids_B: torch.Tensor, layers) -> SupervisionPacket:
+    def flat(self, sample_ids_B: torch.Tensor, layers) -> dict[str, torch.Tensor]:
         if self.reader is None:
             raise RuntimeError("internal: read from a packet store before finish()")
         rows = self.index.rows_of(sample_ids_B)
-        names = _wanted(self.reader.manifest["tensor_names"], layers)
-        return schema.packet_from_flat(self.reader.rows(rows, names))
+        return self.reader.rows(rows, schema.wanted(self.reader.manifest["tensor_names"], layers))
 
     def abort(self) -> None:
         if self.shard is not None:
