@@ -102,7 +102,7 @@ def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
     recipes = _recipes(ctx, table, ctx.spec.trained_layers)
     codec = make_codec(ctx, recipes, M_DsDt)
     binding = supervision.binding(ctx, table, M_DsDt, codec)
-    store = topology.open_store(ctx, binding, ctx.spec.store)
+    store = topology.open_store(ctx, binding, ctx.spec.store, codec)
     resume.check_packets(ctx, progress, schema.digest(binding))
     t0 = time.perf_counter()
     counts = topology.teach_local(ctx, store, recipes, M_DsDt, codec)
@@ -168,7 +168,7 @@ def _serve_stream(ctx: RunContext, progress: Progress, layout) -> dict:
 def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
     feed_store = topology.StreamStore(ctx, layout, None, ctx.spec.budget.stages[0].k)
     record_pairing(ctx, progress, feed_store.hello())
-    feed_store.inner = topology.open_store(ctx, feed_store.binding, ctx.spec.store)
+    feed_store.inner = topology.open_store(ctx, feed_store.binding, ctx.spec.store, feed_store.codec)
     resume.check_packets(ctx, progress, schema.digest(feed_store.binding))
     announce(ctx)
     history = train_stages(ctx, progress, topology.Feed(ctx, feed_store, "wire", feed_store.codec))

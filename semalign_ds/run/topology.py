@@ -86,14 +86,14 @@ def store_dir(cfg, out: Path) -> Path:
     return Path(cfg.transport.store_dir) if cfg.transport.store_dir else Path(out) / "packets"
 
 
-def open_store(ctx, binding: dict, kind: str):
+def open_store(ctx, binding: dict, kind: str, codec: Codec):
     """This rank's store for its own samples (a disk store resumes what an interrupted run committed)."""
     N, info = len(ctx.blocks), ctx.info
     capacity = len(datamod.owned_samples(N, info.rank, info.world_size))
     if kind == "memory":
         return storemod.MemoryStore(N, capacity)
     directory = store_dir(ctx.cfg, ctx.out) / f"rank-{info.rank:05d}"
-    return storemod.DiskStore(directory, binding, N, capacity, ctx.cfg.transport.shard_sequences)
+    return storemod.DiskStore(directory, binding, N, capacity, ctx.cfg.transport.shard_sequences, codec)
 
 
 def teach_local(ctx, store, recipes: dict, M_DsDt, codec: Codec) -> dict:

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from semalign_ds.transport import schema, spool
+from semalign_ds.transport.codec import Codec
 
 
 class _Index:
@@ -100,8 +101,9 @@ class MemoryStore:
 class DiskStore:
     kind = "disk"
 
-    def __init__(self, directory: Path, binding: dict, num_samples: int, capacity: int, shard_rows: int):
-        self.directory = Path(directory)
+    def __init__(self, directory: Path, binding: dict, num_samples: int, capacity: int, shard_rows: int,
+                 codec: Codec | None = None):
+        self.directory, self.codec = Path(directory), codec or Codec()
         self.plan = spool.open_plan(self.directory, binding, capacity, shard_rows, stages=[])
         self.index = _Index(num_samples, capacity)
         self.shard: spool.ShardFile | None = None
@@ -159,7 +161,8 @@ class DiskStore:
             raise RuntimeError(f"internal: the store in {self.directory} holds {self.index.rows} of "
                                f"{self.index.capacity} rows")
         if self.reader is None:
-            spool.write_manifest(self.plan, {"local_store": True})
+            spool.write_codec(self.directory, self.codec)
+            spool.write_manifest(self.plan, {"local_store": True, "codec": self.codec.describe()})
             self.reader = spool.SpoolReader(self.directory, self.binding)
 
     def flat(self, sample_ids_B: torch.Tensor, layers) -> dict[str, torch.Tensor]:
