@@ -84,6 +84,7 @@ def main() -> None:
     from semalign_ds.planning import throughput
     from semalign_ds.run import topology
     from semalign_ds.models.loading import load_config
+    from semalign_ds.transport.codec import Codec
     from semalign_ds.transport.store import MemoryStore
 
     tmp = Path(args.out or tempfile.mkdtemp(prefix="teacher-once-"))
@@ -93,7 +94,8 @@ def main() -> None:
            "student": {"path": str(pair["student"]), "dtype": "float32"},
            "data": {"path": str(pair["train"]), "seq_len": 64, "max_sequences": args.sequences, "micro_batch_size": 8},
            "method": {"top_k": 16, "min_shared_tokens": 100, "target_dtype": "float32"},
-           "schedule": {"epochs_per_stage": args.epochs, "warmup_steps": 1, "lr": 1e-3},
+           "schedule": {"mode": "frontier", "epochs_per_stage": args.epochs, "warmup_steps": 1, "lr": 1e-3},
+           "transport": {"codec": "lossless"},  # the per-step baseline emits full packets: compare like with like
            "runtime": {"device": "cpu", "progress": False, "resume": False, "checkpoint_every": 10**6},
            "tracking": {"enabled": False}}
     cfg = cfgmod.config_from_dict(raw)
@@ -102,8 +104,8 @@ def main() -> None:
     progress = resume.Progress(cfgmod.result_hash(cfg))
     table = pipeline.pair_layers(ctx, progress)
     M = pipeline.supervision.build_map(ctx, table)
-    plan = pipeline.run_budget(ctx)
-    recipes = pipeline._recipes(ctx, table, pipeline._trained_layers(plan))
+    plan = ctx.spec.budget
+    recipes = pipeline._recipes(ctx, table, ctx.spec.trained_layers)
     initial = {k: v.clone() for k, v in ctx.student.state_dict().items()}
     shape = throughput.ModelShape.from_config(load_config(cfg.teacher.path))
     flops_per_forward = throughput.forward_flops(shape, cfg.data.micro_batch_size, cfg.data.seq_len)
@@ -111,16 +113,16 @@ def main() -> None:
     def train(feed):
         ctx.student.load_state_dict(initial)
         t0 = time.perf_counter()
-        pipeline.train_stages(ctx, resume.Progress(cfgmod.result_hash(cfg)), plan, feed)
+        pipeline.train_stages(ctx, resume.Progress(cfgmod.result_hash(cfg)), feed)
         return time.perf_counter() - t0, {k: v.clone() for k, v in ctx.student.state_dict().items()}
 
     per_step = PerStepFeed(ctx, recipes, M)
     per_step_s, per_step_w = train(per_step)
     t0 = time.perf_counter()
     store = MemoryStore(len(ctx.blocks), len(ctx.blocks))
-    counts = topology.teach_local(ctx, store, recipes, M)
+    counts = topology.teach_local(ctx, store, recipes, M, Codec())
     teach_s = time.perf_counter() - t0
-    train_s, once_w = train(topology.Feed(ctx, store, "memory"))
+    train_s, once_w = train(topology.Feed(ctx, store, "memory", Codec()))
     same = all(torch.allclose(per_step_w[k], once_w[k], atol=1e-5, rtol=1e-5) for k in once_w)
     result = {
         "stages": len(plan.stages), "epochs_per_stage": args.epochs, "steps_per_stage": plan.stages[0].steps,

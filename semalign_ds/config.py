@@ -246,6 +246,14 @@ class TransportConfig(Section):
     fit_tokens: PosInt = 8192
     """compact: tokens of the first window the bases are fitted on (one extra teacher forward each, counted as
     teacher_codec_passes_per_sample)."""
+    scope: Literal["auto", "run", "window"] = "auto"
+    """How long packets are kept. run: every sample's packets for the whole run (each taught once; the store grows
+    with data.max_sequences); window (colocated only): teach window_sequences samples per rank, train on them,
+    drop them (the store stays one window; each stage teaches again, so a frontier schedule costs one teacher
+    pass per stage); auto: window for schedule.mode full (one stage: nothing to reuse), run for the frontier
+    schedule (`semalign plan` prints what re-teaching per stage would cost instead)."""
+    window_sequences: PosInt = 1024
+    """window scope: the most sequences per rank in one window (at least 2 x data.micro_batch_size)."""
 
 
 class RuntimeConfig(Section):
@@ -354,6 +362,14 @@ class RunConfig(Section):
     def _rules(self) -> "RunConfig":
         terms = active_terms(self.method)
         teacher_output = ("layer" in terms) or ("out" in terms and self.method.output_objective in ("kl", "uld"))
+        if self.transport.scope == "window" and self.runtime.topology != "colocated":
+            raise ValueError(f"transport.scope=window teaches and trains window by window inside one colocated run; "
+                             f"runtime.topology={self.runtime.topology} keeps every packet (a spool, a stream): use "
+                             f"transport.scope=run or auto")
+        if self.transport.window_sequences < 2 * self.data.micro_batch_size:
+            raise ValueError(f"transport.window_sequences={self.transport.window_sequences} must be at least 2 x "
+                             f"data.micro_batch_size ({2 * self.data.micro_batch_size}): a window holds whole "
+                             f"micro-batches")
         if not teacher_output and self.runtime.topology != "colocated":
             raise ValueError(f"runtime.topology={self.runtime.topology} moves the teacher's packets, but this method "
                              f"needs no teacher output (layer objective {self.method.layer_objective}, output "

@@ -370,6 +370,26 @@ def micro_batch_ids(num_sequences: int, micro_batch: int, world: int, rank: int,
     return own[_epoch_order(len(own), seed, epoch, rank)[i * micro_batch:(i + 1) * micro_batch]]
 
 
+def window_samples(num_sequences: int, world: int, rank: int, seed: int, count: int) -> list[torch.Tensor]:
+    """Rank `rank`'s own samples in `count` windows of nearly equal size (a (seed, rank) permutation, cut in
+    order): what a windowed store teaches and trains one after the other."""
+    own = owned_samples(num_sequences, rank, world)
+    return list(torch.tensor_split(own[_epoch_order(len(own), seed, -1, rank)], count))
+
+
+def window_micro_batch_ids(window: torch.Tensor, w: int, micro_batch: int, rank: int, seed: int,
+                           index: int) -> torch.Tensor:
+    """Micro-batch `index` (0-based, epochs wrap) of window `w` (its sample ids): epoch e is a fresh
+    (seed, w, e, rank) permutation of the window, cut into its full micro-batches."""
+    per_epoch = len(window) // micro_batch
+    if per_epoch < 1:
+        raise ValueError(f"a window of {len(window)} sequences holds no micro-batch of {micro_batch}; raise "
+                         f"transport.window_sequences")
+    epoch, i = divmod(index, per_epoch)
+    order = np.random.default_rng([seed, w, epoch, rank]).permutation(len(window))
+    return window[torch.from_numpy(order[i * micro_batch:(i + 1) * micro_batch]).to(torch.int64)]
+
+
 def take(blocks: TokenBlocks, sample_ids_B: torch.Tensor) -> Batch:
     """The rows of these sample ids, in the given order."""
     return blocks.take(sample_ids_B)

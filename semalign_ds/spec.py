@@ -217,6 +217,14 @@ def store_kind(cfg: RunConfig, method: MethodSpec, bytes_per_rank: float, ram_pe
     return "memory" if bytes_per_rank <= share else "disk"
 
 
+def scope_of(cfg: RunConfig) -> str:
+    """transport.scope resolved: run (keep every packet for the whole run) or window (teach, train, drop)."""
+    if cfg.transport.scope != "auto":
+        return cfg.transport.scope
+    full_colocated = cfg.schedule.mode == "full" and cfg.runtime.topology == "colocated"
+    return "window" if full_colocated else "run"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     cfg: RunConfig
@@ -228,6 +236,19 @@ class RunSpec:
     packets: PacketLayout
     store: str
     num_sequences: int
+    scope: str = "run"
+
+    @property
+    def windowed(self) -> bool:
+        return self.scope == "window" and self.method.needs_teacher
+
+    @property
+    def teacher_passes_per_sample(self) -> float:
+        """Teacher forwards per transfer sample over the run (fit window and attribution apart): one, or one per
+        stage when a windowed store teaches every stage afresh."""
+        if not self.method.needs_teacher:
+            return 0.0
+        return float(len(self.budget.stages)) if self.windowed else 1.0
 
     @property
     def trained_layers(self) -> list[int]:
@@ -240,7 +261,11 @@ class RunSpec:
 
     @property
     def store_bytes_per_rank(self) -> int:
-        return 0 if self.store == "none" else self.samples_per_student_rank * self.packets.bytes_per_sample
+        """The most packet bytes one student rank holds at a time (a windowed store: one window)."""
+        if self.store == "none":
+            return 0
+        held = self.budget.windows.size if self.windowed else self.samples_per_student_rank
+        return held * self.packets.bytes_per_sample
 
     @property
     def total_packet_bytes(self) -> int:
@@ -251,14 +276,19 @@ class RunSpec:
         where = {"memory": "host memory of each rank", "disk": "a local spool per rank", "spool": "the spool",
                  "none": "nowhere (the method needs no teacher output)"}[self.store]
         lines = self.budget.describe()
-        if self.method.needs_teacher:
+        if self.windowed:
+            w = self.budget.windows
+            lines.append(f"teacher passes per sample: {self.teacher_passes_per_sample:g} (windowed store: each "
+                         f"stage teaches {w.count} window(s) of <= {w.size} sequences per rank, trains "
+                         f"{w.micro_batches} micro-batches on each, then drops it)")
+        elif self.method.needs_teacher:
             lines.append(f"teacher passes per sample: 1 (one teacher forward per transfer sample; "
                          f"{len(self.budget.stages)} stage(s) train from its packets)")
         else:
             lines.append("no teacher: the method needs no teacher output (no teacher load, no attribution)")
         parts = ", ".join(f"{k} {v:,}" for k, v in self.packets.parts().items() if v)
-        lines.append(f"packets: {self.packets.bytes_per_token:,} bytes per token ({parts}); "
-                     f"{self.store_bytes_per_rank / 2**20:,.1f} MiB per student rank in {where}")
+        lines.append(f"packets ({self.packets.codec}): {self.packets.bytes_per_token:,} bytes per token ({parts}); "
+                     f"at most {self.store_bytes_per_rank / 2**20:,.1f} MiB per student rank in {where}")
         return lines
 
     def params(self) -> dict:
@@ -266,7 +296,8 @@ class RunSpec:
         first = self.budget.stages[0]
         return {"plan.stages": [s.k for s in self.budget.stages], "plan.steps_per_stage": first.steps,
                 "plan.tokens_per_stage": first.tokens, "plan.epochs_per_stage": round(first.epochs, 4),
-                "plan.teacher_passes_per_sample": 1.0 if self.method.needs_teacher else 0.0,
+                "plan.teacher_passes_per_sample": self.teacher_passes_per_sample, "plan.scope": self.scope,
+                "plan.codec": self.packets.codec,
                 "plan.store": self.store, "plan.store_bytes": self.store_bytes_per_rank,
                 "plan.bytes_per_token": self.packets.bytes_per_token, "plan.needs_teacher": self.method.needs_teacher,
                 "plan.teacher_ranks": len(self.roles.teacher_ranks),
@@ -287,10 +318,12 @@ def resolve(cfg: RunConfig, teacher: ModelShape, student: ModelShape, roles: Rol
     """The RunSpec of `cfg` on `roles` with `num_sequences` transfer sequences (data.max_sequences for a plan;
     the packed count in a run) and `ram_per_node` bytes of host RAM per node (the profile's for a plan; the
     node's physical RAM in a run). `cross`: the tokenizers differ (the packets carry the alignment masks)."""
-    method = MethodSpec.from_config(cfg)
-    plan = budgetmod.budget(cfg, student.layers, num_sequences, len(roles.student_ranks))
+    method, scope = MethodSpec.from_config(cfg), scope_of(cfg)
+    plan = budgetmod.budget(cfg, student.layers, num_sequences, len(roles.student_ranks),
+                            windowed=scope == "window" and method.needs_teacher)
     layers = sorted({l for s in plan.stages for l in s.layers})
     packets = packet_layout(cfg, method, teacher, student, cfg.data.seq_len, layers, cross)
-    bytes_per_rank = -(-num_sequences // len(roles.student_ranks)) * packets.bytes_per_sample
-    store = store_kind(cfg, method, bytes_per_rank, ram_per_node, roles.per_node(roles.student_ranks))
-    return RunSpec(cfg, teacher, student, method, roles, plan, packets, store, num_sequences)
+    held = plan.windows.size if plan.windows else -(-num_sequences // len(roles.student_ranks))
+    store = store_kind(cfg, method, held * packets.bytes_per_sample, ram_per_node,
+                       roles.per_node(roles.student_ranks))
+    return RunSpec(cfg, teacher, student, method, roles, plan, packets, store, num_sequences, scope)

@@ -24,9 +24,27 @@ def test_the_default_method_needs_targets_logits_and_attribution():
     spec = resolve()
     assert spec.method.needs_targets and spec.method.needs_logits and spec.method.needs_attribution
     assert spec.method.target_kind == "residual" and spec.trained_layers == [1, 2]
+    # compact: ids in 2 bytes (V 500) + mask + per layer 32 int8 coefficients + a float16 scale + top-64 uint8
+    # values + their float16 scale + a float16 tail + 64 ids of 2 bytes
+    assert spec.packets.bytes_per_token == 2 + 1 + 2 * (32 + 2) + 64 + 2 + 2 + 64 * 2
+    lossless = resolve("transport.codec=lossless").packets
     # 2 layers x 32 x bf16 + top-64 (float32 values, int32 ids) + tail + ids + mask, per token
-    assert spec.packets.bytes_per_token == 2 * 32 * 2 + 64 * 8 + 4 + 9
+    assert lossless.bytes_per_token == 2 * 32 * 2 + 64 * 8 + 4 + 9
+    assert spec.scope == "window" and spec.budget.windows.count == 1  # full schedule: 100 samples, one window
     assert spec.store_bytes_per_rank == 100 * (16 * spec.packets.bytes_per_token + 8)
+
+
+def test_a_windowed_store_holds_one_window_whatever_the_data():
+    small, big = resolve(n=4000), resolve(n=16000)
+    assert small.store_bytes_per_rank == big.store_bytes_per_rank  # 4 N sequences: the same window
+    assert big.budget.windows.count == 4 * small.budget.windows.count and big.teacher_passes_per_sample == 1.0
+    assert big.budget.stages[0].steps == 4 * small.budget.stages[0].steps  # the same epochs over 4x the data
+    kept = resolve("transport.scope=run", n=16000)
+    assert small.budget.windows.size == 1000 and kept.store_bytes_per_rank == 16 * small.store_bytes_per_rank
+    frontier = resolve("schedule.mode=frontier", n=4000)
+    assert frontier.scope == "run" and frontier.teacher_passes_per_sample == 1.0
+    reteach = resolve("schedule.mode=frontier", "transport.scope=window", n=4000)
+    assert reteach.teacher_passes_per_sample == 2.0 and reteach.store_bytes_per_rank < frontier.store_bytes_per_rank
 
 
 def test_sft_and_kd_need_what_they_use():
@@ -41,7 +59,7 @@ def test_sft_and_kd_need_what_they_use():
 
 
 def test_store_rule_by_hand():
-    per_rank = resolve().store_bytes_per_rank  # 100 samples on one rank
+    per_rank = resolve().store_bytes_per_rank  # 100 samples on one rank (one window)
     # auto: memory when the node's student ranks' packets fit in store_memory_fraction (0.25) of its RAM
     assert resolve(ram=4 * per_rank).store == "memory"
     assert resolve(ram=4 * per_rank - 4).store == "disk"

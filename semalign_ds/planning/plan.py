@@ -192,7 +192,7 @@ def timings(cfg, su: Setup, prof) -> dict[str, float]:
             su, prof, cfg.pairing.attribution)
     shared = min(su.teacher.vocab, su.student.vocab)
     build = tp.map_build(su.teacher, su.student, shared, prof)["seconds"] if needs_map(su) else 0.0
-    teach = math.ceil(cfg.data.max_sequences / (su.t_world * su.B)) * t["pass_s"] if method.needs_teacher else 0.0
+    teach = math.ceil(cfg.data.max_sequences / (su.t_world * su.B)) * t["pass_s"] * su.spec.teacher_passes_per_sample
     if su.topology == "disaggregated":  # the student trains its first epoch on packets as they arrive
         first = su.budget.stages[0]
         overlap = min(teach, per_stage[first.k] * min(1.0, 1.0 / max(first.epochs, 1e-9)))
@@ -229,11 +229,29 @@ def _describe(plan: Plan, cfg, su: Setup, prof, bpt: int) -> None:
     plan.add("device profile", f"{prof.name}: {prof.source}")
     plan.add("tokens per weight pass", f"{su.n:,} per teacher rank (data.micro_batch_size {su.B} x data.seq_len "
                                        f"{su.T})", "tokens_per_pass", su.n)
-    parts = ", ".join(f"{k} {v:,}" for k, v in su.spec.packets.parts().items() if v)
-    plan.add("bytes per token moved", f"{bpt:,} ({parts}; {len(su.spec.trained_layers)} target layer(s) x "
-                                      f"{su.spec.packets.width} x {su.target_b} B)", "bytes_per_token", bpt)
-    for k, v in su.spec.packets.parts().items():
+    packets = su.spec.packets
+    parts = ", ".join(f"{k} {v:,}" for k, v in packets.parts().items() if v)
+    plan.add("bytes per token moved", f"{bpt:,} ({parts})", "bytes_per_token", bpt)
+    for k, v in packets.parts().items():
         plan.figures[f"bytes_per_token.{k}"] = v
+    plan.add("codec", codec_line(su), "codec", packets.codec)
+
+
+def codec_line(su: Setup) -> str:
+    """The codec the run uses, what it keeps and why (against the lossless packet of the same run)."""
+    from dataclasses import replace
+
+    p, t = su.spec.packets, su.spec.cfg.transport
+    lossless = replace(p, codec="lossless").bytes_per_token
+    if p.codec == "lossless":
+        return (f"lossless (transport.codec): the teacher's tensors as emitted; transport.codec=compact would move "
+                f"{replace(p, codec='compact').bytes_per_token:,} B per token")
+    rank = f"rank <= {t.target_rank} at {t.target_energy:g} of the variance" if t.target_energy else \
+        f"rank {t.target_rank}"
+    return (f"compact (transport.codec): per layer {rank}, {p.target_bits}-bit coefficients, {p.logit_bits}-bit "
+            f"top-k logits, {p.id_bytes}-byte ids: {lossless / p.bytes_per_token:.0f}x smaller than lossless "
+            f"({lossless:,} B per token); bases fitted on the first {t.fit_tokens:,} tokens, the reconstruction "
+            f"error logged per layer (codec/*); the quality it keeps: docs/RESULTS.md")
 
 
 def _speed(plan: Plan, cfg, su: Setup, t: dict, prof) -> None:
@@ -363,9 +381,10 @@ def _map(plan: Plan, cfg, su: Setup, prof) -> None:
 def _packets_and_wall(plan: Plan, cfg, su: Setup, prof, t: dict) -> None:
     spec = su.spec
     per_sample, total, per_rank = spec.packets.bytes_per_sample, spec.total_packet_bytes, spec.store_bytes_per_rank
+    passes = spec.teacher_passes_per_sample
     if spec.method.needs_teacher:
-        plan.add("teacher passes per sample", "1 (one teacher forward per transfer sample; every stage trains from "
-                                              "its packets)", "teacher_passes_per_sample", 1.0)
+        why = "one per stage: a windowed store" if passes > 1 else "every stage trains from its packets"
+        plan.add("teacher passes per sample", f"{passes:g} ({why})", "teacher_passes_per_sample", passes)
     else:
         plan.add("teacher passes per sample", "0 (the method needs no teacher output: no teacher is loaded)",
                  "teacher_passes_per_sample", 0.0)
@@ -375,6 +394,7 @@ def _packets_and_wall(plan: Plan, cfg, su: Setup, prof, t: dict) -> None:
     plan.add("packets", f"{gib(total)} ({per_sample:,} B per sample), {gib(per_rank)} per student rank {where}; "
                         f"{bpt * 1e6 / GiB:,.2f} GiB per 1M tokens, {bpt * 1e9 / 1e12:,.2f} TB per 1B tokens",
              "spool_bytes", total)
+    plan.add("packet scope", scope_line(su, t), "scope", spec.scope)
     plan.figures["store_bytes_per_rank"] = per_rank
     plan.figures["store_host_bytes_per_rank"] = per_rank if spec.store == "memory" else 0.0
     plan.figures["store_kind"] = spec.store
@@ -410,6 +430,25 @@ def _shape(model, key: str) -> ModelShape:
         return ModelShape.from_config(load_config(model.path, key, model.trust_remote_code))
     except ValueError as err:
         raise ValueError(f"{err}; {SHAPES_HINT.format(key=key)}") from None
+
+
+def scope_line(su: Setup, t: dict) -> str:
+    """How long packets are kept, and what the other choice would cost (the frontier schedule's trade-off: one
+    stored pass for every stage, or a teacher pass per stage through one window)."""
+    spec, stages = su.spec, len(su.spec.budget.stages)
+    if not spec.method.needs_teacher:
+        return "none (no teacher output)"
+    if spec.scope == "window":
+        w = spec.budget.windows
+        return (f"window (transport.scope): {w.count} window(s) of <= {w.size} sequences per rank taught, trained "
+                f"and dropped: {gib(spec.store_bytes_per_rank)} held per rank whatever data.max_sequences"
+                + (f"; {stages} teacher passes per sample (one per stage)" if stages > 1 else ""))
+    extra = (stages - 1) * t["teach_once_s"] / max(spec.teacher_passes_per_sample, 1.0)
+    if stages > 1 and su.topology == "colocated":
+        return (f"run (transport.scope): every stage reads the one stored pass ({gib(spec.total_packet_bytes)}); "
+                f"transport.scope=window would hold one window instead and re-teach each of the {stages} stages: "
+                f"+{duration(extra)} of teacher time ({stages} passes per sample)")
+    return f"run (transport.scope): every packet kept for the run ({gib(spec.total_packet_bytes)})"
 
 
 def main(args) -> int:

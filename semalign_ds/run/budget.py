@@ -7,6 +7,10 @@ Each rank draws its micro-batches epoch after epoch from its own samples (data.m
 full micro-batches per rank-epoch), so the stage sees E * N sequences, rounded up to whole optimizer steps, on
 any number of ranks.
 schedule.mode full (the baselines) trains every listed layer in one stage for the frontier's total budget.
+Windowed stores (transport.scope window, `windows`): each rank splits its samples into C windows of nearly equal
+size n (at most transport.window_sequences); a window is taught, trained for ceil(E * n_max / B) micro-batches
+(n_max: the largest window of any rank, so every rank steps in lockstep) and dropped; the stage's micro-batches are
+C times that, rounded up to whole optimizer steps.
 Nothing is capped: the numbers here are what the run trains, printed and logged at its start (`describe`) and
 used by `semalign plan`, so the plan and the run agree by construction.
 """
@@ -25,6 +29,27 @@ def micro_batches_per_epoch(num_sequences: int, micro_batch: int, world: int) ->
                          f"rank(s), fewer than one micro-batch of {micro_batch}; add data (data.max_sequences) or "
                          f"lower data.micro_batch_size")
     return per_rank // micro_batch
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How a windowed stage walks a rank's samples: `count` windows of at most `size` samples (every rank the
+    same count; sizes differ by at most one), `micro_batches` per window."""
+
+    count: int
+    size: int
+    micro_batches: int
+
+
+def windows(num_sequences: int, world: int, micro_batch: int, window_sequences: int, epochs: float) -> Windows:
+    own_max = -(-num_sequences // world)
+    if num_sequences // world < micro_batch:
+        micro_batches_per_epoch(num_sequences, micro_batch, world)  # the same clear error
+    count = max(1, round(own_max / window_sequences))
+    while -(-own_max // count) > window_sequences:
+        count += 1
+    size = -(-own_max // count)
+    return Windows(count, size, max(1, math.ceil(epochs * size / micro_batch - 1e-9)))
 
 
 @dataclass(frozen=True)
@@ -47,6 +72,7 @@ class Budget:
     grad_accum: int
     seq_len: int
     per_epoch: int  # micro-batches per rank per epoch
+    windows: Windows | None = None  # a windowed store (transport.scope window)
 
     @property
     def used_per_epoch(self) -> int:
@@ -89,19 +115,31 @@ def steps_per_stage(cfg, num_sequences: int, world: int) -> int:
     return max(1, math.ceil(s.epochs_per_stage * num_sequences / per_step - 1e-9))
 
 
-def budget(cfg, L_S: int, num_sequences: int, world: int) -> Budget:
-    """The stages of a run with `num_sequences` transfer sequences on `world` student ranks."""
+def stage_epochs(cfg, num_sequences: int) -> float:
+    """Passes over the transfer set per stage (schedule.tokens_per_stage as the epochs it amounts to)."""
+    s, d = cfg.schedule, cfg.data
+    return s.epochs_per_stage if s.tokens_per_stage is None else s.tokens_per_stage / (num_sequences * d.seq_len)
+
+
+def budget(cfg, L_S: int, num_sequences: int, world: int, windowed: bool = False) -> Budget:
+    """The stages of a run with `num_sequences` transfer sequences on `world` student ranks (`windowed`: taught
+    and trained window by window, see the module docstring)."""
     stages = stage_list(cfg, L_S)
-    d, ga = cfg.data, cfg.schedule.grad_accum
-    steps = steps_per_stage(cfg, num_sequences, world)
-    plan = [(stages[-1], tuple(stages), steps * len(stages))] if cfg.schedule.mode == "full" else \
-        [(k, (k,), steps) for k in stages]
+    d, ga, full = cfg.data, cfg.schedule.grad_accum, cfg.schedule.mode == "full"
+    win = None
+    if windowed:  # one stage of full mode carries every layer's budget
+        epochs = stage_epochs(cfg, num_sequences) * (len(stages) if full else 1)
+        win = windows(num_sequences, world, d.micro_batch_size, cfg.transport.window_sequences, epochs)
+        stage_steps = -(-win.count * win.micro_batches // ga)
+    else:
+        stage_steps = steps_per_stage(cfg, num_sequences, world) * (len(stages) if full else 1)
+    plan = [(stages[-1], tuple(stages), stage_steps)] if full else [(k, (k,), stage_steps) for k in stages]
     out = []
     for k, layers, n in plan:
         sequences = n * ga * d.micro_batch_size * world
         out.append(Stage(k, layers, n, n * ga, sequences, sequences * d.seq_len, sequences / num_sequences))
     return Budget(tuple(out), num_sequences, world, d.micro_batch_size, ga, d.seq_len,
-                  micro_batches_per_epoch(num_sequences, d.micro_batch_size, world))
+                  micro_batches_per_epoch(num_sequences, d.micro_batch_size, world), win)
 
 
 def stage_seed(cfg, k: int) -> int:
