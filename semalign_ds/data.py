@@ -374,7 +374,8 @@ def window_samples(num_sequences: int, world: int, rank: int, seed: int, count: 
     """Rank `rank`'s own samples in `count` windows of nearly equal size (a (seed, rank) permutation, cut in
     order): what a windowed store teaches and trains one after the other."""
     own = owned_samples(num_sequences, rank, world)
-    return list(torch.tensor_split(own[_epoch_order(len(own), seed, -1, rank)], count))
+    order = torch.from_numpy(np.random.default_rng([seed, rank, 0, 0, 0]).permutation(len(own))).to(torch.int64)
+    return list(torch.tensor_split(own[order], count))
 
 
 def window_micro_batch_ids(window: torch.Tensor, w: int, micro_batch: int, rank: int, seed: int,

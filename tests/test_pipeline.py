@@ -283,3 +283,55 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "demo" / "eval.json").read_text())
     assert set(summary["perplexity"]) == {"target", "general"}
     assert (tmp_path / "demo" / "student" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- windowed store (transport.scope window)
+
+WINDOWED = {"schedule": {"mode": "full", "epochs_per_stage": 0.5}, "transport": {"scope": "window",
+                                                                                 "window_sequences": 12}}
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory, tiny_pair):
+    tmp = tmp_path_factory.mktemp("windowed")
+    semalign("run", "--config", write_config(tmp, tiny_pair, **WINDOWED))
+    return tmp / "run"
+
+
+def test_a_windowed_store_holds_one_window_whatever_the_data(tmp_path, tiny_pair, windowed):
+    """48 sequences in 4 windows of 12 and 12 sequences in one: the store's peak is the same (one window), every
+    sample is taught once, and the windowed run logs what its store held."""
+    small = tmp_path / "small"
+    small.mkdir()
+    cfg = write_config(small, tiny_pair, **WINDOWED)
+    semalign("run", "--config", cfg, "data.max_sequences=12")
+    _, (big_run,) = mlflow_runs(windowed)
+    _, (small_run,) = mlflow_runs(small / "run")
+    big, little = big_run.data.metrics, small_run.data.metrics
+    assert big["store_peak_bytes"] == little["store_peak_bytes"] > 0
+    assert big["teacher_passes_per_sample"] == little["teacher_passes_per_sample"] == 1.0
+    assert big_run.data.params["plan.scope"] == "window" and big["packet_bytes_per_token"] < 200
+
+
+def test_a_windowed_run_killed_mid_window_resumes_to_the_same_weights(tmp_path, tiny_pair, windowed):
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    cfg = write_config(killed, tiny_pair, **WINDOWED, runtime={"checkpoint_every": 2})  # windows: 3 steps each
+    proc = subprocess.Popen([*SEMALIGN, "run", "--config", str(cfg)], env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    progress, deadline, state = killed / "run" / "checkpoint" / "run.json", time.time() + 240, {}
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            state = json.loads(progress.read_text()) if progress.is_file() else {}
+        except json.JSONDecodeError:
+            state = {}
+        if state.get("step", 0) >= 4 and state["step"] % 3:  # checkpointed inside a window, not at its end
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert state.get("step") in (4, 8, 10), f"never killed inside a window: {state}"
+    semalign("run", "--config", cfg)
+    assert_same_weights(windowed, killed / "run")
+    _, (mlrun,) = mlflow_runs(killed / "run")
+    assert mlrun.data.metrics["teacher_passes_per_sample"] > 1.0  # the window taught again is counted

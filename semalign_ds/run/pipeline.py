@@ -102,6 +102,10 @@ def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
     recipes = _recipes(ctx, table, ctx.spec.trained_layers)
     codec = make_codec(ctx, recipes, M_DsDt)
     binding = supervision.binding(ctx, table, M_DsDt, codec)
+    if ctx.spec.windowed:  # teach a window, train on it, drop it: the store stays one window
+        feed = topology.WindowFeed(ctx, progress, recipes, M_DsDt, codec, binding)
+        history = train_stages(ctx, progress, feed)
+        return _finish(ctx, progress, history)
     store = topology.open_store(ctx, binding, ctx.spec.store, codec)
     resume.check_packets(ctx, progress, schema.digest(binding))
     t0 = time.perf_counter()
@@ -388,7 +392,9 @@ def _log_teach(ctx: RunContext, progress: Progress, store, counts: dict) -> None
     metrics = {"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks), "teach/seconds": seconds,
                "teach/emitted_samples": float(counts["samples"]), "teach/restored_samples": float(counts["restored"]),
                "store/host_bytes": float(store.nbytes if store.kind == "memory" else 0),
-               "store/disk_bytes": float(store.nbytes if store.kind == "disk" else 0)}
+               "store/disk_bytes": float(store.nbytes if store.kind == "disk" else 0),
+               "store_peak_bytes": float(store.nbytes),
+               "packet_bytes_per_token": store.nbytes / max(store.index.rows * ctx.blocks.seq_len, 1)}
     if counts["passes"]:
         metrics.update(teacher_tokens_per_s=counts["tokens"] / seconds,
                        tokens_per_weight_pass=float(ctx.cfg.data.micro_batch_size * ctx.blocks.seq_len))

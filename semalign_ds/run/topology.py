@@ -51,19 +51,84 @@ class Feed:
         N, B = len(self.ctx.blocks), cfg.data.micro_batch_size
         for index in range(start * ga, steps * ga):
             ids = datamod.micro_batch_ids(N, B, info.world_size, info.rank, stage_seed(cfg, k), index)
-            flat = self.store.flat(ids, layers)
-            self.bytes += schema.flat_nbytes(flat)
-            flat = {name: t.to(info.device, non_blocking=True) for name, t in flat.items()}
-            packet = schema.packet_from_flat(self.codec.decode(flat, self.target_dtype))
-            if self.check_tokens and not torch.equal(packet.ids_BT.cpu(), self.ctx.blocks.ids_NT[ids]):
-                raise ValueError(f"the spool's tokens for samples {ids.tolist()} differ from this run's data; "
-                                 f"the spool was written from other data")
-            self.tokens += packet.num_tokens
-            yield packet
+            yield self.read(self.store, ids, layers)
+
+    def read(self, store, ids: torch.Tensor, layers: list[int]) -> SupervisionPacket:
+        """The packet of these samples from `store`: its encoded tensors moved to the student's device, decoded
+        there."""
+        flat = store.flat(ids, layers)
+        self.bytes += schema.flat_nbytes(flat)
+        flat = {name: t.to(self.ctx.info.device, non_blocking=True) for name, t in flat.items()}
+        packet = schema.packet_from_flat(self.codec.decode(flat, self.target_dtype))
+        if self.check_tokens and not torch.equal(packet.ids_BT.cpu(), self.ctx.blocks.ids_NT[ids]):
+            raise ValueError(f"the spool's tokens for samples {ids.tolist()} differ from this run's data; "
+                             f"the spool was written from other data")
+        self.tokens += packet.num_tokens
+        return packet
 
     def stats(self) -> dict:
         return {f"transport/{self.kind}_bytes_per_token": self.bytes / max(self.tokens, 1),
                 f"transport/{self.kind}_bytes": float(self.bytes)}
+
+
+class WindowFeed(Feed):
+    """A colocated windowed store (transport.scope window): a stage's micro-batches window by window (budget
+    `windows`, data.window_samples); a window is taught when its first micro-batch is due (every rank at the same
+    index: ZeRO-3 lockstep), trained on, then dropped, so the store never holds more than one window. A run
+    resumed inside a window teaches that window again (counted in teacher_passes_per_sample)."""
+
+    def __init__(self, ctx, progress, recipes: dict, M_DsDt, codec: Codec, binding: dict):
+        super().__init__(ctx, None, "window", codec)
+        self.progress, self.recipes, self.M, self.binding = progress, recipes, M_DsDt, binding
+        self.taught = self.passes = 0
+        self.teach_s = self.peak_bytes = self.stored_bytes = self.stored_positions = 0.0
+
+    def source(self, k: int, layers: list[int], start: int, steps: int):
+        cfg, info, ga = self.ctx.cfg, self.ctx.info, self.ctx.cfg.schedule.grad_accum
+        B, win, seed = cfg.data.micro_batch_size, self.ctx.spec.budget.windows, stage_seed(cfg, k)
+        windows = datamod.window_samples(len(self.ctx.blocks), info.world_size, info.rank, seed, win.count)
+        current, store = None, None
+        try:
+            for index in range(start * ga, steps * ga):
+                w = min(index // win.micro_batches, win.count - 1)  # the last window takes the rounding's extra
+                if w != current:
+                    if store is not None:
+                        store.remove()
+                    current, store = w, self._teach(windows[w], w)
+                ids = datamod.window_micro_batch_ids(windows[w], w, B, info.rank, seed, index - w * win.micro_batches)
+                yield self.read(store, ids, layers)
+        finally:
+            if store is not None:
+                store.remove()
+
+    def _teach(self, samples: torch.Tensor, w: int):
+        """Teach one window into a fresh store (collective: every rank the same number of forwards)."""
+        t0, B = time.perf_counter(), self.ctx.cfg.data.micro_batch_size
+        kind = self.ctx.spec.store
+        store = storemod.MemoryStore(len(self.ctx.blocks), len(samples)) if kind == "memory" else \
+            storemod.DiskStore(store_dir(self.ctx.cfg, self.ctx.out) / f"rank-{self.ctx.info.rank:05d}-window",
+                               self.binding, len(self.ctx.blocks), len(samples), self.ctx.cfg.transport.shard_sequences,
+                               self.codec)
+        for i in range(-(-self.ctx.spec.budget.windows.size // B)):
+            ids = samples[i * B:(i + 1) * B]
+            packet = supervision.emit(self.ctx, datamod.take(self.ctx.blocks, ids if len(ids) else samples[:1]),
+                                      self.recipes, self.M)
+            self.passes += 1
+            if len(ids):  # else a spare forward: ZeRO-3's lockstep with a rank whose window is one larger
+                store.put(encoded(self.codec, packet))
+        store.finish()
+        taught = int(all_reduce([len(samples)], self.ctx.info.device, self.ctx.group)[0])
+        self.progress.teacher_samples += taught  # every rank's: checkpoints carry the count
+        self.taught += taught
+        self.peak_bytes = max(self.peak_bytes, store.nbytes)
+        self.stored_bytes += store.nbytes
+        self.stored_positions += len(samples) * self.ctx.blocks.seq_len
+        self.teach_s += time.perf_counter() - t0
+        return store
+
+    def stats(self) -> dict:
+        return {**super().stats(), "store_peak_bytes": float(self.peak_bytes), "teach/seconds": self.teach_s,
+                "packet_bytes_per_token": self.stored_bytes / max(self.stored_positions, 1.0)}
 
 
 class LabelStore:
