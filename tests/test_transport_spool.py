@@ -114,7 +114,7 @@ def test_a_shard_record_from_another_configuration_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("damage, needle", [
-    ("flip", r"is corrupted \(sha256"),
+    ("flip", r"is corrupted \(xxh3_128"),
     ("truncate", "is truncated or resized"),
     ("delete", "is missing"),
 ])
@@ -133,6 +133,31 @@ def test_a_damaged_shard_is_named(written, damage, needle):
     with pytest.raises(ValueError, match=needle) as err:
         reader.packet(torch.tensor([0, 5]), [1])
     assert "shard-00001.safetensors" in str(err.value) and "semalign teach" in str(err.value)
+
+
+def test_a_copied_spool_is_checked_against_its_sha256_and_old_spools_still_read(tmp_path, written):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(written, copy)
+    assert spool.verify_sha256(copy) == []
+    shard = copy / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert spool.verify_sha256(copy) == ["shard-00002.safetensors"]
+    old = tmp_path / "old"  # a spool written before xxh3: its records hold sha256 block digests
+    shutil.copytree(written, old)
+    manifest = json.loads((old / spool.MANIFEST).read_text())
+    for record in manifest["shards"]:
+        blob = (old / record["file"]).read_bytes()
+        record.pop("block_hash")
+        record["blocks"] = [__import__("hashlib").sha256(blob[i:i + spool.BLOCK]).hexdigest()
+                            for i in range(0, len(blob), spool.BLOCK)]
+    (old / spool.MANIFEST).write_text(json.dumps(manifest))
+    ids = torch.tensor([0, 5, 9])
+    assert torch.equal(spool.SpoolReader(old, BINDING).packet(ids, [1]).targets[1],
+                       spool.SpoolReader(written, BINDING).packet(ids, [1]).targets[1])
 
 
 def test_a_shard_swapped_in_from_another_spool_is_refused(tmp_path, written):

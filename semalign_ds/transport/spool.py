@@ -4,8 +4,9 @@ by student jobs later, elsewhere, any number of times.
 A spool directory:
     shard-00007.safetensors  samples [7 S, 8 S) in sample-id order (S = shard_sequences), the packet tensors of
                              transport/schema.py with B = the shard's rows (all stages' targets: target.{k})
-    shard-00007.json         the shard's record (rows, bytes, tokens, the sha256 of each 8 MiB block and the shard's
-                             sha256 over those), written after the shard is renamed into place: it commits it
+    shard-00007.json         the shard's record (rows, bytes, tokens, the xxh3-128 of each 8 MiB block and the
+                             shard's sha256), written after the shard is renamed into place: it commits it
+    codec.safetensors        the compact codec's bases (transport/codec.py; the manifest describes the codec)
     manifest.json            written last: schema version, binding hashes, counts, bytes, the shard records
     pairing.json             the pairing table the targets were made with (its hash is in the binding)
 Writer: a shard goes to `<name>.tmp`, rows streamed in at their offsets (memory: one micro-batch), fsynced,
@@ -13,7 +14,7 @@ renamed, then its record. The safetensors header is ours (sorted keys, one metad
 a pure function of its samples: a writer killed at any point and resumed keeps the committed shards, rewrites
 the rest, and ends with the same checksums as an uninterrupted run. A partial (.tmp) shard is never read.
 Reader: refuses a missing or incomplete manifest, another schema, another configuration (binding); checks a
-shard's size when it opens it and the sha256 of every 8 MiB block a read touches, the first time (a truncated or
+shard's size when it opens it and the xxh3 of every 8 MiB block a read touches, the first time (a truncated or
 corrupted shard is named). It reads rows by sample id (one pread per run of consecutive rows and tensor, straight
 into the batch), so a student draws any batch order from it.
 Legend: N samples, T tokens, D_S student hidden size, K top-k; ids_NT etc. as in schema.py.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors import safe_open
 
 from semalign_ds import files
@@ -40,7 +42,7 @@ PAIRING = "pairing.json"
 _ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64", torch.int32: "I32",
        torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8"}
 _FROM_ST = {v: k for k, v in _ST.items()}
-BLOCK = 8 << 20  # readers verify the sha256 of each block they read, the first time they read it
+BLOCK = 8 << 20  # readers verify the digest of each block they read, the first time they read it
 _REWRITE = ("delete it and its .json record, then rerun `semalign teach` with the same config and --out (it rewrites "
             "only the missing shards)")
 
@@ -53,19 +55,40 @@ def _record_path(directory: Path, j: int) -> Path:
     return directory / f"shard-{j:05d}.json"
 
 
+BLOCK_HASH = "xxh3_128"  # what readers verify: fast (~20 GB/s a core), not cryptographic
+
+
 def shard_digests(path: Path) -> tuple[str, list[str]]:
-    """(the shard's sha256, the sha256 of each BLOCK-byte block). The shard's sha256 is taken over its blocks'
-    digests (a hash list: any changed byte changes it), so the file is hashed once, the blocks in parallel."""
-    with open(path, "rb") as f, ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        futures = []
+    """(the shard's sha256, the xxh3-128 of each BLOCK-byte block), in one read of the file. Readers verify the
+    blocks they read (fast); the sha256 is the cryptographic digest a spool that travels between sites is checked
+    against (`verify_sha256`)."""
+    sha = hashlib.sha256()
+    blocks = []
+    with open(path, "rb") as f:
         while chunk := f.read(BLOCK):
-            futures.append(pool.submit(_sha256, chunk))
-        blocks = [fut.result() for fut in futures]
-    return hashlib.sha256("".join(blocks).encode()).hexdigest(), blocks
+            sha.update(chunk)
+            blocks.append(xxhash.xxh3_128_hexdigest(chunk))
+    return sha.hexdigest(), blocks
 
 
-def _sha256(data) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _block_digest(data, kind: str) -> str:
+    """A block's digest as its record names it: xxh3_128 (this writer), sha256 (spools written before)."""
+    return xxhash.xxh3_128_hexdigest(data) if kind == BLOCK_HASH else hashlib.sha256(data).hexdigest()
+
+
+def verify_sha256(directory) -> list[str]:
+    """Every shard of a spool against the sha256 its manifest records (e.g. after copying it between sites):
+    the names of the shards that differ."""
+    manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    bad = []
+    for record in manifest["shards"]:
+        sha = hashlib.sha256()
+        with open(Path(directory) / record["file"], "rb") as f:
+            while chunk := f.read(BLOCK):
+                sha.update(chunk)
+        if record.get("block_hash") == BLOCK_HASH and sha.hexdigest() != record["sha256"]:
+            bad.append(record["file"])
+    return bad
 
 
 def _header(layout: list[list], metadata: dict) -> tuple[bytes, dict[str, int]]:
@@ -132,7 +155,8 @@ class ShardFile:
             self.fd = None
         sha, blocks = shard_digests(self.tmp)
         record = {"index": self.j, "file": self.final.name, "first_sample": first_sample, "rows": self.rows,
-                  "bytes": self.size, "tokens": self.tokens, "sha256": sha, "blocks": blocks, "binding": self.binding}
+                  "bytes": self.size, "tokens": self.tokens, "sha256": sha, "block_hash": BLOCK_HASH,
+                  "blocks": blocks, "binding": self.binding}
         os.replace(self.tmp, self.final)
         _fsync_dir(self.directory)
         files.write_json(_record_path(self.directory, self.j), record)
@@ -268,7 +292,7 @@ def write_manifest(plan: SpoolPlan, extra: dict) -> dict:
 
 class SpoolReader:
     """Rows of a complete spool by sample id. A shard's size is checked when it is first opened, and each 8 MiB
-    block's sha256 the first time a read touches it: what a student reads is verified, nothing is read twice
+    block's digest the first time a read touches it: what a student reads is verified, nothing is read twice
     for it, and the cost follows the bytes read (one stage's targets), not the shard size."""
 
     def __init__(self, directory, expected_binding: dict):
@@ -357,7 +381,7 @@ def _starts(runs) -> list[int]:
 
 class _ShardReader:
     """One committed shard: size checked at open, the header parsed, and every block verified against the
-    manifest's sha256 the first time a read touches it (blocks are hashed in parallel)."""
+    manifest's digest the first time a read touches it (blocks are hashed in parallel)."""
 
     def __init__(self, directory: Path, record: dict, binding: str, j: int, pool: ThreadPoolExecutor):
         self.path, self.record, self.pool, self.verified = directory / record["file"], record, pool, set()
@@ -405,9 +429,10 @@ class _ShardReader:
         todo = [b for b in range(start // BLOCK, -(-end // BLOCK)) if b not in self.verified]
         for b, ok in zip(todo, self.pool.map(self._block_ok, todo)):
             if not ok:
-                raise ValueError(f"spool shard {self.path} is corrupted (sha256 of block {b} differs from the "
-                                 f"manifest); {_REWRITE}")
+                raise ValueError(f"spool shard {self.path} is corrupted ({self.record.get('block_hash', 'sha256')} "
+                                 f"of block {b} differs from the manifest); {_REWRITE}")
             self.verified.add(b)
 
     def _block_ok(self, b: int) -> bool:
-        return _sha256(self._read(b * BLOCK, BLOCK)) == self.record["blocks"][b]
+        kind = self.record.get("block_hash", "sha256")
+        return _block_digest(self._read(b * BLOCK, BLOCK), kind) == self.record["blocks"][b]
