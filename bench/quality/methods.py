@@ -57,8 +57,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 # teacher setting (what changes the packets), shared by every method that reads it. A method's overrides start with
 # its setting's. SemAlign rows pin w_label 0 (METHOD.md's v2 terms) unless they say "labels".
 # The real pairs' budget and fixed settings (every method's overrides come after these).
-REAL_BASE = ("method.preset=null", "schedule.mode=frontier", "runtime.progress=false", "runtime.resume=false",
-             "runtime.checkpoint_every=100000",
+REAL_BASE = ("method.preset=null", "schedule.mode=frontier", "transport.codec=lossless", "runtime.progress=false",
+             "runtime.resume=false", "runtime.checkpoint_every=100000",
              "data.max_sequences=256", "data.micro_batch_size=8", "data.seq_len=128", "schedule.epochs_per_stage=1",
              "schedule.warmup_steps=3", "method.w_label=0.0", "pairing.attribution_batches=2",
              "pairing.attribution_micro_batch=4", "method.target_dtype=float32", "method.min_shared_tokens=1000")
@@ -160,9 +160,11 @@ class Size:
 # method.w_label=0.0 pins METHOD.md's v2 weights (1, 1, 0) under every method; methods that add labels say so.
 # (The project default became w_label 1.0 from these very results: docs/RESULTS.md.) method.preset=null and
 # schedule.mode=frontier: the rows build on the paper's frontier schedule with the keys they name, not on whatever
-# the `best` preset (the project default, whose values the field defaults are) is at the time.
-_COMMON = ("method.preset=null", "schedule.mode=frontier", "runtime.progress=false", "runtime.resume=false",
-           "runtime.checkpoint_every=100000",
+# the `best` preset (the project default, whose values the field defaults are) is at the time; transport.codec=
+# lossless: the rows measure the methods on the teacher's packets as emitted (bench/quality/codec.py measures the
+# codecs).
+_COMMON = ("method.preset=null", "schedule.mode=frontier", "transport.codec=lossless", "runtime.progress=false",
+           "runtime.resume=false", "runtime.checkpoint_every=100000",
            "pairing.attribution_batches=2", "schedule.warmup_steps=3", "method.w_label=0.0")
 
 SIZES: dict[str, Size] = {s.name: s for s in [

@@ -17,6 +17,7 @@ Legend: B rows, T tokens, D target width, r rank, K top-k.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -28,18 +29,20 @@ VERSION = 1
 BASIS_FILE = "codec.safetensors"
 
 
+assert sys.byteorder == "little", "the packed id layout is little-endian (x86-64, aarch64)"
+
+
 def pack_ids(ids: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """Non-negative ids (any shape S) -> uint8 (S x nbytes), little-endian."""
-    x = ids.to(torch.int64)
-    return torch.stack([((x >> (8 * j)) & 0xFF).to(torch.uint8) for j in range(nbytes)], dim=-1)
+    """Non-negative ids (any shape S) -> uint8 (S x nbytes): the low bytes of each int64, little-endian (a view and
+    one copy, no arithmetic)."""
+    return ids.to(torch.int64).contiguous().view(torch.uint8).reshape(*ids.shape, 8)[..., :nbytes].contiguous()
 
 
 def unpack_ids(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_ids: uint8 (S x nbytes) -> int64 (S)."""
-    out = torch.zeros(packed.shape[:-1], dtype=torch.int64, device=packed.device)
-    for j in range(packed.shape[-1]):
-        out |= packed[..., j].to(torch.int64) << (8 * j)
-    return out
+    wide = torch.zeros(*packed.shape[:-1], 8, dtype=torch.uint8, device=packed.device)
+    wide[..., :packed.shape[-1]] = packed
+    return wide.view(torch.int64).reshape(packed.shape[:-1])
 
 
 @dataclass
