@@ -182,7 +182,10 @@ def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
     if ctx.writes:
         inner = feed_store.inner
         ctx.tracker.log_metrics({**stats, "store/host_bytes": float(inner.nbytes if inner.kind == "memory" else 0),
-                                 "store/disk_bytes": float(inner.nbytes if inner.kind == "disk" else 0)})
+                                 "store/disk_bytes": float(inner.nbytes if inner.kind == "disk" else 0),
+                                 "store_peak_bytes": float(inner.nbytes),
+                                 "packet_bytes_per_token": inner.nbytes / max(inner.index.rows * ctx.blocks.seq_len,
+                                                                              1)})
     _drop_store(ctx, feed_store.inner)
     return _finish(ctx, progress, history)
 
@@ -260,6 +263,9 @@ def teach(cfg: RunConfig) -> dict:
                                      "teach/emitted_samples": float(manifest["emitted_samples"]),
                                      "transport/spool_bytes_per_token": manifest["bytes_per_token"],
                                      "transport/spool_bytes": float(manifest["bytes"]),
+                                     "store_peak_bytes": float(manifest["bytes"]),
+                                     "packet_bytes_per_token": manifest["bytes"] / max(
+                                         manifest["num_samples"] * manifest["seq_len"], 1),
                                      "transport/spool_write_s": manifest["spool_write_s"]})
         return manifest
     return _guarded(ctx, body)
