@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from semalign_ds import log
+from semalign_ds.cluster.launch import RankLayout  # noqa: F401  (re-exported: it is pure, slurm render reads it)
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -96,46 +97,3 @@ def shutdown() -> None:
     """Destroy the process group (the CLI calls it after a command succeeds: a clean exit for NCCL/gloo)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-@dataclass(frozen=True)
-class RankLayout:
-    """Which global ranks run the teacher and which the student.
-
-    colocated / spool: every rank does both (teacher ZeRO-3 shard + student ZeRO-2 replica).
-    disaggregated: the first `n_teacher` ranks are teacher ranks, the rest student ranks; any ratio.
-    """
-
-    world_size: int
-    teacher_ranks: tuple[int, ...]
-    student_ranks: tuple[int, ...]
-
-    @classmethod
-    def build(cls, topology: str, world_size: int, teacher_ranks: int | None = None) -> "RankLayout":
-        if world_size < 1:
-            raise ValueError(f"world size must be >= 1, got {world_size}")
-        everyone = tuple(range(world_size))
-        if topology in ("colocated", "spool"):
-            if teacher_ranks not in (None, world_size):
-                raise ValueError(f"transport.teacher_ranks={teacher_ranks} only applies to runtime.topology="
-                                 f"disaggregated; with {topology} every rank is a teacher and a student rank")
-            return cls(world_size, everyone, everyone)
-        if topology != "disaggregated":
-            raise ValueError(f"runtime.topology must be colocated, disaggregated or spool, got {topology!r}")
-        if teacher_ranks is None:
-            raise ValueError("runtime.topology=disaggregated needs transport.teacher_ranks (how many of the "
-                             f"{world_size} ranks run the teacher)")
-        if not 1 <= teacher_ranks < world_size:
-            raise ValueError(f"transport.teacher_ranks={teacher_ranks} must leave at least one rank of the "
-                             f"{world_size} for the student (1..{world_size - 1}); launch more tasks or lower it")
-        return cls(world_size, everyone[:teacher_ranks], everyone[teacher_ranks:])
-
-    @property
-    def disaggregated(self) -> bool:
-        return self.teacher_ranks != self.student_ranks
-
-    def is_teacher(self, rank: int) -> bool:
-        return rank in self.teacher_ranks
-
-    def is_student(self, rank: int) -> bool:
-        return rank in self.student_ranks

@@ -12,7 +12,8 @@ Who started the process is read from the variables each launcher sets:
   by hand             all of RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT
   nothing             a single rank on a free local port.
 A missing, malformed or inconsistent variable is a ValueError naming it and the fix. Which ranks are teacher or
-student ranks is the run's business (distributed.RankLayout, from runtime.topology and transport.teacher_ranks).
+student ranks is the run's business (`RankLayout` below, from runtime.topology and transport.teacher_ranks; pure,
+so `semalign slurm render` checks it without importing torch).
 """
 from __future__ import annotations
 
@@ -267,3 +268,46 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise ValueError(f"MASTER_PORT={text!r} is not a port number (1..65535)")
     return port
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Which global ranks run the teacher and which the student.
+
+    colocated / spool: every rank does both (teacher ZeRO-3 shard + student ZeRO-2 replica).
+    disaggregated: the first `n_teacher` ranks are teacher ranks, the rest student ranks; any ratio.
+    """
+
+    world_size: int
+    teacher_ranks: tuple[int, ...]
+    student_ranks: tuple[int, ...]
+
+    @classmethod
+    def build(cls, topology: str, world_size: int, teacher_ranks: int | None = None) -> "RankLayout":
+        if world_size < 1:
+            raise ValueError(f"world size must be >= 1, got {world_size}")
+        everyone = tuple(range(world_size))
+        if topology in ("colocated", "spool"):
+            if teacher_ranks not in (None, world_size):
+                raise ValueError(f"transport.teacher_ranks={teacher_ranks} only applies to runtime.topology="
+                                 f"disaggregated; with {topology} every rank is a teacher and a student rank")
+            return cls(world_size, everyone, everyone)
+        if topology != "disaggregated":
+            raise ValueError(f"runtime.topology must be colocated, disaggregated or spool, got {topology!r}")
+        if teacher_ranks is None:
+            raise ValueError("runtime.topology=disaggregated needs transport.teacher_ranks (how many of the "
+                             f"{world_size} ranks run the teacher)")
+        if not 1 <= teacher_ranks < world_size:
+            raise ValueError(f"transport.teacher_ranks={teacher_ranks} must leave at least one rank of the "
+                             f"{world_size} for the student (1..{world_size - 1}); launch more tasks or lower it")
+        return cls(world_size, everyone[:teacher_ranks], everyone[teacher_ranks:])
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.teacher_ranks != self.student_ranks
+
+    def is_teacher(self, rank: int) -> bool:
+        return rank in self.teacher_ranks
+
+    def is_student(self, rank: int) -> bool:
+        return rank in self.student_ranks

@@ -17,11 +17,11 @@ import torch
 
 from semalign_ds import config as cfgmod
 from semalign_ds.cluster.distributed import barrier
+from semalign_ds.engines.ds_config import find_template  # noqa: F401  (where the run looks for a template)
 from semalign_ds.progress import phase
 
 CKPT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 RUN_FILE = "run.json"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -139,15 +139,6 @@ def check_packets(ctx, progress: Progress, digest: str) -> None:
                          f"{progress.packets}, now {digest}); resume with the same --from-spool and config, or set "
                          f"runtime.resume=false")
     progress.packets = digest
-
-
-def find_template(path: str, key: str) -> Path:
-    """A DeepSpeed template path as given, or relative to the project's root (where ds_configs/ lives)."""
-    for candidate in (Path(path), REPO_ROOT / path):
-        if candidate.is_file():
-            return candidate
-    raise ValueError(f"{key}={path!r} does not exist (also looked in {REPO_ROOT}); point it at a JSON file "
-                     f"such as ds_configs/student_zero2.json")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
