@@ -46,8 +46,10 @@ def tiny_config(tmp: Path, pair: dict, **sections) -> Path:
     return path
 
 
-def render(tmp: Path, config: Path, template: str, *overrides: str) -> tuple[str, str]:
-    return slurm.render(str(config), template, list(overrides), cwd=tmp)
+def render(tmp: Path, config: Path, template: str, *overrides: str, check: bool = False, **size) -> tuple[str, str]:
+    """slurm.render; the check pass off by default: plain_config names paths that do not exist (the check pass
+    of render has its own tests below, on the tiny pair)."""
+    return slurm.render(str(config), template, list(overrides), cwd=tmp, check=check, **size)
 
 
 # ---------------------------------------------------------------- render (no cluster)
@@ -95,7 +97,7 @@ def test_render_cli_prints_and_submits_nothing(tmp_path, plain_config):
         (fake_bin / tool).write_text(f"#!/bin/sh\necho called >> {tmp_path}/submitted\n")
         (fake_bin / tool).chmod(0o755)
     env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", PYTHONPATH=str(REPO))  # this checkout's code
-    cmd = [sys.executable, "-m", "semalign_ds.cli", "slurm", "render", "--config", str(plain_config)]
+    cmd = [sys.executable, "-m", "semalign_ds.cli", "slurm", "render", "--no-check", "--config", str(plain_config)]
     ok = subprocess.run([*cmd, "--template", "colocated"], env=env, cwd=tmp_path, capture_output=True, text=True,
                         timeout=120)
     assert ok.returncode == 0, ok.stderr
@@ -156,6 +158,40 @@ def test_render_refuses_a_spool_the_teacher_cannot_write(tmp_path, plain_config)
             render(tmp_path, plain_config, "spool_teacher", f"transport.spool_dir={locked / 'spool'}")
     finally:
         locked.chmod(0o755)
+
+
+def test_render_refuses_placeholder_paths_and_names_each(tmp_path, plain_config):
+    with pytest.raises(ValueError) as err:
+        render(tmp_path, plain_config, "colocated", check=True)
+    text = str(err.value)
+    assert text.startswith("the job would stop at its start: ") and "--no-check" in text
+    for key in ("teacher.path", "student.path", "data.path", "eval.sets.heldout"):
+        assert f"{key}='{tmp_path}" in text, key
+
+
+def test_render_checks_a_real_config_and_takes_the_size_from_flags(tmp_path, tiny_pair):
+    cfg = tiny_config(tmp_path, tiny_pair)
+    script, summary = render(tmp_path, cfg, "colocated", check=True)
+    assert "#SBATCH --nodes=2 " in script and "size: the template's #SBATCH lines (set it with --nodes N" in summary
+    script, summary = render(tmp_path, cfg, "colocated", check=True, nodes=[1], gpus_per_node=4)
+    assert re.search(r"^#SBATCH --nodes=1 +# SITE: nodes$", script, re.M)
+    assert re.search(r"^#SBATCH --ntasks-per-node=4 ", script, re.M) and "--gpus-per-node=4 " in script
+    assert "all ranks: 1 nodes x 4 tasks" in summary and "ranks: 4 " in summary and "size: from --nodes" in summary
+    script, summary = render(tmp_path, cfg, "hetjob", check=True, nodes=[3, 1])
+    assert "teacher: 3 nodes x 8 tasks" in summary and "student: 1 nodes x 8 tasks" in summary
+    with pytest.raises(ValueError, match=r"has 2 component\(s\): use --nodes T,S"):
+        render(tmp_path, cfg, "hetjob", nodes=[2])
+
+
+def test_render_template_without_a_name_lists_them_with_exit_0(tmp_path):
+    from semalign_ds import cli
+
+    proc = subprocess.run([sys.executable, "-m", "semalign_ds.cli", "slurm", "render", "--template"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    for name in slurm.TEMPLATES:
+        assert f"\n  {name} " in proc.stdout
+    assert cli.main(["slurm", "render", "--template", "colocated"]) == 2  # a name but no config: a clear error
 
 
 # ---------------------------------------------------------------- the real-Slurm tier
@@ -244,7 +280,7 @@ def rendered(tmp_path, tiny_pair):
     """render(template, *overrides, **config sections) -> job script path in tmp_path, as a user would write it."""
     def make(template: str, *overrides: str, **sections) -> Path:
         cfg = tiny_config(tmp_path, tiny_pair, **sections)
-        script, _ = render(tmp_path, cfg, template, *overrides)
+        script, _ = render(tmp_path, cfg, template, *overrides, check=True)
         path = tmp_path / f"{template}.sbatch"
         path.write_text(script)
         return path

@@ -23,7 +23,6 @@ from pathlib import Path
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
 from semalign_ds.run import ownership
-from semalign_ds.cluster.distributed import resolve_device
 from semalign_ds.models import loading
 
 COMMANDS = ("run", "train", "teach", "check")
@@ -45,7 +44,10 @@ def format_problems(found: list[str]) -> str:
     return f"{len(found)} problems in the config:\n  - " + "\n  - ".join(found)
 
 
-def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None) -> list[str]:
+def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None,
+             before_submit: bool = False) -> list[str]:
+    """before_submit (`semalign slurm render` on a login node): no device check, and the spool a student job
+    reads is not checked (its teacher job may not have written it yet; render checks that it can be read)."""
     assert command in COMMANDS, command
     reads_spool = command == "train" or (command in ("run", "check") and cfg.runtime.topology == "spool")
     teacher_engine = command == "teach" or not reads_spool
@@ -62,9 +64,11 @@ def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None
         _collect(found, _template, cfg, "student", world_size)
     if teacher_engine:
         _collect(found, _template, cfg, "teacher", world_size)
-    if reads_spool:
+    if reads_spool and not before_submit:
         _collect(found, spool_to_read, cfg.transport.spool_dir)
-    if command != "check":  # `config --check` may run on a login node without the job's GPUs
+    if command != "check" and not before_submit:  # `config --check` may run on a login node without the job's GPUs (and without torch)
+        from semalign_ds.cluster.distributed import resolve_device
+
         _collect(found, resolve_device, cfg.runtime.device)
     if command == "teach":
         _collect(found, _spool_to_write, cfg)
@@ -97,9 +101,9 @@ def _model(found: list[str], model: cfgmod.ModelConfig, role: str, weights: bool
 
 
 def _against_models(cfg: cfgmod.RunConfig) -> None:
-    """Layer indices and seq_len against the two models' configs (config.json only)."""
-    conf_T = loading.load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
-    conf_S = loading.load_config(cfg.student.path, "student.path", cfg.student.trust_remote_code)
+    """Layer indices and seq_len against the two models' configs (config.json read as JSON: no transformers)."""
+    conf_T = loading.json_config(cfg.teacher.path, "teacher.path")
+    conf_S = loading.json_config(cfg.student.path, "student.path")
     datamod.check_seq_len(cfg.data.seq_len, conf_T, conf_S)
     L_T, L_S = (int(c.get_text_config().num_hidden_layers) for c in (conf_T, conf_S))
     bad = [k for k in cfg.schedule.stages or [] if not 1 <= k <= L_S]
@@ -115,7 +119,7 @@ def _template(cfg: cfgmod.RunConfig, role: str, world_size: int | None) -> None:
     """The role's DeepSpeed template: it exists, is a JSON object, runs the right ZeRO stage, and the pure
     builder accepts it with this run's values; errors name the key and the template's path."""
     from semalign_ds.engines import ds_config as dsc  # pure functions, no deepspeed import
-    from semalign_ds.run.resume import find_template
+    from semalign_ds.engines.ds_config import find_template
 
     engine = cfg.teacher_engine if role == "teacher" else cfg.student_engine
     key = f"{role}_engine.ds_config"
