@@ -75,9 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     slurm = sub.add_parser("slurm", help="Slurm job scripts")
     slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True, metavar="SUBCOMMAND")
     render = slurm_sub.add_parser("render", help="print a job script filled from a run config (submits nothing)")
-    render.add_argument("--template", nargs="?", default=None, metavar="NAME|PATH",
+    render.add_argument("--template", nargs="?", default=None, const="", metavar="NAME|PATH",
                         help="a shipped template (without a value: list them) or the path of an edited copy")
-    _config_args(render)
+    render.add_argument("--nodes", default=None, metavar="N|T,S", help="nodes of the job (a het job: teacher,"
+                        "student); default: the template's #SBATCH --nodes line")
+    render.add_argument("--gpus-per-node", type=int, default=None, dest="gpus_per_node",
+                        help="GPUs (ranks) per node; default: the template's lines")
+    render.add_argument("--no-check", action="store_true", dest="no_check", help="skip the check pass of the "
+                        "config's paths (for paths that only the compute nodes see)")
+    _config_args(render, required=False)
     ev = sub.add_parser("eval", help="lm-eval tasks on a run's student before/after and teacher (into its eval.md "
                                      "and MLflow run), or on one checkpoint folder (into --out)")
     ev.add_argument("target", help="a run directory (output_dir of `semalign run`/`demo`) or a HF checkpoint folder")
@@ -131,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except signals.Preempted as err:
+        if err.signal_name == "SIGINT":  # Ctrl-C inside a training loop: checkpointed at the step, still Ctrl-C
+            print(f"semalign: interrupted (Ctrl-C) {err.where}; rerun the same command to resume from that "
+                  f"checkpoint".replace("  ", " "), file=sys.stderr)
+            return signals.EXIT_INTERRUPTED
         print(f"semalign: {err}", file=sys.stderr)
         return signals.EXIT_REQUEUE
     except KeyboardInterrupt:

@@ -225,9 +225,11 @@ def test_version_and_help_for_every_subcommand_and_flag(run_cli, capsys):
 
 def test_slurm_render_template_without_a_value_lists_the_templates(cfg, run_cli):
     rc, out, err = run_cli("slurm", "render", "--config", cfg, "--template")
-    assert rc == 2 and not out and "--template needs a name or a path; the shipped templates" in err
+    assert rc == 0 and not err and "the shipped templates" in out
     for name in ("colocated", "hetjob", "spool_teacher", "spool_student"):
-        assert f"\n  {name} " in err
+        assert f"\n  {name} " in out
+    rc, out, err = run_cli("slurm", "render", "--config", cfg)
+    assert rc == 2 and not out and "slurm render needs --template NAME or PATH; the shipped templates" in err
 
 
 def test_a_bug_prints_its_traceback_and_where_to_report_it(tmp_path, cfg, run_cli, monkeypatch):
