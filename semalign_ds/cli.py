@@ -150,14 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"semalign: error: {err}", file=sys.stderr)
         return EXIT_USER
-    except OSError as err:
+    except Exception as err:  # an OSError a user fixes, or a full disk in SQLite's or safetensors' words
         fix = files.user_error(err)
         if fix is None:
             return _bug()
         print(f"semalign: error: {fix}", file=sys.stderr)
         return EXIT_USER
-    except Exception:
-        return _bug()
 
 
 def _bug() -> int:

@@ -6,12 +6,23 @@ MLflow run (its id is kept in the run directory's marker). The local store recor
 moved or copied run directory is relinked (`relink`) whenever semalign opens it. Metrics: per-step values on the
 global optimizer step (1-based across stages), summaries once per run (`log_summary`), the exported student as an
 MLflow LoggedModel (`log_student_model`).
+The run directory's own store is created whole or not at all (`ensure_local_store`: built under a temporary name
+and renamed): a full disk while MLflow creates its tables is one error with the bytes needed and free, and leaves
+nothing a rerun trips over; a half-created store an older semalign left (no run in it) is rebuilt.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
+
+from semalign_ds import files
+
+STORE_BYTES = 2 * 2**20  # an empty MLflow 3 sqlite store is ~0.95 MiB; its rollback journal may need as much again
+log = logging.getLogger(__name__)
 
 
 class NullTracker:
@@ -43,6 +54,51 @@ def tracking_uri(configured: str | None, output_dir: Path) -> str:
 def local_store_uri(output_dir: Path) -> str:
     """The run directory's own store (the default when no tracking URI is configured)."""
     return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
+
+
+def _runs_in(db: Path) -> int | None:
+    """Rows of the store's runs table; None if the file is not a store with one (half-created, or not sqlite)."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            return int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
+def ensure_local_store(output_dir: Path, run_id: str | None) -> None:
+    """Create `<output_dir>/mlflow.db` whole or not at all: MLflow builds its tables in a temporary file that is
+    renamed into place. A store without any run in a semalign directory whose marker names no MLflow run (what a
+    full disk or a kill during table creation left, before this function existed) is rebuilt."""
+    db = Path(output_dir) / "mlflow.db"
+    if db.is_file():
+        if run_id is not None or not (Path(output_dir) / "semalign.json").is_file() or _runs_in(db):
+            return
+        log.warning("%s holds no MLflow run (a store whose creation was cut short): rebuilding it", db)
+    import mlflow
+
+    tmp = db.with_name(f".mlflow.db.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    scratch = [tmp, *(tmp.with_name(tmp.name + suffix) for suffix in ("-journal", "-wal", "-shm"))]
+    with files.writing(db, STORE_BYTES, "creating the MLflow store", cleanup=scratch):
+        files.check_free_space(db.parent, STORE_BYTES, "creating the MLflow store")
+        uri = f"sqlite:///{tmp.resolve()}"
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments()
+        _forget_engine(uri)
+        os.replace(tmp, db)
+
+
+def _forget_engine(uri: str) -> None:
+    """Close MLflow's cached engine of a store we renamed (it would keep the file open under its old name)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+    except (ImportError, AttributeError):
+        return
+    if engine is not None:
+        engine.dispose()
 
 
 class MlflowTracker(NullTracker):
@@ -195,8 +251,10 @@ def make_tracker(enabled: bool, is_main: bool, uri: str | None, experiment: str,
     resolved = tracking_uri(uri, output_dir)
     if resolved != local_store_uri(output_dir):  # a server or a shared store: its artifact root decides
         return MlflowTracker(resolved, experiment, run_name, run_id)
+    ensure_local_store(output_dir, run_id)
     relink(output_dir)
-    return MlflowTracker(resolved, experiment, run_name, run_id, artifact_dir=output_dir / "mlartifacts")
+    with files.writing(output_dir / "mlflow.db", None, "the MLflow store"):
+        return MlflowTracker(resolved, experiment, run_name, run_id, artifact_dir=output_dir / "mlartifacts")
 
 
 def attach_to_run_dir(run_dir: Path, configured_uri: str | None, run_id: str | None) -> NullTracker:

@@ -24,7 +24,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from semalign_ds.run import checks, lock, ownership, signals
+from semalign_ds import lock
+from semalign_ds.run import checks, ownership, signals
 from semalign_ds import config as cfgmod
 
 log = logging.getLogger(__name__)

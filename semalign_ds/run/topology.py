@@ -78,13 +78,18 @@ def store_dir(cfg, out: Path) -> Path:
     return Path(cfg.transport.store_dir) if cfg.transport.store_dir else Path(out) / "packets"
 
 
+def rank_store_dir(cfg, out: Path, rank: int) -> Path:
+    """Where rank `rank` keeps a disk packet store."""
+    return store_dir(cfg, out) / f"rank-{rank:05d}"
+
+
 def open_store(ctx, binding: dict, kind: str):
     """This rank's store for its own samples (a disk store resumes what an interrupted run committed)."""
     N, info = len(ctx.blocks), ctx.info
     capacity = len(datamod.owned_samples(N, info.rank, info.world_size))
     if kind == "memory":
         return storemod.MemoryStore(N, capacity)
-    directory = store_dir(ctx.cfg, ctx.out) / f"rank-{info.rank:05d}"
+    directory = rank_store_dir(ctx.cfg, ctx.out, info.rank)
     return storemod.DiskStore(directory, binding, N, capacity, ctx.cfg.transport.shard_sequences)
 
 

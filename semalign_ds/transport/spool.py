@@ -116,7 +116,8 @@ class ShardFile:
             row_bytes = data.nbytes // max(t.shape[0], 1)
             try:
                 os.pwrite(self.fd, data, self.base + self.offsets[name] + row * row_bytes)
-            except OSError as err:  # a full disk names the shard and the bytes it needs
+            except OSError as err:  # a full disk names the shard and the bytes it needs; no half shard stays
+                self.abort()
                 files.reraise(err, self.tmp, self.size)
         self.tokens += int(flat["mask"].sum())
 
@@ -125,10 +126,10 @@ class ShardFile:
         try:
             os.fsync(self.fd)
         except OSError as err:
+            self.abort()
             files.reraise(err, self.tmp, self.size)
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        os.close(self.fd)
+        self.fd = None
         sha, blocks = shard_digests(self.tmp)
         record = {"index": self.j, "file": self.final.name, "first_sample": first_sample, "rows": self.rows,
                   "bytes": self.size, "tokens": self.tokens, "sha256": sha, "blocks": blocks, "binding": self.binding}
