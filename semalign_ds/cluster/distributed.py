@@ -65,11 +65,15 @@ def resolve_device(device: str) -> str:
 
 
 def setup_env(device: str) -> None:
-    """Tell DeepSpeed which accelerator to use (before its first import) and set RANK/WORLD_SIZE/LOCAL_RANK/
-    MASTER_ADDR/MASTER_PORT from whichever launcher started us (launch.resolve_launch; single rank if none)."""
+    """Tell DeepSpeed which accelerator to use (before its first import), where its JIT-built ops live (this
+    environment's own folder, stale build locks cleared: extensions.py), and set RANK/WORLD_SIZE/LOCAL_RANK/
+    MASTER_ADDR/MASTER_PORT from whichever launcher started us (launch.resolve_launch; single rank if none: a
+    free port)."""
+    from semalign_ds.cluster import extensions
     from semalign_ds.cluster.launch import resolve_launch
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+    extensions.prepare(device)
     os.environ.update(resolve_launch(os.environ).torch_env())
 
 
