@@ -207,9 +207,20 @@ def _config(args) -> int:
     if not args.check:
         print(cfgmod.to_yaml(cfgmod.load_config(args.config, args.overrides)), end="")
         return 0
+    from pathlib import Path
+
     from semalign_ds.run import checks
 
-    checks.check_all(cfgmod.load_config(args.config, args.overrides, check_ranges=False), "check")
+    cfg = cfgmod.load_config(args.config, args.overrides, check_ranges=False)
+    try:
+        checks.check_all(cfg, "check")
+    except ValueError as err:
+        demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+        if args.config and Path(args.config).resolve() == demo and not (cfg.teacher.path and cfg.student.path):
+            raise ValueError(f"{err}\n(configs/demo.yaml leaves the paths empty on purpose: `semalign demo` fills "
+                             f"teacher.path, student.path, data.path and eval.sets with its cached models and data. "
+                             f"Run `semalign demo`, or set those keys to check the config with your own)") from None
+        raise
     print("OK: the config and every path it names passed the checks")
     return 0
 

@@ -112,7 +112,7 @@ def os_error(err: BaseException) -> OSError | None:
             return link
     for link in _chain(err):
         if _FULL_TEXT.search(str(link)):
-            return OSError(errno.ENOSPC, f"the disk is full ({type(link).__name__}: {str(link)[:200]})")
+            return OSError(errno.ENOSPC, f"{type(link).__name__}: {str(link)[:300]}")
     return None
 
 
@@ -185,8 +185,9 @@ def user_error(err: BaseException, path=None, bytes_needed: int | None = None) -
             free = f"; {human(free_bytes(Path(str(where)).parent))} free there" if where else ""
         except OSError:
             free = ""
+        said = f" [{err.strerror}]" if err.strerror != os.strerror(err.errno) else ""  # the writer's own words
         return ValueError(f"{what}{need}{f' to {where}' if where else ''}{free}: free space (or quota) on that "
-                          f"filesystem, or point the output at a larger disk, then rerun (the run resumes)")
+                          f"filesystem, or point the output at a larger disk, then rerun (the run resumes){said}")
     target = f"cannot write {where}" if where else "cannot write"
     if err.errno == errno.EROFS:
         return ValueError(f"{target}: {what}; point the output at a writable directory")

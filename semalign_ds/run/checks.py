@@ -186,9 +186,7 @@ def spool_to_read(spool_dir: str) -> dict:
             raise ValueError(f"{key}={spool_dir!r} is a run's output directory, not a spool; point --from-spool at "
                              f"the directory `semalign teach --out` wrote")
         if marker:
-            raise ValueError(f"the spool in {spool_dir!r} has no {spool.MANIFEST} yet: it is unfinished (teach status: "
-                             f"{marker.get('status')}); rerun `semalign teach` with the same config and --out "
-                             f"{spool_dir} to finish it")
+            raise ValueError(_unfinished_spool(path, spool_dir, marker, spool.MANIFEST))
         raise ValueError(f"{key}={spool_dir!r} has no {spool.MANIFEST}: it is not a spool; point --from-spool at the "
                          f"directory `semalign teach --out` wrote")
     try:
@@ -203,6 +201,24 @@ def spool_to_read(spool_dir: str) -> dict:
         raise ValueError(f"the spool in {spool_dir!r} has schema {data.get('schema')}, this semalign reads "
                          f"{schema.SCHEMA_VERSION}; rewrite it with this version's `semalign teach`")
     return data
+
+
+def _unfinished_spool(path: Path, spool_dir: str, marker: dict, manifest: str) -> str:
+    """Why a marked spool has no manifest, by its teach's state: still being written, stopped, or damaged."""
+    from semalign_ds import lock
+
+    head = f"the spool in {spool_dir!r} has no {manifest}"
+    writer = lock.holder(path)
+    if writer:
+        return f"{head} yet: `semalign teach` is writing it ({lock.describe(writer)}); wait for that job to finish"
+    status = marker.get("status")
+    if status == "finished":
+        return (f"{head} although its `semalign teach` finished: the manifest was deleted or lost; write the spool "
+                f"again into a new --out directory (or delete {spool_dir} and rerun teach into it)")
+    how = {"running": "was stopped before it finished (killed, or its node went down)",
+           "killed": "was stopped by a signal", "failed": "failed"}.get(status, f"stopped (status {status})")
+    return (f"{head}: its `semalign teach` {how}; rerun `semalign teach` with the same config and --out {spool_dir} "
+            f"to finish it (it resumes from the shards already written)")
 
 
 def _spool_to_write(cfg: cfgmod.RunConfig) -> None:
