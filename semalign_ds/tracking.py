@@ -81,16 +81,18 @@ def ensure_local_store(output_dir: Path, run_id: str | None) -> None:
 
     tmp = db.with_name(f".mlflow.db.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     scratch = [tmp, *(tmp.with_name(tmp.name + suffix) for suffix in ("-journal", "-wal", "-shm"))]
+    uri = f"sqlite:///{tmp.resolve()}"
     with files.writing(db, STORE_BYTES, "creating the MLflow store", cleanup=scratch):
         files.check_free_space(db.parent, STORE_BYTES, "creating the MLflow store")
-        uri = f"sqlite:///{tmp.resolve()}"
-        mlflow.MlflowClient(tracking_uri=uri).search_experiments()
-        _forget_engine(uri)
+        try:
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments()
+        finally:
+            _forget_engine(uri)
         os.replace(tmp, db)
 
 
 def _forget_engine(uri: str) -> None:
-    """Close MLflow's cached engine of a store we renamed (it would keep the file open under its old name)."""
+    """Close MLflow's cached engine of a store we renamed or removed (it would keep the file open)."""
     try:
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 

@@ -182,11 +182,17 @@ def spool_to_read(spool_dir: str) -> dict:
     marker = ownership.read(path)
     manifest = path / spool.MANIFEST
     if not manifest.is_file():
+        from semalign_ds import lock
+
+        writer = lock.holder(path)
+        if writer:
+            raise ValueError(f"the spool in {spool_dir!r} has no {spool.MANIFEST} yet: a job is writing it "
+                             f"({lock.describe(writer)}); wait for it to finish")
         if marker and marker["kind"] == "run":
             raise ValueError(f"{key}={spool_dir!r} is a run's output directory, not a spool; point --from-spool at "
                              f"the directory `semalign teach --out` wrote")
         if marker:
-            raise ValueError(_unfinished_spool(path, spool_dir, marker, spool.MANIFEST))
+            raise ValueError(_unfinished_spool(spool_dir, marker, spool.MANIFEST))
         raise ValueError(f"{key}={spool_dir!r} has no {spool.MANIFEST}: it is not a spool; point --from-spool at the "
                          f"directory `semalign teach --out` wrote")
     try:
@@ -203,14 +209,9 @@ def spool_to_read(spool_dir: str) -> dict:
     return data
 
 
-def _unfinished_spool(path: Path, spool_dir: str, marker: dict, manifest: str) -> str:
-    """Why a marked spool has no manifest, by its teach's state: still being written, stopped, or damaged."""
-    from semalign_ds import lock
-
+def _unfinished_spool(spool_dir: str, marker: dict, manifest: str) -> str:
+    """Why a marked spool that no job is writing has no manifest, by its teach's status: stopped, or damaged."""
     head = f"the spool in {spool_dir!r} has no {manifest}"
-    writer = lock.holder(path)
-    if writer:
-        return f"{head} yet: `semalign teach` is writing it ({lock.describe(writer)}); wait for that job to finish"
     status = marker.get("status")
     if status == "finished":
         return (f"{head} although its `semalign teach` finished: the manifest was deleted or lost; write the spool "

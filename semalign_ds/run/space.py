@@ -4,8 +4,9 @@
 resolved run spec provides them):
     the output directory   checkpoint/ (the student's weights + every rank's ZeRO-2 partition: fp32 master and two
                            AdamW moments of the trainable parameters), twice while a new checkpoint replaces the
-                           old, the student/ export, its copy into MLflow's artifacts (tracking.log_model copy or
-                           auto under the size limit), the MLflow store; less what an earlier attempt already wrote
+                           old, the student/ export, and when MLflow's store is the run directory's own: its copy of
+                           the student (tracking.log_model copy, or auto under the size limit) and the store itself;
+                           less what an earlier attempt already wrote
     this rank's store      a disk packet store (transport.store disk): this rank's samples x packet bytes, times the
                            ranks of this node (they share its disk), less the shards already committed
 `check_run(ctx, plan, packet_bytes)` compares each with its filesystem's free bytes on every rank and stops every
@@ -49,11 +50,12 @@ def estimate(cfg, out: Path, student, stage_layers: list[list[int]], store_dir: 
     model = sum(p.numel() * p.element_size() for p in student.parameters())
     trainable = max(sum(_numel(adapter.layer(k)) for k in layers) for layers in stage_layers)
     checkpoint = model + trainable * ADAM_BYTES
-    copy = cfg.tracking.enabled and (cfg.tracking.log_model == "copy" or (
+    own_store = cfg.tracking.enabled and not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    copy = own_store and (cfg.tracking.log_model == "copy" or (
         cfg.tracking.log_model == "auto" and model <= cfg.tracking.log_model_copy_max_mb * 2**20))
     written = _size(out / "checkpoint") + _size(out / "student")
     needs = [Need("the checkpoints, the student export" + (" and its MLflow copy" if copy else ""), out,
-                  max(0, 2 * checkpoint + model * (2 if copy else 1) + STORE_BYTES - written))]
+                  max(0, 2 * checkpoint + model * (2 if copy else 1) + (STORE_BYTES if own_store else 0) - written))]
     if store_dir is not None and store_bytes:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         committed = sum(p.stat().st_size for p in store_dir.glob("shard-*.safetensors")) if store_dir.is_dir() else 0
