@@ -7,13 +7,16 @@ instead of hanging it. Site options are overridden on the sbatch command line, a
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -200,24 +203,60 @@ def _cluster(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout)
 
 
+USERS = Path(tempfile.gettempdir()) / "semalign-slurm-users"  # the test sessions using the local cluster now
+
+
+@contextmanager
+def _one_at_a_time():
+    """Serialise the start/stop decisions of test sessions on this host (two clones' test runs at once)."""
+    with open(Path(tempfile.gettempdir()) / "semalign-slurm-fixture.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _live_users() -> list[Path]:
+    from semalign_ds import lock
+
+    live = []
+    for path in USERS.glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if lock.alive(record) is not False:
+            live.append(path)
+    return live
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The local cluster: started here (and stopped at the end) unless it is already up; skipped with the reason
-    where this machine cannot host it."""
+    """The local cluster, shared by the test sessions on this host: the first one starts it (unless it is already
+    up), each registers while it uses it, and the last one out stops it if a test session started it. Skipped with
+    the reason where this machine cannot host it."""
+    from semalign_ds import lock
+
     check = _cluster("check")
     if check.returncode == 3:
         pytest.skip(f"real-Slurm tier skipped: this machine cannot host a local Slurm cluster: {check.stdout.strip()}")
-    if _cluster("status").returncode == 0:
-        yield
-        return
-    start = _cluster("start", timeout=300)
-    if start.returncode == 4:
-        pytest.skip(f"real-Slurm tier skipped: apt-get could not install Slurm: {start.stderr.strip()[-800:]}")
+    me = USERS / f"{os.getpid()}.json"
+    with _one_at_a_time():
+        if _cluster("status").returncode != 0:
+            start = _cluster("start", timeout=300)
+            if start.returncode == 4:
+                pytest.skip(f"real-Slurm tier skipped: apt-get could not install Slurm: {start.stderr.strip()[-800:]}")
+            assert start.returncode == 0, f"local Slurm did not start:\n{start.stdout}\n{start.stderr[-4000:]}"
+            USERS.mkdir(exist_ok=True)
+            (USERS / "started-by-tests").touch()
+        USERS.mkdir(exist_ok=True)
+        me.write_text(json.dumps(lock.identity()))
     try:
-        assert start.returncode == 0, f"local Slurm did not start:\n{start.stdout}\n{start.stderr[-4000:]}"
         yield
     finally:
-        _cluster("stop", timeout=120)
+        with _one_at_a_time():
+            me.unlink(missing_ok=True)
+            if not _live_users() and (USERS / "started-by-tests").exists():
+                _cluster("stop", timeout=120)
+                (USERS / "started-by-tests").unlink()
 
 
 def job_env() -> dict:
