@@ -1,8 +1,9 @@
 """The `semalign` command: run a transfer from a config, the self-contained demo, and the tools around them.
 
 Exit codes: 0 done; 2 an error the user can fix (one line `semalign: error: ...` with the fix: bad config or
-input, a full or read-only disk, no permission); 75 stopped by SIGTERM/SIGUSR1 (a checkpoint was kept: rerun to
-resume; the Slurm templates requeue on it); 130 Ctrl-C; 1 a bug (the traceback, and where to report it).
+input, a directory another job holds, a full or read-only disk, no permission); 75 stopped by SIGTERM/SIGUSR1 (a
+checkpoint was kept: rerun to resume; the Slurm templates requeue on it); 130 Ctrl-C (inside a training loop it
+checkpoints first); 1 a bug (the traceback, and where to report it).
 """
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="pretrain (cached) a small teacher and student on the Python stdlib, "
                                        "then transfer and print what happened")
     demo.add_argument("--scale", choices=["default", "tiny"], default="default",
-                      help="tiny: a few-minute version of the demo (default: the full demo)")
+                      help="tiny: a smoke version, about a minute on 2 CPU cores with its small models' pretraining "
+                           "(default: the full demo, ~10 min the first time); a finished demo in this directory "
+                           "prints its stored result")
     demo.add_argument("--cache-dir", default=None, help="where the pretrained demo models are cached "
                       "(default: ~/.cache/semalign_ds/demo)")
     demo.add_argument("--teacher", choices=["demo", "smollm2"], default="demo",
