@@ -88,10 +88,18 @@ def owned_run(cfg: cfgmod.RunConfig, command: str, work: Callable[[cfgmod.RunCon
                 ownership.claim(out, kind, config_hash)
             return _owned_work(cfg, work, out, writer, new)
     except _HandedBack as back:  # the lock is released: the directory can go if this run created it
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        _remove_if_created(out, created)
         raise back.error from None
+    except ValueError:  # e.g. refused under the lock: no empty directory of ours is left behind
+        _remove_if_created(out, created)
+        raise
+
+
+def _remove_if_created(out: Path, created: bool) -> None:
+    """Remove `out` if this run created it and it is empty (rmdir: anything in it keeps it)."""
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 class _HandedBack(Exception):
