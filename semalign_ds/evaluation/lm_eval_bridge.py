@@ -261,8 +261,15 @@ def _log(tracker, scores: dict[str, dict[str, dict]], out_dir: Path) -> None:
 
 
 def eval_run_dir(run_dir: Path, overrides: list[str] = ()) -> dict:
-    """Score student before/after and teacher of a finished run; merge into its eval files and MLflow run."""
-    run_dir = Path(run_dir)
+    """Score student before/after and teacher of a finished run; merge into its eval files and MLflow run. Holds
+    the run directory's job lock meanwhile: a run resuming there, or another eval of it, is refused by name."""
+    from semalign_ds import lock
+
+    with lock.held(run_dir, "the run directory", "eval target"):
+        return _eval_run_dir(Path(run_dir), overrides)
+
+
+def _eval_run_dir(run_dir: Path, overrides: list[str]) -> dict:
     cfg = cfgmod.load_config(run_dir / "config.yaml", list(overrides))
     after = run_dir / "student"
     if not (after / "config.json").is_file():
