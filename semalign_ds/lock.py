@@ -210,8 +210,8 @@ def _refusal(path: Path, holder: dict, what: str, key: str, directory: Path) -> 
     state = alive(holder)
     if state:
         return LockHeld(f"{head} {describe(holder)}, which is running on this host; two jobs must not write one "
-                        f"directory: wait for it to finish, stop it (kill {holder.get('pid')}: it checkpoints and "
-                        f"a rerun resumes), or choose another {key}")
+                        f"directory: wait for it to finish, stop it (kill {holder.get('pid')}: a run stops at a "
+                        f"checkpoint), or choose another {key}")
     probe = f"`squeue -j {holder['slurm_job']}`" if holder.get("slurm_job") else \
         f"`ps -p {holder.get('pid')}` on {holder.get('host')}"
     return LockHeld(f"{head} {describe(holder)}, on another host, which cannot be checked from here; if that job "
