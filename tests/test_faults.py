@@ -63,23 +63,6 @@ def test_a_second_job_on_a_running_directory_is_refused_and_a_job_elsewhere_runs
     assert_same_weights(tmp_path / "run", tmp_path / "other")
 
 
-def test_teach_into_a_spool_another_teach_writes_is_refused(tmp_path, tiny_pair):
-    from test_ownership import holder_process
-
-    cfg = write_config(tmp_path, tiny_pair)
-    holder = holder_process(tmp_path / "spool")
-    try:
-        proc = semalign("teach", "--config", cfg, "--out", tmp_path / "spool", check=False, timeout=120)
-        assert proc.returncode == 2 and f"--out (transport.spool_dir)='{tmp_path}/spool' (the spool being written) is " \
-                                       f"in use by another semalign job: pid {holder.pid}" in proc.stderr
-        refused = semalign("train", "--config", cfg, "--from-spool", tmp_path / "spool", check=False, timeout=120)
-        assert refused.returncode == 2 and f"has no manifest.json yet: a job is writing it (pid {holder.pid} on " \
-                                           f"host" in refused.stderr
-    finally:
-        holder.kill()
-        holder.wait()
-
-
 # ---------------------------------------------------------------- 2. a full disk
 
 
@@ -150,6 +133,7 @@ def test_a_full_disk_while_mlflow_builds_its_store_leaves_nothing_and_a_rerun_bu
     tracking._forget_engine(tracking.local_store_uri(out))  # the tmpfs is unmounted after the test
 
 
+@pytest.mark.slow
 def test_a_half_created_store_an_older_semalign_left_is_rebuilt(tmp_path, tmpfs):
     """What a full disk during MLflow's table creation used to leave: a store whose next use fails."""
     import mlflow
@@ -195,6 +179,7 @@ def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
     assert (ext / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file() and not lock.exists()
 
 
+@pytest.mark.slow  # the DeepSpeed warm-up and a process that loads it; test_trust has the seconds-long unit case
 def test_a_stale_build_lock_beside_a_built_op_costs_seconds(tmp_path):
     from workers.engines_common import child_env, warm_deepspeed
 

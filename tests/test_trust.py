@@ -306,6 +306,21 @@ def test_a_directory_another_job_holds_is_refused_at_once_by_name(tmp_path, cfg,
         holder.wait()
 
 
+def test_teach_into_a_spool_another_teach_writes_is_refused(tmp_path, cfg, run_cli):
+    from test_ownership import holder_process
+
+    holder = holder_process(tmp_path / "spool")
+    try:
+        rc, _, err = run_cli("teach", "--config", cfg, "--out", tmp_path / "spool")
+        assert rc == 2 and f"--out (transport.spool_dir)='{tmp_path}/spool' (the spool being written) is in use by " \
+                           f"another semalign job: pid {holder.pid}" in one_error(err)
+        rc, _, err = run_cli("train", "--config", cfg, "--from-spool", tmp_path / "spool")
+        assert rc == 2 and f"has no manifest.json yet: a job is writing it (pid {holder.pid} on host" in one_error(err)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_full_disk_in_sqlite_or_safetensors_words_is_one_line(tmp_path, cfg, run_cli, monkeypatch, tmpfs):
     import sqlite3
 
