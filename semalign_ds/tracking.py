@@ -151,6 +151,10 @@ class MlflowTracker(NullTracker):
         for i in range(0, len(batch), 100):
             self._client.log_batch(self.run_id, params=batch[i:i + 100])
 
+    def _store_path(self) -> str:
+        """The store's file for messages (a sqlite store), else its URI."""
+        return self.uri[len("sqlite:///"):] if self.uri.startswith("sqlite:///") else self.uri
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
         import time
@@ -158,13 +162,16 @@ class MlflowTracker(NullTracker):
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
+            with files.writing(self._store_path(), None, "logging metrics to the MLflow store"):
+                self._client.log_batch(self.run_id, metrics=batch)
 
     def last_step(self, key: str) -> int:
         return max((m.step for m in self._client.get_metric_history(self.run_id, key)), default=0)
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), subdir)
+        where = _uri_path(self._client.get_run(self.run_id).info.artifact_uri or str(path))
+        with files.writing(where, Path(path).stat().st_size, f"copying {Path(path).name} into MLflow's artifacts"):
+            self._client.log_artifact(self.run_id, str(path), subdir)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():

@@ -344,3 +344,19 @@ def test_the_mlflow_store_is_not_begun_without_room(tmpfs, monkeypatch):
                                          rf"but its filesystem has [\d.]+ KiB free"):
         tracking.ensure_local_store(out, None)
     assert os.listdir(out) == ["semalign.json"]
+
+
+def test_a_full_disk_under_mlflows_artifacts_names_where_and_how_much(tmp_path, tmpfs, store):
+    from semalign_ds import tracking
+
+    run_dir = store(tmp_path / "run")  # the store on a roomy disk, its artifacts on a full one
+    artifacts = tmpfs(16)
+    tracker = tracking.MlflowTracker(tracking.local_store_uri(run_dir), "semalign", "x", artifact_dir=artifacts)
+    big = tmp_path / "big.json"
+    big.write_text("x" * 60_000)
+    with pytest.raises(ValueError) as err:
+        tracker.log_artifact(big)
+    full_error(str(err.value), "copying big.json into MLflow's artifacts")
+    assert f"at {artifacts}/" in str(err.value)
+    tracker.finish("FAILED")
+    tracking._forget_engine(tracking.local_store_uri(run_dir))
