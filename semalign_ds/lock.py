@@ -142,12 +142,12 @@ def _create(path: Path, record: dict) -> bool:
     """Create the lock with its content in one step; False if it exists."""
     text = json.dumps(record, indent=1, sort_keys=True) + "\n"
     tmp = path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
     try:
+        tmp.write_text(text, encoding="utf-8")
         os.link(tmp, path)
         return True
-    except FileExistsError:
-        return False
+    except FileExistsError:  # NFS may report a link whose reply was lost as existing: the link count tells
+        return os.stat(tmp).st_nlink == 2
     except OSError as err:
         if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
             raise
