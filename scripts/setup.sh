@@ -13,7 +13,8 @@ else
   .venv/bin/pip install -q --retries 0 "$TORCH_SPEC" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 .venv/bin/pip install -q -e ".[dev]"
-# DeepSpeed JIT-compiles its shared-memory comm op on first use (~40 s on 2 cores): do it once, here.
-DS_ACCELERATOR=$(nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu) RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 \
-  MASTER_ADDR=127.0.0.1 MASTER_PORT=${SEMALIGN_WARM_PORT:-29591} \
-  .venv/bin/python -c "import deepspeed; deepspeed.init_distributed(); print('deepspeed ready')"
+# DeepSpeed JIT-compiles its shared-memory comm op on first use (~40 s on 2 cores): do it once, here, into this
+# environment's own folder (.venv/torch_extensions/, or TORCH_EXTENSIONS_DIR if you set one), clearing a build
+# lock a killed build left. No rendezvous, so no port: several setups on one host do not collide.
+DS_ACCELERATOR=$(nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu) \
+  .venv/bin/python -m semalign_ds.cluster.extensions

@@ -1,8 +1,9 @@
 """The `semalign` command: run a transfer from a config, the self-contained demo, and the tools around them.
 
 Exit codes: 0 done; 2 an error the user can fix (one line `semalign: error: ...` with the fix: bad config or
-input, a full or read-only disk, no permission); 75 stopped by SIGTERM/SIGUSR1 (a checkpoint was kept: rerun to
-resume; the Slurm templates requeue on it); 130 Ctrl-C; 1 a bug (the traceback, and where to report it).
+input, a directory another job holds, a full or read-only disk, no permission); 75 stopped by SIGTERM/SIGUSR1 (a
+checkpoint was kept: rerun to resume; the Slurm templates requeue on it); 130 Ctrl-C (inside a training loop it
+checkpoints first); 1 a bug (the traceback, and where to report it).
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="pretrain (cached) a small teacher and student on the Python stdlib, "
                                        "then transfer and print what happened")
     demo.add_argument("--scale", choices=["default", "tiny"], default="default",
-                      help="tiny: a few-minute version of the demo (default: the full demo)")
+                      help="tiny: a smoke version, about a minute on 2 CPU cores with its small models' pretraining "
+                           "(default: the full demo, ~10 min the first time); a finished demo in this directory "
+                           "prints its stored result")
     demo.add_argument("--cache-dir", default=None, help="where the pretrained demo models are cached "
                       "(default: ~/.cache/semalign_ds/demo)")
     demo.add_argument("--teacher", choices=["demo", "smollm2"], default="demo",
@@ -77,9 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     slurm = sub.add_parser("slurm", help="Slurm job scripts")
     slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True, metavar="SUBCOMMAND")
     render = slurm_sub.add_parser("render", help="print a job script filled from a run config (submits nothing)")
-    render.add_argument("--template", nargs="?", default=None, metavar="NAME|PATH",
+    render.add_argument("--template", nargs="?", default=None, const="", metavar="NAME|PATH",
                         help="a shipped template (without a value: list them) or the path of an edited copy")
-    _config_args(render)
+    render.add_argument("--nodes", default=None, metavar="N|T,S", help="nodes of the job (a het job: teacher,"
+                        "student); default: the template's #SBATCH --nodes line")
+    render.add_argument("--gpus-per-node", type=int, default=None, dest="gpus_per_node",
+                        help="GPUs (ranks) per node; default: the template's lines")
+    render.add_argument("--no-check", action="store_true", dest="no_check", help="skip the check pass of the "
+                        "config's paths (for paths that only the compute nodes see)")
+    _config_args(render, required=False)
     ev = sub.add_parser("eval", help="lm-eval tasks on a run's student before/after and teacher (into its eval.md "
                                      "and MLflow run), or on one checkpoint folder (into --out)")
     ev.add_argument("target", help="a run directory (output_dir of `semalign run`/`demo`) or a HF checkpoint folder")
@@ -133,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except signals.Preempted as err:
+        if err.signal_name == "SIGINT":  # Ctrl-C inside a training loop: checkpointed at the step, still Ctrl-C
+            print(f"semalign: interrupted (Ctrl-C) {err.where}; rerun the same command to resume from that "
+                  f"checkpoint".replace("  ", " "), file=sys.stderr)
+            return signals.EXIT_INTERRUPTED
         print(f"semalign: {err}", file=sys.stderr)
         return signals.EXIT_REQUEUE
     except KeyboardInterrupt:
@@ -142,14 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"semalign: error: {err}", file=sys.stderr)
         return EXIT_USER
-    except OSError as err:
+    except Exception as err:  # an OSError a user fixes, or a full disk in SQLite's or safetensors' words
         fix = files.user_error(err)
         if fix is None:
             return _bug()
         print(f"semalign: error: {fix}", file=sys.stderr)
         return EXIT_USER
-    except Exception:
-        return _bug()
 
 
 def _bug() -> int:
@@ -206,10 +217,20 @@ def _config(args) -> int:
     if not args.check:
         print(cfgmod.to_yaml(cfgmod.load_config(args.config, args.overrides)), end="")
         return 0
+    from pathlib import Path
+
     from semalign_ds.run import checks
 
     cfg, found = cfgmod.load_config_with_problems(args.config, args.overrides)
-    checks.check_all(cfg, "check", config_problems=found)
+    try:
+        checks.check_all(cfg, "check", config_problems=found)
+    except ValueError as err:
+        demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+        if args.config and Path(args.config).resolve() == demo and not (cfg.teacher.path and cfg.student.path):
+            raise ValueError(f"{err}\n(configs/demo.yaml leaves the paths empty on purpose: `semalign demo` fills "
+                             f"teacher.path, student.path, data.path and eval.sets with its cached models and data. "
+                             f"Run `semalign demo`, or set those keys to check the config with your own)") from None
+        raise
     print("OK: the config and every path it names passed the checks")
     return 0
 

@@ -20,13 +20,13 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from semalign_ds.models.loading import model_max_positions
 from semalign_ds.run.budget import micro_batches_per_epoch  # noqa: F401  (data order and budget share it)
+
+if TYPE_CHECKING:  # torch loads in the functions that pack and batch: the file checks of a run need none of it
+    import torch
 
 FORMATS = ("auto", "jsonl", "text", "parquet")
 _EXTENSIONS = {"jsonl": (".jsonl", ".json"), "text": (".txt", ".text", ".md"), "parquet": (".parquet",)}
@@ -277,6 +277,8 @@ def pack_sequences(texts: Sequence[str], tokenizer, seq_len: int, max_sequences:
     if teacher_tokenizer is not None:
         return _pack_cross(texts, tokenizer, seq_len, max_sequences, eos, key, teacher_tokenizer, teacher_seq_len,
                            teacher_max_positions)
+    import torch
+
     _check_pack_args(seq_len, max_sequences, key)
     eos_id = _eos_id(tokenizer, eos)
     limit = None if max_sequences is None else max_sequences * seq_len
@@ -302,6 +304,8 @@ def _eos_id(tokenizer, eos: bool) -> int | None:
 
 
 def _blocks_from_stream(stream: torch.Tensor, seq_len: int, pad_id: int) -> TokenBlocks:
+    import torch
+
     n = -(-stream.numel() // seq_len)
     ids_NT = torch.full((n * seq_len,), pad_id, dtype=torch.int64)
     mask_NT = torch.zeros(n * seq_len, dtype=torch.bool)
@@ -310,6 +314,8 @@ def _blocks_from_stream(stream: torch.Tensor, seq_len: int, pad_id: int) -> Toke
 
 
 def _pack_cross(texts, tokenizer, seq_len, max_sequences, eos, key, tok_T, teacher_seq_len, teacher_max):
+    import torch
+
     from semalign_ds import alignment
 
     _check_pack_args(seq_len, max_sequences, key)
@@ -345,6 +351,8 @@ def check_seq_len(seq_len: int, *configs, key: str = "data.seq_len") -> None:
 def owned_samples(num_sequences: int, rank: int, world: int) -> torch.Tensor:
     """The sample ids rank `rank` of `world` trains on: i with i % world == rank (counts differ by at most 1).
     Each rank keeps the teacher packets of its own samples only (memory or a local spool), never another's."""
+    import torch
+
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside 0..{world - 1}")
     return torch.arange(rank, num_sequences, world, dtype=torch.int64)
@@ -352,6 +360,9 @@ def owned_samples(num_sequences: int, rank: int, world: int) -> torch.Tensor:
 
 def _epoch_order(count: int, seed: int, epoch: int, rank: int) -> torch.Tensor:
     """A permutation of 0..count-1 for (seed, epoch, rank), the same on every platform."""
+    import numpy as np
+    import torch
+
     order = np.random.default_rng([seed, epoch, rank]).permutation(count)
     return torch.from_numpy(order).to(torch.int64)
 

@@ -6,6 +6,12 @@
   `directory` (or of its nearest existing parent) has less room than `bytes_needed`.
 - `user_error(err, path, bytes_needed)`: the OSErrors a user fixes (disk full, read-only filesystem, no
   permission) as one ValueError naming the path and, for a full disk, the bytes needed; None for other errors.
+  A full disk is found wherever the writer reports it: an OSError, SQLite's "database or disk is full" (MLflow's
+  store), safetensors' error carrying the OS error, anywhere in the exception's chain.
+- `writing(path, bytes_needed, what, cleanup)`: a block that writes `what`; a full disk inside it removes the
+  `cleanup` paths (the half-written temporaries a rerun would otherwise trip over) and becomes one ValueError
+  with the path, the bytes needed and the bytes free.
+- `write_bytes(path, data, what)`: `data` written atomically under `writing`.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -85,10 +92,90 @@ def check_free_space(directory, bytes_needed: int, what: str) -> None:
                          f"filesystem has {human(free)} free; free space there or point it at a larger disk")
 
 
+_FULL_TEXT = re.compile(r"database or disk is full|No space left on device|Disk quota exceeded|StorageFull|"
+                        r"(os error|code:) ?(28|122)\b")
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def os_error(err: BaseException) -> OSError | None:
+    """The OSError a user can fix behind `err` (itself or anywhere in its chain), as an OSError: a full disk
+    reported by SQLite or safetensors in words becomes OSError(ENOSPC); None if there is none."""
+    for link in _chain(err):
+        if isinstance(link, OSError) and link.errno in _FIXES:
+            return link
+    for link in _chain(err):
+        if _FULL_TEXT.search(str(link)):
+            return OSError(errno.ENOSPC, f"{type(link).__name__}: {str(link)[:300]}")
+    return None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    found = os_error(err)
+    return found is not None and found.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def writing(path, bytes_needed: int | None, what: str, cleanup=()):
+    """Write `what` to `path` inside the block. A full disk (however the writer reports it) removes every path of
+    `cleanup` (files or folders: the block's temporaries) and raises a ValueError naming `what`, the path, the
+    bytes needed and the bytes free; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        for stale in cleanup:
+            _remove(Path(stale))
+        raise ValueError(full_message(what, path, bytes_needed)) from err
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def full_message(what: str, path, bytes_needed: int | None) -> str:
+    """'<what> needs 1.2 GiB (n bytes) at <path>, but its filesystem has 3.0 MiB (m bytes) free: ...'."""
+    try:
+        free = free_bytes(Path(path))
+        has = f"{human(free)} ({free} bytes)"
+    except OSError:
+        has = "an unknown amount"
+    need = f"needs {human(bytes_needed)} ({bytes_needed} bytes)" if bytes_needed else "needs more space"
+    return (f"the disk is full: {what} {need} at {path}, but its filesystem has {has} free; free space (or quota) "
+            f"there, or point the output at a larger disk, then rerun (it resumes; nothing half-written is left "
+            f"in the way)")
+
+
+def write_bytes(path, data: bytes, what: str) -> Path:
+    """Write `data` to `path` atomically (hidden temporary, fsync, rename); a full disk is `writing`'s error."""
+    path = Path(path)
+    tmp = tmp_name(path)
+    with writing(path, len(data), what, cleanup=[tmp]):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return path
+
+
 def user_error(err: BaseException, path=None, bytes_needed: int | None = None) -> ValueError | None:
-    """A ValueError for an OSError the user can fix (ENOSPC, EDQUOT, EROFS, EACCES, EPERM), naming the path
-    and the fix; None for any other error (a bug or a hardware fault: let it surface as it is)."""
-    if not isinstance(err, OSError) or err.errno not in _FIXES:
+    """A ValueError for an OSError the user can fix (ENOSPC, EDQUOT, EROFS, EACCES, EPERM; anywhere in the
+    chain, or a full disk in SQLite's or safetensors' words), naming the path and the fix; None for any other
+    error (a bug or a hardware fault: let it surface as it is)."""
+    err = os_error(err)
+    if err is None:
         return None
     where = path or err.filename
     what = _FIXES[err.errno]
@@ -98,8 +185,9 @@ def user_error(err: BaseException, path=None, bytes_needed: int | None = None) -
             free = f"; {human(free_bytes(Path(str(where)).parent))} free there" if where else ""
         except OSError:
             free = ""
+        said = f" [{err.strerror}]" if err.strerror != os.strerror(err.errno) else ""  # the writer's own words
         return ValueError(f"{what}{need}{f' to {where}' if where else ''}{free}: free space (or quota) on that "
-                          f"filesystem, or point the output at a larger disk, then rerun (the run resumes)")
+                          f"filesystem, or point the output at a larger disk, then rerun (the run resumes){said}")
     target = f"cannot write {where}" if where else "cannot write"
     if err.errno == errno.EROFS:
         return ValueError(f"{target}: {what}; point the output at a writable directory")

@@ -6,12 +6,23 @@ MLflow run (its id is kept in the run directory's marker). The local store recor
 moved or copied run directory is relinked (`relink`) whenever semalign opens it. Metrics: per-step values on the
 global optimizer step (1-based across stages), summaries once per run (`log_summary`), the exported student as an
 MLflow LoggedModel (`log_student_model`).
+The run directory's own store is created whole or not at all (`ensure_local_store`: built under a temporary name
+and renamed): a full disk while MLflow creates its tables is one error with the bytes needed and free, and leaves
+nothing a rerun trips over; a half-created store an older semalign left (no run in it) is rebuilt.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
+
+from semalign_ds import files
+
+STORE_BYTES = 2 * 2**20  # an empty MLflow 3 sqlite store is ~0.95 MiB; its rollback journal may need as much again
+log = logging.getLogger(__name__)
 
 
 class NullTracker:
@@ -43,6 +54,53 @@ def tracking_uri(configured: str | None, output_dir: Path) -> str:
 def local_store_uri(output_dir: Path) -> str:
     """The run directory's own store (the default when no tracking URI is configured)."""
     return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
+
+
+def _runs_in(db: Path) -> int | None:
+    """Rows of the store's runs table; None if the file is not a store with one (half-created, or not sqlite)."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            return int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
+def ensure_local_store(output_dir: Path, run_id: str | None) -> None:
+    """Create `<output_dir>/mlflow.db` whole or not at all: MLflow builds its tables in a temporary file that is
+    renamed into place. A store without any run in a semalign directory whose marker names no MLflow run (what a
+    full disk or a kill during table creation left, before this function existed) is rebuilt."""
+    db = Path(output_dir) / "mlflow.db"
+    if db.is_file():
+        if run_id is not None or not (Path(output_dir) / "semalign.json").is_file() or _runs_in(db):
+            return
+        log.warning("%s holds no MLflow run (a store whose creation was cut short): rebuilding it", db)
+    import mlflow
+
+    tmp = db.with_name(f".mlflow.db.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    scratch = [tmp, *(tmp.with_name(tmp.name + suffix) for suffix in ("-journal", "-wal", "-shm"))]
+    uri = f"sqlite:///{tmp.resolve()}"
+    with files.writing(db, STORE_BYTES, "creating the MLflow store", cleanup=scratch):
+        files.check_free_space(db.parent, STORE_BYTES, "creating the MLflow store")
+        try:
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments()
+        finally:
+            _forget_engine(uri)
+        os.replace(tmp, db)
+
+
+def _forget_engine(uri: str) -> None:
+    """Close MLflow's cached engine of a store we renamed or removed (it would keep the file open)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+    except (ImportError, AttributeError):
+        return
+    if engine is not None:
+        engine.dispose()
 
 
 class MlflowTracker(NullTracker):
@@ -93,6 +151,10 @@ class MlflowTracker(NullTracker):
         for i in range(0, len(batch), 100):
             self._client.log_batch(self.run_id, params=batch[i:i + 100])
 
+    def _store_path(self) -> str:
+        """The store's file for messages (a sqlite store), else its URI."""
+        return self.uri[len("sqlite:///"):] if self.uri.startswith("sqlite:///") else self.uri
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
         import time
@@ -100,13 +162,16 @@ class MlflowTracker(NullTracker):
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
+            with files.writing(self._store_path(), None, "logging metrics to the MLflow store"):
+                self._client.log_batch(self.run_id, metrics=batch)
 
     def last_step(self, key: str) -> int:
         return max((m.step for m in self._client.get_metric_history(self.run_id, key)), default=0)
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), subdir)
+        where = _uri_path(self._client.get_run(self.run_id).info.artifact_uri or str(path))
+        with files.writing(where, Path(path).stat().st_size, f"copying {Path(path).name} into MLflow's artifacts"):
+            self._client.log_artifact(self.run_id, str(path), subdir)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
@@ -195,8 +260,10 @@ def make_tracker(enabled: bool, is_main: bool, uri: str | None, experiment: str,
     resolved = tracking_uri(uri, output_dir)
     if resolved != local_store_uri(output_dir):  # a server or a shared store: its artifact root decides
         return MlflowTracker(resolved, experiment, run_name, run_id)
+    ensure_local_store(output_dir, run_id)
     relink(output_dir)
-    return MlflowTracker(resolved, experiment, run_name, run_id, artifact_dir=output_dir / "mlartifacts")
+    with files.writing(output_dir / "mlflow.db", None, "the MLflow store"):
+        return MlflowTracker(resolved, experiment, run_name, run_id, artifact_dir=output_dir / "mlartifacts")
 
 
 def attach_to_run_dir(run_dir: Path, configured_uri: str | None, run_id: str | None) -> NullTracker:

@@ -8,6 +8,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# DeepSpeed's JIT-built ops: this environment's own folder (cluster/extensions.py), unless the user set one
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    from semalign_ds.cluster.extensions import default_dir
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(default_dir("cpu"))
 # Semantic-basis cache of the tests: a fresh folder, not the user's ~/.cache
 os.environ.setdefault("SEMALIGN_CACHE", __import__("tempfile").mkdtemp(prefix="semalign-test-cache-"))
 

@@ -112,11 +112,18 @@ def _run_dir(world, root: Path, store) -> Path:
     return run
 
 
-def test_eval_of_a_moved_run_directory_merges_its_files_and_logs_to_its_run(world, tmp_path, store, capsys):
+def test_eval_of_a_moved_run_directory_merges_its_files_and_logs_to_its_run(world, tmp_path, store, capsys,
+                                                                           caplog):
     run = _run_dir(world, tmp_path / "first", store)
     moved = tmp_path / "moved"
     shutil.move(str(run), str(moved))
-    assert cli.main(["eval", str(moved)]) == 0
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        assert cli.main(["eval", str(moved)]) == 0
+    out = capsys.readouterr().out
+    for label in ("student before", "student after", "teacher"):  # each model named as it is scored
+        assert re.search(rf"^lm-eval: scoring {label} \(\S+\) on {TASK}$", out, re.M), out
+    assert not [r for r in caplog.records if "not of type `str`" in r.getMessage()]  # lm-eval's per-model warning
     md = (moved / "eval.md").read_text()
     assert md.startswith("| model | target ppl |") and md.count(lm_eval_bridge.SECTION_START) == 1
     data = json.loads((moved / "eval.json").read_text())

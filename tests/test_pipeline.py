@@ -109,6 +109,7 @@ def straight(tmp_path_factory, tiny_pair) -> Path:
     return tmp
 
 
+@pytest.mark.faults
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_pair, straight):
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -131,11 +132,27 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_pair, straight):
     proc.wait(timeout=30)
     assert state.get("stage") == 2 and state.get("step") in (3, 6, 9), f"never killed mid-stage 2: {state}"
     assert not (killed / "run" / "student").exists()
-    semalign("run", "--config", cfg)
+    left = json.loads((killed / "run" / ".semalign.lock").read_text())  # the killed job's lock stays behind...
+    assert left["pid"] == proc.pid
+    semalign("run", "--config", cfg)  # ...and the rerun takes it over: its holder is dead
+    assert not (killed / "run" / ".semalign.lock").exists()
     assert_same_weights(straight / "run", killed / "run")
     client, (mlrun,) = mlflow_runs(killed / "run")  # the steps replayed after the kill are not logged twice
     logged = [m.step for m in client.get_metric_history(mlrun.info.run_id, "layer_loss")]
     assert sorted(logged) == list(range(1, 25)) and mlrun.info.status == "FINISHED"  # 2 stages x 12, global
+    assert_no_row_twice(client, mlrun)
+
+
+def assert_no_row_twice(client, mlrun) -> None:
+    """A resumed run logs each metric row once: a step-axis row once per step, a run-level (step 0) figure only
+    again when its value changed (e.g. the time of a teach phase the restart redid)."""
+    from collections import Counter
+
+    for key in mlrun.data.metrics:
+        rows = client.get_metric_history(mlrun.info.run_id, key)
+        twice = [s for s, n in Counter(m.step for m in rows if m.step).items() if n > 1]
+        same = [v for v, n in Counter(m.value for m in rows if not m.step).items() if n > 1]
+        assert not twice and not same, (key, twice, same)
 
 
 def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
@@ -169,6 +186,7 @@ def checkpoint_state(run: Path) -> dict:
         return {}
 
 
+@pytest.mark.faults
 def test_sigterm_checkpoints_marks_killed_exits_75_and_resumes_to_the_same_weights(tmp_path, tiny_pair, straight):
     cfg = write_config(tmp_path, tiny_pair, schedule={"epochs_per_stage": 1.0})
     run = tmp_path / "run"
@@ -202,6 +220,7 @@ def test_sigterm_checkpoints_marks_killed_exits_75_and_resumes_to_the_same_weigh
     assert len(mlflow_runs(run)[1]) == 1
 
 
+@pytest.mark.faults
 def test_ctrl_c_exits_130_with_one_line(tmp_path, tiny_pair):
     cfg = write_config(tmp_path, tiny_pair)
     run = tmp_path / "run"
@@ -217,6 +236,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, tiny_pair):
         assert all(r.info.status == "KILLED" for r in mlflow_runs(run)[1])
 
 
+@pytest.mark.faults
 def test_teach_onto_a_full_disk_is_a_clear_error(tmp_path, tiny_pair, tmpfs):
     out = tmpfs(400)  # the tiny spool needs about 1 MiB
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -231,6 +251,7 @@ def test_teach_onto_a_full_disk_is_a_clear_error(tmp_path, tiny_pair, tmpfs):
     assert mlrun.info.status == "FAILED" and "needs" in mlrun.data.tags["error"]
 
 
+@pytest.mark.faults
 def test_resume_dir_of_another_config_is_refused(tmp_path, tiny_pair):
     cfg = write_config(tmp_path, tiny_pair, schedule={"epochs_per_stage": 0.1})
     semalign("run", "--config", cfg)

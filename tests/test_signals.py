@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from semalign_ds.run import signals
 
+pytestmark = pytest.mark.faults
+
 
 def send(sig: int) -> None:
     os.kill(os.getpid(), sig)
@@ -97,3 +99,24 @@ def test_every_rank_stops_at_the_same_step(tmp_path):
     mp.start_processes(_rank, args=(2, str(tmp_path / "rdv"), results), nprocs=2, start_method="spawn")
     assert dict(results) == {0: [None, "SIGUSR1"], 1: [None, "SIGUSR1"]}
 
+
+
+def test_ctrl_c_inside_a_training_loop_still_exits_130(monkeypatch, capsys, tmp_path):
+    """A Ctrl-C in a polling loop checkpoints at the step (Preempted), yet it is still Ctrl-C: exit 130, not 75."""
+    from semalign_ds import cli
+    from semalign_ds.run import guard
+
+    def stopped(cfg, command, work):
+        raise signals.Preempted("SIGINT", "after step 3")
+    monkeypatch.setattr(guard, "owned_run", stopped)
+    monkeypatch.setattr("semalign_ds.versions.check", lambda: None)
+    (tmp_path / "c.yaml").write_text("name: x\n")
+    assert cli.main(["run", "--config", str(tmp_path / "c.yaml")]) == signals.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "semalign: interrupted (Ctrl-C) after step 3; rerun the same command to resume from that " \
+                          "checkpoint"
+
+    def terminated(cfg, command, work):
+        raise signals.Preempted("SIGTERM", "after step 3")
+    monkeypatch.setattr(guard, "owned_run", terminated)
+    assert cli.main(["run", "--config", str(tmp_path / "c.yaml")]) == signals.EXIT_REQUEUE == 75

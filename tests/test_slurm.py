@@ -7,13 +7,16 @@ instead of hanging it. Site options are overridden on the sbatch command line, a
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,8 +49,10 @@ def tiny_config(tmp: Path, pair: dict, **sections) -> Path:
     return path
 
 
-def render(tmp: Path, config: Path, template: str, *overrides: str) -> tuple[str, str]:
-    return slurm.render(str(config), template, list(overrides), cwd=tmp)
+def render(tmp: Path, config: Path, template: str, *overrides: str, check: bool = False, **size) -> tuple[str, str]:
+    """slurm.render; the check pass off by default: plain_config names paths that do not exist (the check pass
+    of render has its own tests below, on the tiny pair)."""
+    return slurm.render(str(config), template, list(overrides), cwd=tmp, check=check, **size)
 
 
 # ---------------------------------------------------------------- render (no cluster)
@@ -95,7 +100,7 @@ def test_render_cli_prints_and_submits_nothing(tmp_path, plain_config):
         (fake_bin / tool).write_text(f"#!/bin/sh\necho called >> {tmp_path}/submitted\n")
         (fake_bin / tool).chmod(0o755)
     env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", PYTHONPATH=str(REPO))  # this checkout's code
-    cmd = [sys.executable, "-m", "semalign_ds.cli", "slurm", "render", "--config", str(plain_config)]
+    cmd = [sys.executable, "-m", "semalign_ds.cli", "slurm", "render", "--no-check", "--config", str(plain_config)]
     ok = subprocess.run([*cmd, "--template", "colocated"], env=env, cwd=tmp_path, capture_output=True, text=True,
                         timeout=120)
     assert ok.returncode == 0, ok.stderr
@@ -158,30 +163,100 @@ def test_render_refuses_a_spool_the_teacher_cannot_write(tmp_path, plain_config)
         locked.chmod(0o755)
 
 
+def test_render_refuses_placeholder_paths_and_names_each(tmp_path, plain_config):
+    with pytest.raises(ValueError) as err:
+        render(tmp_path, plain_config, "colocated", check=True)
+    text = str(err.value)
+    assert text.startswith("the job would stop at its start: ") and "--no-check" in text
+    for key in ("teacher.path", "student.path", "data.path", "eval.sets.heldout"):
+        assert f"{key}='{tmp_path}" in text, key
+
+
+def test_render_checks_a_real_config_and_takes_the_size_from_flags(tmp_path, tiny_pair):
+    cfg = tiny_config(tmp_path, tiny_pair)
+    script, summary = render(tmp_path, cfg, "colocated", check=True)
+    assert "#SBATCH --nodes=2 " in script and "size: the template's #SBATCH lines (set it with --nodes N" in summary
+    script, summary = render(tmp_path, cfg, "colocated", check=True, nodes=[1], gpus_per_node=4)
+    assert re.search(r"^#SBATCH --nodes=1 +# SITE: nodes$", script, re.M)
+    assert re.search(r"^#SBATCH --ntasks-per-node=4 ", script, re.M) and "--gpus-per-node=4 " in script
+    assert "all ranks: 1 nodes x 4 tasks" in summary and "ranks: 4 " in summary and "size: from --nodes" in summary
+    script, summary = render(tmp_path, cfg, "hetjob", check=True, nodes=[3, 1])
+    assert "teacher: 3 nodes x 8 tasks" in summary and "student: 1 nodes x 8 tasks" in summary
+    with pytest.raises(ValueError, match=r"has 2 component\(s\): use --nodes T,S"):
+        render(tmp_path, cfg, "hetjob", nodes=[2])
+
+
+def test_render_template_without_a_name_lists_them_with_exit_0(tmp_path):
+    from semalign_ds import cli
+
+    proc = subprocess.run([sys.executable, "-m", "semalign_ds.cli", "slurm", "render", "--template"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    for name in slurm.TEMPLATES:
+        assert f"\n  {name} " in proc.stdout
+    assert cli.main(["slurm", "render", "--template", "colocated"]) == 2  # a name but no config: a clear error
+
+
 # ---------------------------------------------------------------- the real-Slurm tier
 
 def _cluster(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout)
 
 
+USERS = Path(tempfile.gettempdir()) / "semalign-slurm-users"  # the test sessions using the local cluster now
+
+
+@contextmanager
+def _one_at_a_time():
+    """Serialise the start/stop decisions of test sessions on this host (two clones' test runs at once)."""
+    with open(Path(tempfile.gettempdir()) / "semalign-slurm-fixture.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _live_users() -> list[Path]:
+    from semalign_ds import lock
+
+    live = []
+    for path in USERS.glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if lock.alive(record) is not False:
+            live.append(path)
+    return live
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The local cluster: started here (and stopped at the end) unless it is already up; skipped with the reason
-    where this machine cannot host it."""
+    """The local cluster, shared by the test sessions on this host: the first one starts it (unless it is already
+    up), each registers while it uses it, and the last one out stops it if a test session started it. Skipped with
+    the reason where this machine cannot host it."""
+    from semalign_ds import lock
+
     check = _cluster("check")
     if check.returncode == 3:
         pytest.skip(f"real-Slurm tier skipped: this machine cannot host a local Slurm cluster: {check.stdout.strip()}")
-    if _cluster("status").returncode == 0:
-        yield
-        return
-    start = _cluster("start", timeout=300)
-    if start.returncode == 4:
-        pytest.skip(f"real-Slurm tier skipped: apt-get could not install Slurm: {start.stderr.strip()[-800:]}")
+    me = USERS / f"{os.getpid()}.json"
+    with _one_at_a_time():
+        if _cluster("status").returncode != 0:
+            start = _cluster("start", timeout=300)
+            if start.returncode == 4:
+                pytest.skip(f"real-Slurm tier skipped: apt-get could not install Slurm: {start.stderr.strip()[-800:]}")
+            assert start.returncode == 0, f"local Slurm did not start:\n{start.stdout}\n{start.stderr[-4000:]}"
+            USERS.mkdir(exist_ok=True)
+            (USERS / "started-by-tests").touch()
+        USERS.mkdir(exist_ok=True)
+        me.write_text(json.dumps(lock.identity()))
     try:
-        assert start.returncode == 0, f"local Slurm did not start:\n{start.stdout}\n{start.stderr[-4000:]}"
         yield
     finally:
-        _cluster("stop", timeout=120)
+        with _one_at_a_time():
+            me.unlink(missing_ok=True)
+            if not _live_users() and (USERS / "started-by-tests").exists():
+                _cluster("stop", timeout=120)
+                (USERS / "started-by-tests").unlink()
 
 
 def job_env() -> dict:
@@ -244,7 +319,7 @@ def rendered(tmp_path, tiny_pair):
     """render(template, *overrides, **config sections) -> job script path in tmp_path, as a user would write it."""
     def make(template: str, *overrides: str, **sections) -> Path:
         cfg = tiny_config(tmp_path, tiny_pair, **sections)
-        script, _ = render(tmp_path, cfg, template, *overrides)
+        script, _ = render(tmp_path, cfg, template, *overrides, check=True)
         path = tmp_path / f"{template}.sbatch"
         path.write_text(script)
         return path

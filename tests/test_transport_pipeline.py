@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 from engines_common import warm_deepspeed  # noqa: E402
 from test_pipeline import SEMALIGN, env, semalign, student_weights, write_config  # noqa: E402
 
-from semalign_ds.cluster.launch import free_port  # noqa: E402
 from semalign_ds.transport import spool  # noqa: E402
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -26,7 +25,7 @@ COMMON = {"transport": {"shard_sequences": 16, "timeout_s": 60.0}}
 
 def torchrun(nproc: int, *args, timeout=400):
     warm_deepspeed()
-    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "semalign_ds.cli",
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "semalign_ds.cli",
            *map(str, args)]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -1,10 +1,13 @@
 """The trust issue's bad inputs through `semalign` in-process (cli.main): each gets exit code 2 and one clear
 line naming the key and the fix, before any model loads, and leaves every file as it was (no output directory,
-no MLflow store). The cases that need a real run or a real signal are in test_pipeline.py and test_signals.py;
-the ownership rules and full/read-only disks in test_ownership.py."""
+no MLflow store). Also: a directory another job holds, a full disk reported in SQLite's or safetensors' words,
+stale DeepSpeed build locks, fixed ports, check commands that answer in seconds. The cases that need a real run
+or a real signal are in test_pipeline.py, test_signals.py and test_faults.py; the ownership rules, the job lock
+and full/read-only disks in test_ownership.py. Part of the fault tier (`pytest -m faults`)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +23,7 @@ from test_ownership import tree
 from test_pipeline import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.faults
 
 
 @pytest.fixture
@@ -225,9 +229,11 @@ def test_version_and_help_for_every_subcommand_and_flag(run_cli, capsys):
 
 def test_slurm_render_template_without_a_value_lists_the_templates(cfg, run_cli):
     rc, out, err = run_cli("slurm", "render", "--config", cfg, "--template")
-    assert rc == 2 and not out and "--template needs a name or a path; the shipped templates" in err
+    assert rc == 0 and not err and "the shipped templates" in out
     for name in ("colocated", "hetjob", "spool_teacher", "spool_student"):
-        assert f"\n  {name} " in err
+        assert f"\n  {name} " in out
+    rc, out, err = run_cli("slurm", "render", "--config", cfg)
+    assert rc == 2 and not out and "slurm render needs --template NAME or PATH; the shipped templates" in err
 
 
 def test_a_bug_prints_its_traceback_and_where_to_report_it(tmp_path, cfg, run_cli, monkeypatch):
@@ -281,3 +287,156 @@ def test_shipped_configs_pass_the_ranges():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         assert cfgmod.load_config_with_problems(path)[1] == [], path
     assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+
+
+# ---------------------------------------------------------------- shared machines
+
+
+def test_a_directory_another_job_holds_is_refused_at_once_by_name(tmp_path, cfg, run_cli):
+    from test_ownership import holder_process
+
+    holder = holder_process(tmp_path / "run")  # another job, running, holds the output directory
+    try:
+        rc, _, err = run_cli("run", "--config", cfg)
+        line = one_error(err)
+        assert rc == 2 and f"output_dir='{tmp_path}/run' (the run directory) is in use by another semalign job: " \
+                           f"pid {holder.pid} on host" in line and "running on this host" in line
+        assert sorted(os.listdir(tmp_path / "run")) == [".semalign.lock"]  # nothing written beside the holder's lock
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_teach_into_a_spool_another_teach_writes_is_refused(tmp_path, cfg, run_cli):
+    from test_ownership import holder_process
+
+    holder = holder_process(tmp_path / "spool")
+    try:
+        rc, _, err = run_cli("teach", "--config", cfg, "--out", tmp_path / "spool")
+        assert rc == 2 and f"--out (transport.spool_dir)='{tmp_path}/spool' (the spool being written) is in use by " \
+                           f"another semalign job: pid {holder.pid}" in one_error(err)
+        rc, _, err = run_cli("train", "--config", cfg, "--from-spool", tmp_path / "spool")
+        assert rc == 2 and f"has no manifest.json yet: a job is writing it (pid {holder.pid} on host" in one_error(err)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_full_disk_in_sqlite_or_safetensors_words_is_one_line(tmp_path, cfg, run_cli, monkeypatch, tmpfs):
+    import sqlite3
+
+    import torch
+    from safetensors.torch import save_file
+
+    from semalign_ds.run import pipeline
+
+    full = tmpfs(16)
+
+    def checkpoint(cfg):  # a real SafetensorError from a real full disk
+        save_file({"w": torch.zeros(64, 1024)}, str(full / "w.safetensors"))
+    monkeypatch.setattr(pipeline, "run", checkpoint)
+    rc, _, err = run_cli("run", "--config", cfg)
+    assert rc == 2 and "the disk is full" in one_error(err) and "No space left on device" in err
+
+    def metrics(cfg):  # what MLflow raises when its store's disk fills: sqlite's error, wrapped
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as err:
+            raise RuntimeError("(sqlite3.OperationalError) could not log") from err
+    monkeypatch.setattr(pipeline, "run", metrics)
+    rc, _, err = run_cli("run", "--config", cfg)
+    assert rc == 2 and "the disk is full" in one_error(err) and "database or disk is full" in err
+
+
+def test_the_demo_config_check_says_the_demo_fills_its_paths(run_cli):
+    rc, _, err = run_cli("config", "--check", "--config", ROOT / "configs" / "demo.yaml")
+    assert rc == 2 and "teacher.path is empty" in err
+    assert "configs/demo.yaml leaves the paths empty on purpose: `semalign demo` fills teacher.path" in err
+
+
+def test_check_commands_import_no_ml_stack(tmp_path, cfg):
+    """`config --check` and `slurm render` answer in seconds: neither imports torch, transformers, datasets,
+    deepspeed or mlflow (which take 5-60 s to import on a busy 2-core login node)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from semalign_ds import cli; rc = cli.main(sys.argv[1:]); "
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'deepspeed', 'mlflow') if m in sys.modules]; "
+            "print('HEAVY', heavy); sys.exit(rc)")
+    for args in (["config", "--check", "--config", str(cfg)],
+                 ["slurm", "render", "--config", str(cfg), "--template", "colocated"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "HEAVY []" in proc.stdout, (args, proc.stdout[-500:])
+
+
+def test_no_fixed_rendezvous_port_in_setup_tests_or_the_package():
+    """Single-node commands, the setup script and the tests take a free port (or the launcher's): no port number
+    is written into them (the Slurm templates derive theirs from the job id, and are not single-node)."""
+    pattern = re.compile(r"MASTER_PORT[=:\s\"']+\d{3,5}|master_port[\"', ]+\d{3,5}|WARM_PORT|\b29[5-9]\d\d\b")
+    places = [ROOT / "scripts", ROOT / "semalign_ds", ROOT / "tests", ROOT / "configs"]
+    offenders = [f"{p.relative_to(ROOT)}: {m.group(0)}" for place in places for p in place.rglob("*")
+                 if p.is_file() and p.suffix in (".py", ".sh", ".yaml", ".json")
+                 for m in pattern.finditer(p.read_text(errors="ignore"))
+                 if p.name not in (Path(__file__).name, "test_launch.py")]  # test_launch parses env dicts: binds none
+    assert offenders == []
+
+
+# ---------------------------------------------------------------- DeepSpeed's build locks
+
+
+def _op_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "ext" / "deepspeed_shm_comm"
+    folder.mkdir(parents=True)
+    (folder / "build.ninja").write_text("# a build folder\n")
+    return folder
+
+
+def test_a_build_lock_no_process_holds_is_removed_and_a_held_one_kept(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from semalign_ds.cluster import extensions
+
+    lock_file = _op_folder(tmp_path) / "lock"
+    code = (f"from torch.utils.file_baton import FileBaton; import time; b = FileBaton({str(lock_file)!r}); "
+            f"assert b.try_acquire(); print('held', flush=True); time.sleep(120)")  # what torch's builder does
+    builder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "held"
+        assert extensions.holders(lock_file) == [builder.pid]
+        assert extensions.clear_stale_locks(tmp_path / "ext") == [] and lock_file.exists()  # a live build
+    finally:
+        builder.kill()
+        builder.wait()
+    assert extensions.clear_stale_locks(tmp_path / "ext") == [lock_file] and not lock_file.exists()
+    assert f"removed the stale DeepSpeed build lock {lock_file} (no process holds it)" in caplog.text
+
+
+def test_a_build_lock_on_a_shared_filesystem_waits_for_activity_to_stop(tmp_path, monkeypatch, caplog):
+    from semalign_ds.cluster import extensions
+
+    lock_file = _op_folder(tmp_path) / "lock"
+    lock_file.write_text("")
+    monkeypatch.setattr(extensions, "_shared", lambda path: True)  # e.g. NFS: a build on another node may hold it
+    monkeypatch.setattr(extensions, "POLL_S", 0.05)
+    assert extensions.clear_stale_locks(tmp_path / "ext", stale_s=0.3) == [lock_file]
+    assert f"waiting for {lock_file}: a DeepSpeed op build on another host, or a stale lock" in caplog.text
+    assert f"has been idle" in caplog.text
+
+
+def test_the_ops_folder_is_the_users_own(tmp_path, monkeypatch, tmpfs):
+    import sys
+
+    from semalign_ds.cluster import extensions
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    root = extensions.default_dir("cpu")  # this environment's own folder, or the user's cache: never /root
+    assert str(root).startswith((sys.prefix, str(Path.home()))) and root.name.endswith("_cpu")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert extensions.prepare("cpu") == tmp_path / "ext"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmpfs(64, read_only=True) / "ext"))
+    with pytest.raises(ValueError, match=r"TORCH_EXTENSIONS_DIR='.*/ext' cannot be written by this user .* unset "
+                                         r"it \(semalign then uses the environment's own folder\)"):
+        extensions.prepare("cpu")

@@ -65,9 +65,14 @@ def resolve_device(device: str) -> str:
 
 
 def setup_env(device: str) -> Launch:
-    """Tell DeepSpeed which accelerator to use (before its first import) and set RANK/WORLD_SIZE/LOCAL_RANK/
-    MASTER_ADDR/MASTER_PORT from whichever launcher started us (launch.resolve_launch; single rank if none)."""
+    """Tell DeepSpeed which accelerator to use (before its first import), where its JIT-built ops live (this
+    environment's own folder, stale build locks cleared: extensions.py), and set RANK/WORLD_SIZE/LOCAL_RANK/
+    MASTER_ADDR/MASTER_PORT from whichever launcher started us (launch.resolve_launch; single rank if none: a
+    free port). Returns the launch."""
+    from semalign_ds.cluster import extensions
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+    extensions.prepare(device)
     launch = resolve_launch(os.environ)
     os.environ.update(launch.torch_env())
     return launch

@@ -4,8 +4,14 @@ The job script goes to stdout (redirect it into a file and `sbatch` that), the s
 submitted. A template's run settings are shell lines of two forms, which render replaces with the values it knows:
     : "${NAME:?message}"          required: the job stops with the message when NAME is left unset
     NAME=${NAME:-default}         optional
-The checks a job would otherwise fail on after queueing: the config file exists; the teacher/student split fits
-the job's tasks (Roles, whole nodes per role); the spool directory is one the student job can read.
+The checks a job would otherwise fail on after queueing: the config file exists; the check pass of the command
+the job runs (checks.py: models, data, eval sets, DeepSpeed templates, output directory; a config whose paths
+are still placeholders is refused here, not after the job waited in the queue; `--no-check` skips it for paths
+that only the compute nodes see); the teacher/student split fits the job's tasks (Roles, whole nodes per
+role); the spool directory is one the student job can read.
+The job's size: `--nodes` / `--gpus-per-node` (the flags `semalign plan` takes) rewrite the template's
+`#SBATCH --nodes`, `--ntasks-per-node` and `--gpus-per-node` lines (a het job: `--nodes T,S`, teacher and student
+components); without them the template's lines stand, and the summary says so.
 """
 from __future__ import annotations
 
@@ -62,30 +68,101 @@ class Template:
 
 
 def main(args) -> int:
-    """CLI entry (`semalign slurm render --config X --template Y [overrides]`)."""
-    script, summary = render(args.config, args.template, list(args.overrides))
+    """CLI entry (`semalign slurm render --config X --template Y [--nodes N] [--gpus-per-node G] [overrides]`);
+    `--template` without a name lists the shipped templates."""
+    if args.template == "":
+        print(f"the shipped templates (in {SLURM_DIR}); render one with --template NAME, or pass the path of an "
+              f"edited copy:\n{template_list()}")
+        return 0
+    if not args.config:
+        raise ValueError("slurm render needs --config YAML (the run config the job runs)")
+    nodes = _node_counts(args.nodes) if args.nodes else None
+    script, summary = render(args.config, args.template, list(args.overrides), nodes=nodes,
+                             gpus_per_node=args.gpus_per_node, check=not args.no_check)
     print(script, end="")
     print(summary, file=sys.stderr)
     return 0
 
 
-def render(config_path: str, template: str | None, overrides: list[str], cwd: Path | None = None) -> tuple[str, str]:
-    """(filled job script, human summary of what it would submit); ValueError on anything the job would fail on."""
+def _node_counts(text: str) -> list[int]:
+    counts = [_int_option(part.strip(), "--nodes") for part in str(text).split(",")]
+    if len(counts) > 2:
+        raise ValueError(f"--nodes {text!r}: one count (N), or two for a het job (teacher,student)")
+    return counts
+
+
+def render(config_path: str, template: str | None, overrides: list[str], cwd: Path | None = None,
+           nodes: list[int] | None = None, gpus_per_node: int | None = None, check: bool = True) -> tuple[str, str]:
+    """(filled job script, human summary of what it would submit); ValueError on anything the job would fail on.
+    nodes / gpus_per_node: the job's size (None: the template's #SBATCH lines); check: the command's check pass."""
     cwd = Path(cwd or os.getcwd()).resolve()
-    tpl = load_template(template)
+    tpl = resize(load_template(template), nodes, gpus_per_node)
     config_file = _abs(config_path, cwd)
     cfg = cfgmod.load_config(config_file, overrides)
     _check_overrides(overrides)
     layout = check_layout(tpl, cfg)
+    if check:
+        _check_pass(cfg, tpl, layout)
     values = {"SEMALIGN_CONFIG": str(config_file), "SEMALIGN_WORKDIR": str(cwd),
               "SEMALIGN_PYTHON": sys.executable, "SEMALIGN_OVERRIDES": " ".join(overrides)}
-    notes = []
+    notes = [] if check else ["note: --no-check: the config's paths were not checked here (the job checks them "
+                              "at its start)"]
     if tpl.kind.startswith("spool"):
         spool = spool_dir(cfg, cwd)
         notes += check_spool(spool, tpl.kind)
         values["SEMALIGN_SPOOL_DIR"] = str(spool)
     script, unfilled = fill(tpl, values, cfg, config_file)
-    return script, summary(tpl, layout, cfg, values, unfilled, notes)
+    sized = "--nodes/--gpus-per-node" if nodes or gpus_per_node else None
+    return script, summary(tpl, layout, cfg, values, unfilled, notes, sized)
+
+
+def _check_pass(cfg: cfgmod.RunConfig, tpl: Template, layout: Roles) -> None:
+    """The check pass of the command the job runs, as the job would run it at its start (no GPU check: this is
+    a login node; a spool the student job reads may not be written yet)."""
+    from semalign_ds.run import checks
+
+    command = {"spool_teacher": "teach", "spool_student": "train"}.get(tpl.kind, "run")
+    found = checks.problems(cfg, command, layout.world_size, before_submit=True)
+    if found:
+        raise ValueError(f"the job would stop at its start: {cfgmod.format_problems(found)}\n(fix the config, or "
+                         f"pass the paths as overrides, e.g. teacher.path=/abs/checkpoint; --no-check renders "
+                         f"anyway when the paths exist only on the compute nodes)")
+
+
+_SIZE_LINES = {"nodes": re.compile(r"^(#SBATCH\s+--nodes[= ])(\S+)(.*)$"),
+               "ntasks-per-node": re.compile(r"^(#SBATCH\s+--ntasks-per-node[= ])(\S+)(.*)$"),
+               "gpus-per-node": re.compile(r"^(#SBATCH\s+--gpus-per-node[= ])(\S+)(.*)$")}
+
+
+def resize(tpl: Template, nodes: list[int] | None, gpus_per_node: int | None) -> Template:
+    """The template with its size lines rewritten: nodes per component, one task (rank) per GPU."""
+    if not nodes and gpus_per_node is None:
+        return tpl
+    if nodes and len(nodes) != len(tpl.components):
+        form = "--nodes T,S (teacher, student nodes)" if len(tpl.components) == 2 else "--nodes N"
+        raise ValueError(f"--nodes gives {len(nodes)} count(s) but template {tpl.path} has {len(tpl.components)} "
+                         f"component(s): use {form}")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node={gpus_per_node} must be >= 1 (one rank per GPU)")
+    want = {"nodes": nodes, "ntasks-per-node": gpus_per_node, "gpus-per-node": gpus_per_node}
+    lines, comp, seen = tpl.text.splitlines(), 0, set()
+    for i, line in enumerate(lines):
+        if re.match(r"^#SBATCH\s+(hetjob|packjob)\b", line):
+            comp += 1
+        for option, pattern in _SIZE_LINES.items():
+            value = want[option][comp] if option == "nodes" and nodes else None if option == "nodes" \
+                else gpus_per_node
+            m = pattern.match(line)
+            if m and value is not None:
+                lines[i] = f"{m.group(1)}{value}{m.group(3)}"
+                seen.add((option, comp))
+    missing = [f"--{o} (component {c})" for o in _SIZE_LINES for c in range(len(tpl.components))
+               if want[o] and (o, c) not in seen]
+    if missing:
+        raise ValueError(f"template {tpl.path} has no #SBATCH line for {', '.join(missing)} to set; add one (as in "
+                         f"the shipped templates) or drop --nodes/--gpus-per-node")
+    text = "\n".join(lines) + "\n"
+    return Template(tpl.name, tpl.path, text, tpl.kind, parse_sbatch(text))
 
 
 def template_list() -> str:
@@ -95,7 +172,7 @@ def template_list() -> str:
 def load_template(template: str | None) -> Template:
     """A shipped template by name (colocated, hetjob, spool_teacher, spool_student) or a path to an edited copy."""
     if not template:
-        raise ValueError(f"--template needs a name or a path; the shipped templates (in {SLURM_DIR}):\n"
+        raise ValueError(f"slurm render needs --template NAME or PATH; the shipped templates (in {SLURM_DIR}):\n"
                          f"{template_list()}")
     path = SLURM_DIR / f"{template}.sbatch" if template in TEMPLATES else Path(template)
     if not path.is_file():
@@ -236,7 +313,7 @@ def fill(tpl: Template, values: dict[str, str], cfg: cfgmod.RunConfig, config_fi
 
 
 def summary(tpl: Template, layout: Roles, cfg: cfgmod.RunConfig, values: dict[str, str],
-            unfilled: list[str], notes: list[str]) -> str:
+            unfilled: list[str], notes: list[str], sized: str | None = None) -> str:
     roles = ("teacher", "student") if tpl.kind == "hetjob" else ("all ranks",)
     lines = [f"semalign slurm render: nothing was submitted. Save the script above (e.g. > job.sbatch) and run "
              f"`sbatch job.sbatch`{' --dependency=afterok:<teacher job id>' if tpl.kind == 'spool_student' else ''}.",
@@ -246,6 +323,8 @@ def summary(tpl: Template, layout: Roles, cfg: cfgmod.RunConfig, values: dict[st
         lines.append(f"  {role}: {comp.nodes()} nodes x {comp.per_node()} tasks, GPUs/node "
                      f"{o.get('gpus-per-node', '-')}, partition {o.get('partition', '(default)')}, account "
                      f"{o.get('account', '(default)')}, time {o.get('time', '(default)')}")
+    lines.append(f"size: from {sized}" if sized else "size: the template's #SBATCH lines (set it with --nodes N "
+                 "--gpus-per-node G, the flags `semalign plan` takes)")
     lines.append(f"ranks: {layout.world_size}" + (
         f" (teacher {_span(layout.teacher_ranks)}, student {_span(layout.student_ranks)})" if layout.disaggregated
         else " (each a teacher shard and a student replica)" if tpl.kind == "colocated" else ""))

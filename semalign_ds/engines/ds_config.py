@@ -17,8 +17,18 @@ import json
 from pathlib import Path
 
 AUTO = "auto"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # ds_configs/ lives here
 _NO_OPTIMIZER_KEYS = ("optimizer", "scheduler")
 _QUIET = {"steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+def find_template(path: str, key: str) -> Path:
+    """A DeepSpeed template path as given, or relative to the project's root (where ds_configs/ lives)."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"{key}={path!r} does not exist (also looked in {REPO_ROOT}); point it at a JSON file "
+                     f"such as ds_configs/student_zero2.json")
 
 
 def load_template(path) -> dict:

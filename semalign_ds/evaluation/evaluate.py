@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from semalign_ds import files
 from semalign_ds.method.objectives import next_token_valid
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -267,9 +268,9 @@ def evaluate_run(r, export_dir, stage_table: str = "") -> dict:
     summary = {"perplexity": ppl, "agreement": agree, "table": _summary_table(ppl, agree, r.vocab.cross),
                "student_dir": str(export_dir), "tracking_uri": getattr(r.tracker, "uri", None)}
     if r.info.is_main:
-        (r.out / "eval.json").write_text(json.dumps(summary, indent=2))
+        files.write_bytes(r.out / "eval.json", json.dumps(summary, indent=2).encode(), "the evaluation results")
         stages = f"\n## Training, per stage\n\n{stage_table}\n" if stage_table else ""
-        (r.out / "eval.md").write_text(summary["table"] + "\n" + stages)
+        files.write_bytes(r.out / "eval.md", (summary["table"] + "\n" + stages).encode(), "the evaluation table")
         r.tracker.log_metrics({f"eval/{s}/{m}_ppl": v for s, row in ppl.items() for m, v in row.items()})
         r.tracker.log_metrics({f"eval/{s}/{m}_{k}": v for s, row in agree.items() for m, d in row.items()
                                for k, v in d.items()})

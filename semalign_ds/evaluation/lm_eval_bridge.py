@@ -73,17 +73,20 @@ def task_manager(tasks: list[str], include_path: list[str]):
 
 
 class _TruncationCount(logging.Filter):
-    """Counts (and keeps out of the console) lm-eval's one-line-per-prompt truncation warnings."""
+    """Counts (and keeps out of the console) lm-eval's one-line-per-prompt truncation warnings, and drops its
+    "`pretrained` model kwarg is not of type `str`" warning: we hand HFLM a model our loader built on purpose
+    (explicit device and dtype, trust_remote_code from the config), for every model scored."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "exceeds model's maximum length" in record.getMessage():
+        message = record.getMessage()
+        if "exceeds model's maximum length" in message:
             self.count += 1
             return False
-        return True
+        return "model kwarg is not of type `str`" not in message
 
 
 def score(spec: ModelSpec, tasks: list[str], settings, manager, device: str) -> dict[str, dict]:
@@ -93,12 +96,13 @@ def score(spec: ModelSpec, tasks: list[str], settings, manager, device: str) -> 
 
     from semalign_ds.models.loading import load_causal_lm, load_tokenizer
 
+    print(f"lm-eval: scoring {spec.label.replace('_', ' ')} ({spec.path}) on {', '.join(tasks)}", flush=True)
     model = load_causal_lm(spec.path, DTYPES[spec.dtype], device, spec.trust_remote_code, key=spec.key)
     tok = load_tokenizer(spec.path, spec.key, spec.trust_remote_code)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=settings.batch_size)
     counter, logger = _TruncationCount(), logging.getLogger("lm_eval.models.huggingface")
     logger.addFilter(counter)
     try:
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=settings.batch_size)
         out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=settings.num_fewshot, limit=settings.limit,
                               task_manager=manager, log_samples=False, bootstrap_iters=1000)
     finally:
@@ -257,8 +261,15 @@ def _log(tracker, scores: dict[str, dict[str, dict]], out_dir: Path) -> None:
 
 
 def eval_run_dir(run_dir: Path, overrides: list[str] = ()) -> dict:
-    """Score student before/after and teacher of a finished run; merge into its eval files and MLflow run."""
-    run_dir = Path(run_dir)
+    """Score student before/after and teacher of a finished run; merge into its eval files and MLflow run. Holds
+    the run directory's job lock meanwhile: a run resuming there, or another eval of it, is refused by name."""
+    from semalign_ds import lock
+
+    with lock.held(run_dir, "the run directory", "eval target"):
+        return _eval_run_dir(Path(run_dir), overrides)
+
+
+def _eval_run_dir(run_dir: Path, overrides: list[str]) -> dict:
     cfg = cfgmod.load_config(run_dir / "config.yaml", list(overrides))
     after = run_dir / "student"
     if not (after / "config.json").is_file():

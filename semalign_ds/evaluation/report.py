@@ -23,9 +23,15 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
+    """Render in memory, then write atomically: a full disk is one error with the bytes, and no half a PNG."""
+    import io
+
+    from semalign_ds import files
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     _pyplot().close(fig)
-    return Path(path)
+    return files.write_bytes(path, buffer.getvalue(), f"the plot {Path(path).name}")
 
 
 def paired_layers(sources: list) -> dict[int, list[int]]:

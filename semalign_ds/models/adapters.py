@@ -7,9 +7,11 @@ Shapes: head weight V x D (vocab x hidden).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the table is read by the check pass, which must not import torch
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)

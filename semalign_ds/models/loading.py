@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from typing import TYPE_CHECKING
 
 from semalign_ds.models.adapters import ADAPTERS, family_of
+
+if TYPE_CHECKING:  # torch and transformers load inside the loaders: the checks before a run read JSON only
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack")
@@ -94,14 +96,16 @@ def _check_safetensors(directory: Path, key: str) -> None:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a config dtype name ('float32', 'bfloat16', 'float16')."""
+    import torch
+
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 def check_weights(path, key: str, gguf_file: str | None = None) -> None:
@@ -141,11 +145,44 @@ def _checked_dir(path, key: str) -> Path:
     return directory
 
 
+# attribute names of transformers' configs that some families spell differently in config.json (transformers maps
+# them through each config class's attribute_map; the check pass reads the JSON without transformers)
+_ALIASES = {"num_hidden_layers": ("n_layer",), "hidden_size": ("n_embd",), "max_position_embeddings": ("n_positions",)}
+
+
+class JsonConfig:
+    """config.json as attributes, for the checks before a run (no torch or transformers import): the keys of the
+    file, a few aliases (gpt2's n_layer, n_embd, n_positions), `get_text_config()` (a nested text_config, else
+    itself) and `name_or_path`. A key the file leaves to the config class's default is absent (AttributeError)."""
+
+    def __init__(self, raw: dict, name_or_path: str):
+        self._raw, self.name_or_path = raw, name_or_path
+
+    def __getattr__(self, name: str):
+        raw = self.__dict__.get("_raw", {})
+        for candidate in (name, *_ALIASES.get(name, ())):
+            if candidate in raw:
+                return raw[candidate]
+        raise AttributeError(name)
+
+    def get_text_config(self) -> "JsonConfig":
+        text = self._raw.get("text_config")
+        return JsonConfig(text, self.name_or_path) if isinstance(text, dict) else self
+
+
+def json_config(path, key: str = "model.path") -> JsonConfig:
+    """The checkpoint's config.json after the path/causal-LM/family checks, without transformers."""
+    directory = _checked_dir(path, key)
+    return JsonConfig(_raw_config(directory, key), str(directory))
+
+
 def load_config(path, key: str = "model.path", trust_remote_code: bool = False) -> PretrainedConfig:
     """The checkpoint's config (no weights read), after the path/causal-LM/family checks.
 
     Used for planning and by the teacher engine, which materialises the weights under ZeRO-3 itself.
     """
+    from transformers import AutoConfig
+
     directory = _checked_dir(path, key)
     return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
 
@@ -153,6 +190,9 @@ def load_config(path, key: str = "model.path", trust_remote_code: bool = False) 
 def load_causal_lm(path, dtype: torch.dtype, device: str | torch.device, trust_remote_code: bool = False,
                    key: str = "model.path") -> PreTrainedModel:
     """A causal LM from a local safetensors checkpoint, cast to `dtype`, on `device`, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"load_causal_lm({key}): dtype must be a torch.dtype, got {dtype!r}")
     directory = _checked_dir(path, key)
@@ -169,6 +209,8 @@ def load_tokenizer(path, key: str = "model.path", trust_remote_code: bool = Fals
     If the tokenizer has no pad token but has an EOS token, the pad token is set to EOS: padded
     positions are always masked out (mask_BT False), so the pad id's value never reaches a loss.
     """
+    from transformers import AutoTokenizer
+
     directory = _checkpoint_dir(path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,

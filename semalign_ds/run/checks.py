@@ -24,7 +24,6 @@ from pathlib import Path
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
 from semalign_ds.run import ownership
-from semalign_ds.cluster.distributed import resolve_device
 from semalign_ds.models import loading
 
 COMMANDS = ("run", "train", "teach", "check")
@@ -42,8 +41,11 @@ def check_all(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | Non
         raise ValueError(cfgmod.format_problems(found))
 
 
-def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None) -> list[str]:
-    """Every problem of the paths and files `cfg` names for `command` (its values were checked when parsed)."""
+def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None,
+             before_submit: bool = False) -> list[str]:
+    """Every problem of the paths and files `cfg` names for `command` (its values were checked when parsed).
+    before_submit (`semalign slurm render` on a login node): no device check, and the spool a student job reads is
+    not checked (its teacher job may not have written it yet; render checks that it can be read)."""
     assert command in COMMANDS, command
     reads_spool = command == "train" or (command in ("run", "check") and cfg.runtime.topology == "spool")
     from semalign_ds.spec import MethodSpec
@@ -64,9 +66,11 @@ def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None
         _collect(found, _template, cfg, "student", world_size)
     if teacher_engine:
         _collect(found, _template, cfg, "teacher", world_size)
-    if reads_spool:
+    if reads_spool and not before_submit:
         _collect(found, spool_to_read, cfg.transport.spool_dir)
-    if command != "check":  # `config --check` may run on a login node without the job's GPUs
+    if command != "check" and not before_submit:  # `config --check` may run on a login node without the job's GPUs (and without torch)
+        from semalign_ds.cluster.distributed import resolve_device
+
         _collect(found, resolve_device, cfg.runtime.device)
     if command == "teach":
         _collect(found, _spool_to_write, cfg)
@@ -99,9 +103,9 @@ def _model(found: list[str], model: cfgmod.ModelConfig, role: str, weights: bool
 
 
 def _against_models(cfg: cfgmod.RunConfig) -> None:
-    """Layer indices and seq_len against the two models' configs (config.json only)."""
-    conf_T = loading.load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
-    conf_S = loading.load_config(cfg.student.path, "student.path", cfg.student.trust_remote_code)
+    """Layer indices and seq_len against the two models' configs (config.json read as JSON: no transformers)."""
+    conf_T = loading.json_config(cfg.teacher.path, "teacher.path")
+    conf_S = loading.json_config(cfg.student.path, "student.path")
     datamod.check_seq_len(cfg.data.seq_len, conf_T, conf_S)
     L_T, L_S = (int(c.get_text_config().num_hidden_layers) for c in (conf_T, conf_S))
     bad = [k for k in cfg.schedule.stages or [] if not 1 <= k <= L_S]
@@ -117,7 +121,7 @@ def _template(cfg: cfgmod.RunConfig, role: str, world_size: int | None) -> None:
     """The role's DeepSpeed template: it exists, is a JSON object, runs the right ZeRO stage, and the pure
     builder accepts it with this run's values; errors name the key and the template's path."""
     from semalign_ds.engines import ds_config as dsc  # pure functions, no deepspeed import
-    from semalign_ds.run.resume import find_template
+    from semalign_ds.engines.ds_config import find_template
 
     engine = cfg.teacher_engine if role == "teacher" else cfg.student_engine
     key = f"{role}_engine.ds_config"
@@ -180,13 +184,17 @@ def spool_to_read(spool_dir: str) -> dict:
     marker = ownership.read(path)
     manifest = path / spool.MANIFEST
     if not manifest.is_file():
+        from semalign_ds import lock
+
+        writer = lock.holder(path)
+        if writer:
+            raise ValueError(f"the spool in {spool_dir!r} has no {spool.MANIFEST} yet: a job is writing it "
+                             f"({lock.describe(writer)}); wait for it to finish")
         if marker and marker["kind"] == "run":
             raise ValueError(f"{key}={spool_dir!r} is a run's output directory, not a spool; point --from-spool at "
                              f"the directory `semalign teach --out` wrote")
         if marker:
-            raise ValueError(f"the spool in {spool_dir!r} has no {spool.MANIFEST} yet: it is unfinished (teach status: "
-                             f"{marker.get('status')}); rerun `semalign teach` with the same config and --out "
-                             f"{spool_dir} to finish it")
+            raise ValueError(_unfinished_spool(spool_dir, marker, spool.MANIFEST))
         raise ValueError(f"{key}={spool_dir!r} has no {spool.MANIFEST}: it is not a spool; point --from-spool at the "
                          f"directory `semalign teach --out` wrote")
     try:
@@ -201,6 +209,19 @@ def spool_to_read(spool_dir: str) -> dict:
         raise ValueError(f"the spool in {spool_dir!r} has schema {data.get('schema')}, this semalign reads "
                          f"{schema.SCHEMA_VERSION}; rewrite it with this version's `semalign teach`")
     return data
+
+
+def _unfinished_spool(spool_dir: str, marker: dict, manifest: str) -> str:
+    """Why a marked spool that no job is writing has no manifest, by its teach's status: stopped, or damaged."""
+    head = f"the spool in {spool_dir!r} has no {manifest}"
+    status = marker.get("status")
+    if status == "finished":
+        return (f"{head} although its `semalign teach` finished: the manifest was deleted or lost; write the spool "
+                f"again into a new --out directory (or delete {spool_dir} and rerun teach into it)")
+    how = {"running": "was stopped before it finished (killed, or its node went down)",
+           "killed": "was stopped by a signal", "failed": "failed"}.get(status, f"stopped (status {status})")
+    return (f"{head}: its `semalign teach` {how}; rerun `semalign teach` with the same config and --out {spool_dir} "
+            f"to finish it (it resumes from the shards already written)")
 
 
 def _spool_to_write(cfg: cfgmod.RunConfig) -> None:

@@ -3,21 +3,28 @@
     1. a finished directory of this config (marker status finished, same kind and config hash): nothing is
        done; the result is read back (eval.json of a run, manifest.json of a spool) and the command exits 0
     2. the check pass (checks.check_all): every problem at once, before anything is written or loaded
-    3. ownership.claim on the writing rank (rank 0): the directory is created and marked; status running
+    3. on the writing rank (rank 0): the directory's job lock (lock.py; a second job is refused at once, naming
+       the holder), then steps 1 and the ownership check again under it (another job may have finished or
+       claimed the directory meanwhile), then ownership.claim: the directory is created and marked; status running
     4. the work, under signals.handled() (SIGTERM/SIGUSR1/SIGINT: checkpoint at a step boundary where the
        loop polls, else stop at once)
-    5. the marker's status: finished, killed (a signal or Ctrl-C) or failed (anything else)
+    5. the marker's status: finished, killed (a signal or Ctrl-C) or failed (anything else). A new directory
+       whose run stopped on a user error before it produced anything (no MLflow run, no checkpoint) is handed
+       back instead: its marker and config.yaml removed (the directory too if the run created it), so the
+       corrected rerun starts clean
 The MLflow run's own status is set where the run is (pipeline._guarded); its id goes into the marker there
 (ownership.note_mlflow_run), so a rerun continues it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Callable
 
+from semalign_ds import lock
 from semalign_ds.run import checks, ownership, signals
 from semalign_ds import config as cfgmod
 
@@ -44,6 +51,19 @@ def finished_result(out: Path, kind: str) -> dict:
     return result
 
 
+_WHAT = {"run": "the run directory", "spool": "the spool being written"}
+_KEY = {"run": "output_dir", "spool": "--out (transport.spool_dir)"}
+
+
+def finished_before(out: Path, kind: str, config_hash: str) -> dict | None:
+    """Step 1: the stored result of a finished directory of this config, else None."""
+    marker = ownership.read(out) if out.is_dir() else None
+    if marker and (marker["kind"], marker["config_hash"], marker.get("status")) == (kind, config_hash, "finished"):
+        log.info("%s holds a finished %s of this config: nothing to do (delete it to redo it)", out, kind)
+        return {**finished_result(out, kind), "finished_before": True}
+    return None
+
+
 def owned_run(cfg: cfgmod.RunConfig, command: str, work: Callable[[cfgmod.RunConfig], dict],
               config_problems: list[str] = ()) -> dict:
     """Steps 1-5 of the module docstring around `work(cfg)`; returns its result (or the finished one).
@@ -52,15 +72,48 @@ def owned_run(cfg: cfgmod.RunConfig, command: str, work: Callable[[cfgmod.RunCon
 
     out, kind = target(cfg, command)
     config_hash = cfgmod.result_hash(cfg)
-    marker = ownership.read(out) if out.is_dir() else None
-    if marker and not config_problems and (marker["kind"], marker["config_hash"], marker.get("status")) == (kind, config_hash, "finished"):
-        log.info("%s holds a finished %s of this config: nothing to do (delete it to redo it)", out, kind)
-        return {**finished_result(out, kind), "finished_before": True}
+    done = None if config_problems else finished_before(out, kind, config_hash)
+    if done:
+        return done
     launch = resolve_launch(os.environ)
     checks.check_all(cfg, command, world_size=launch.world_size, config_problems=config_problems)
     writer = launch.rank == 0
-    if writer:
-        ownership.claim(out, kind, config_hash)
+    created = not out.exists()
+    try:
+        with lock.held(out, _WHAT[kind], _KEY[kind]) if writer else contextlib.nullcontext():
+            new = False
+            if writer:
+                done = finished_before(out, kind, config_hash)
+                if done:
+                    return done
+                new = ownership.check(out, kind, config_hash) is None
+                ownership.claim(out, kind, config_hash)
+            return _owned_work(cfg, work, out, writer, new)
+    except _HandedBack as back:  # the lock is released: the directory can go if this run created it
+        _remove_if_created(out, created)
+        raise back.error from None
+    except ValueError:  # e.g. refused under the lock: no empty directory of ours is left behind
+        _remove_if_created(out, created)
+        raise
+
+
+def _remove_if_created(out: Path, created: bool) -> None:
+    """Remove `out` if this run created it and it is empty (rmdir: anything in it keeps it)."""
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+class _HandedBack(Exception):
+    """A new directory was handed back after a user error (carried in `error`)."""
+
+    def __init__(self, error: ValueError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _owned_work(cfg, work, out: Path, writer: bool, new: bool) -> dict:
+    """Steps 4-5 of the module docstring."""
     status = "failed"
     try:
         with signals.handled(then_ignore=True):
@@ -70,8 +123,13 @@ def owned_run(cfg: cfgmod.RunConfig, command: str, work: Callable[[cfgmod.RunCon
     except (KeyboardInterrupt, signals.Preempted):
         status = "killed"
         raise
+    except ValueError as err:
+        if writer and new and ownership.release_new(out):
+            status = None
+            raise _HandedBack(err) from None
+        raise
     finally:
-        if writer:
+        if writer and status is not None:
             _set_status(out, status)
 
 

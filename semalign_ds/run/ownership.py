@@ -11,7 +11,10 @@ The marker: {"kind": "run" | "spool", "config_hash", "mlflow_run_id", "status": 
 Anything else is refused before a byte is written: a file, a directory the user cannot write (permissions or a
 read-only filesystem), a non-empty directory without a marker, a marker of the other kind or of another config.
 `check` decides (pure, writes nothing); `claim` creates the directory and writes the marker (after `check`);
-`update` records the status and the MLflow run id. Only the run's writing rank calls `claim` and `update`.
+`update` records the status and the MLflow run id; `release_new(out)` takes back the claim of a new
+directory whose run was refused before it began (a validation error): nothing is left to block the corrected
+rerun. Only the run's writing rank calls `claim`, `update` and `release_new`; it holds the directory's job lock
+(lock.py) meanwhile.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ MARKER = "semalign.json"
 KINDS = ("run", "spool")
 STATUSES = ("running", "finished", "failed", "killed")
 _FIELDS = ("kind", "config_hash", "mlflow_run_id", "status", "semalign_version", "created", "updated")
-_MARKER_TMP = re.compile(r"^\.semalign\.json\.\d+\.tmp$")
+_OURS = re.compile(r"^\.semalign\.json\.\d+\.tmp$|^\.semalign\.lock(\.\d+\.tmp)?$")  # marker temporary, job lock
 _KEYS = {"run": "output_dir", "spool": "--out (transport.spool_dir)"}
 _WRITERS = {"run": "`semalign run` or `semalign train`", "spool": "`semalign teach`"}
 
@@ -55,7 +58,7 @@ def read(out) -> dict | None:
 
 
 def _entries(out: Path) -> list[str]:
-    return sorted(e for e in os.listdir(out) if not _MARKER_TMP.match(e))
+    return sorted(e for e in os.listdir(out) if not _OURS.match(e))
 
 
 def _check_writable(out: Path, key: str) -> None:
@@ -119,6 +122,19 @@ def claim(out, kind: str, config_hash: str, key: str | None = None) -> dict:
               "updated": _now()}
     files.write_json(out / MARKER, marker)
     return marker
+
+
+def release_new(out) -> bool:
+    """Undo `claim` on a directory that was new (absent or empty) when claimed, as long as its run wrote nothing
+    but the marker and config.yaml (no MLflow run, no checkpoint): those two files go. True if released; False
+    (nothing touched) once the run has produced anything. The caller removes the directory if it created it."""
+    out = Path(out)
+    marker = read(out) if out.is_dir() else None
+    if marker is None or marker.get("mlflow_run_id") or set(_entries(out)) - {MARKER, "config.yaml"}:
+        return False
+    for name in ("config.yaml", MARKER):
+        (out / name).unlink(missing_ok=True)
+    return True
 
 
 def update(out, **fields) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from semalign_ds.run import budget as budgetmod, ownership, resume, signals, supervision, topology
+from semalign_ds.run import budget as budgetmod, ownership, resume, signals, space, supervision, topology
 from semalign_ds import config as cfgmod
 from semalign_ds import spec as specmod
 from semalign_ds import data as datamod
@@ -102,6 +102,7 @@ def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
     recipes = _recipes(ctx, table, ctx.spec.trained_layers)
     codec = make_codec(ctx, recipes, M_DsDt)
     binding = supervision.binding(ctx, table, M_DsDt, codec)
+    _check_space(ctx)
     if ctx.spec.windowed:  # teach a window, train on it, drop it: the store stays one window
         feed = topology.WindowFeed(ctx, progress, recipes, M_DsDt, codec, binding)
         history = train_stages(ctx, progress, feed)
@@ -132,6 +133,7 @@ def _run_from_spool(ctx: RunContext, progress: Progress) -> dict:
     resume.check_packets(ctx, progress, reader.manifest["binding_digest"])
     progress.teacher_samples = round(reader.manifest.get("teacher_passes_per_sample", 1.0) * reader.num_samples)
     announce(ctx, spool_bytes=reader.manifest["bytes"])
+    _check_space(ctx)
     history = train_stages(ctx, progress, topology.Feed(ctx, reader, "spool_read", reader.codec, check_tokens=True))
     return _finish(ctx, progress, history)
 
@@ -175,13 +177,14 @@ def _train_from_stream(ctx: RunContext, progress: Progress, layout) -> dict:
     feed_store.inner = topology.open_store(ctx, feed_store.binding, ctx.spec.store, feed_store.codec)
     resume.check_packets(ctx, progress, schema.digest(feed_store.binding))
     announce(ctx)
+    _check_space(ctx)
     history = train_stages(ctx, progress, topology.Feed(ctx, feed_store, "wire", feed_store.codec))
     feed_store.drain()
     stats = feed_store.stats()
     progress.teacher_samples += int(stats.pop("teacher_samples"))
     if ctx.writes:
         inner = feed_store.inner
-        ctx.tracker.log_metrics({**stats, "store/host_bytes": float(inner.nbytes if inner.kind == "memory" else 0),
+        ctx.tracker.log_summary({**stats, "store/host_bytes": float(inner.nbytes if inner.kind == "memory" else 0),
                                  "store/disk_bytes": float(inner.nbytes if inner.kind == "disk" else 0),
                                  "store_peak_bytes": float(inner.nbytes),
                                  "packet_bytes_per_token": inner.nbytes / max(inner.index.rows * ctx.blocks.seq_len,
@@ -201,7 +204,7 @@ def make_codec(ctx: RunContext, recipes: dict, M_DsDt) -> Codec:
     errors = supervision.codec_error(ctx, codec, recipes, M_DsDt, datamod.take(ctx.blocks, ids))
     passes += micro * ctx.info.world_size / len(ctx.blocks)
     if ctx.writes:
-        ctx.tracker.log_metrics({**errors, "teacher_codec_passes_per_sample": passes})
+        ctx.tracker.log_summary({**errors, "teacher_codec_passes_per_sample": passes})
         ctx.tracker.log_params({"codec.ranks": codec.describe()["ranks"]})
         worst = min((v for k, v in errors.items() if k.startswith("codec/cosine.")), default=1.0)
         _say(ctx, f"codec: compact, ranks {codec.describe()['ranks']}, {codec.target_bits}-bit targets; "
@@ -213,6 +216,7 @@ def _drop_store(ctx: RunContext, store) -> None:
     """The packets are not needed once every stage is trained: removed unless transport.keep_spool (this rank's
     store; the default <output_dir>/packets folder too once empty, never a folder the user named)."""
     if ctx.cfg.transport.keep_spool:
+        store.close()
         return
     store.remove()
     distributed.barrier(ctx.group)
@@ -223,7 +227,7 @@ def _drop_store(ctx: RunContext, store) -> None:
 
 def _finish(ctx: RunContext, progress: Progress, history: list[dict]) -> dict:
     if ctx.writes:  # the peak of the transfer itself, before export and evaluation
-        ctx.tracker.log_metrics({"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks),
+        ctx.tracker.log_summary({"teacher_passes_per_sample": progress.teacher_samples / len(ctx.blocks),
                                  "host/peak_rss_bytes": throughput.peak_rss_bytes()})
     export_dir = export_student(ctx)
     return evaluate.evaluate_run(ctx, export_dir, report.stage_table(history) if history else "")
@@ -259,7 +263,7 @@ def teach(cfg: RunConfig) -> dict:
         manifest = topology.write_spool(ctx, recipes, M_DsDt, supervision.binding(ctx, table, M_DsDt, codec), layers,
                                         codec)
         if ctx.writes:
-            ctx.tracker.log_metrics({"teacher_passes_per_sample": manifest["teacher_passes_per_sample"],
+            ctx.tracker.log_summary({"teacher_passes_per_sample": manifest["teacher_passes_per_sample"],
                                      "teach/emitted_samples": float(manifest["emitted_samples"]),
                                      "transport/spool_bytes_per_token": manifest["bytes_per_token"],
                                      "transport/spool_bytes": float(manifest["bytes"]),
@@ -282,7 +286,7 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     if progress is None:
         progress = resume.read_progress(out, cfg) if cfg.runtime.resume else Progress(cfgmod.result_hash(cfg))
     main = info.is_main and role != "teacher"
-    (out / "config.yaml").write_text(cfgmod.to_yaml(cfg)) if main else None
+    files.write_bytes(out / "config.yaml", cfgmod.to_yaml(cfg).encode(), "the resolved config") if main else None
     torch.manual_seed(cfg.seed)
     method = specmod.MethodSpec.from_config(cfg)
     tok_T = load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
@@ -378,6 +382,14 @@ def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):
 # ---------------------------------------------------------------- the plan of the run
 
 
+def _check_space(ctx: RunContext) -> None:
+    """The disk space the run will write (checkpoints, export, a disk packet store: the spec's bytes), before the
+    teacher's pass."""
+    disk = ctx.spec.store == "disk"
+    space.check_run(ctx, ctx.spec.budget, topology.rank_store_dir(ctx.cfg, ctx.out, ctx.info.rank) if disk else None,
+                    ctx.spec.store_bytes_per_rank if disk else 0)
+
+
 def announce(ctx: RunContext, spool_bytes: int | None = None) -> None:
     """Print and log the run's plan (ctx.spec: stages, steps and tokens per stage, teacher passes per sample,
     packet bytes per token and per rank, the store)."""
@@ -407,7 +419,7 @@ def _log_teach(ctx: RunContext, progress: Progress, store, counts: dict) -> None
         if ctx.cfg.teacher_engine.offload != "none":
             param_bytes = throughput.teacher_param_bytes(ctx.teacher.model)
             metrics["h2d_gbps_effective"] = param_bytes * counts["passes"] / seconds / 1e9
-    ctx.tracker.log_metrics(metrics)
+    ctx.tracker.log_summary(metrics)  # run-level: a resumed run relogs only what changed
 
 
 # ---------------------------------------------------------------- pairing
@@ -452,7 +464,7 @@ def _attribute(ctx: RunContext, L_T: int) -> tuple[list[float], list[float] | No
         scores_abs, scores_signed = ctx.teacher.attribute(teacher_batches, range(1, L_T + 1))
         result = (scores_abs.tolist(), scores_signed.tolist(), {"attribution": "grad_x_act"})
     if ctx.writes:
-        ctx.tracker.log_metrics({"teacher_attribution_passes_per_sample": passes})
+        ctx.tracker.log_summary({"teacher_attribution_passes_per_sample": passes})
     return result
 
 
@@ -460,7 +472,7 @@ def record_pairing(ctx: RunContext, progress: Progress, table: PairingTable) -> 
     """Save the pairing table (and its chart) with the run; a student of a split run gets it from the teacher."""
     path = ctx.out / "pairing.json"
     if ctx.writes:
-        path.write_text(table.to_json())
+        files.write_bytes(path, table.to_json().encode(), "the pairing table")
         ctx.tracker.log_artifact(path)
         if table.scores_abs:
             ctx.tracker.log_artifact(report.attribution_chart(table.scores_abs, _sources(table),
@@ -538,9 +550,11 @@ def export_student(ctx: RunContext) -> Path:
     export = ctx.out / "student"
     if ctx.writes:
         tmp = ctx.out / "student.tmp"
-        ctx.student.save_pretrained(tmp, safe_serialization=True)
-        ctx.tok_S.save_pretrained(tmp)
-        resume.replace_dir(tmp, export)
+        size = sum(p.numel() * p.element_size() for p in ctx.student.parameters())
+        with files.writing(export, size, "the student export", cleanup=[tmp]):
+            ctx.student.save_pretrained(tmp, safe_serialization=True)
+            ctx.tok_S.save_pretrained(tmp)
+            resume.replace_dir(tmp, export)
         ctx.tracker.log_student_model(export, ctx.cfg.tracking.log_model, ctx.cfg.tracking.log_model_copy_max_mb)
     distributed.barrier(ctx.group)
     return export

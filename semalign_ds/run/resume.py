@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from semalign_ds import config as cfgmod
+from semalign_ds import files
 from semalign_ds.cluster.distributed import barrier
+from semalign_ds.engines.ds_config import find_template  # noqa: F401  (where the run looks for a template)
 from semalign_ds.progress import phase
 
 CKPT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 RUN_FILE = "run.json"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+ADAM_BYTES = 12  # per trainable parameter in the ZeRO-2 partitions: fp32 master + exp_avg + exp_avg_sq
 
 
 @dataclass
@@ -88,16 +90,27 @@ def _write(ctx, progress: Progress, stage=None, step: int | None = None) -> None
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(ctx.group)
-    if stage is not None:
-        save_stage_state(tmp, stage, step)
-    elif ctx.info.is_main:
-        ctx.student.save_pretrained(tmp / "model")
-    if ctx.info.is_main:
-        progress.world_size = ctx.info.world_size
-        progress.stage, progress.step = (stage.k, step) if stage is not None else (None, None)
-        (tmp / RUN_FILE).write_text(progress.to_json())
-        _commit(ctx.out)
+    # a full disk: checkpoint.tmp goes (the last whole checkpoint stays), one error with the bytes needed and free
+    with files.writing(tmp, checkpoint_bytes(ctx.student, stage), "the checkpoint",
+                       cleanup=[tmp] if ctx.info.is_main else []):
+        if stage is not None:
+            save_stage_state(tmp, stage, step)
+        elif ctx.info.is_main:
+            ctx.student.save_pretrained(tmp / "model")
+        if ctx.info.is_main:
+            progress.world_size = ctx.info.world_size
+            progress.stage, progress.step = (stage.k, step) if stage is not None else (None, None)
+            files.write_json(tmp / RUN_FILE, json.loads(progress.to_json()), indent=2)
+            _commit(ctx.out)
     barrier(ctx.group)
+
+
+def checkpoint_bytes(student, stage=None) -> int:
+    """A checkpoint's size: the student's weights, and inside a stage the trainable parameters' fp32 master and
+    two AdamW moments (all ranks' partitions together)."""
+    weights = sum(p.numel() * p.element_size() for p in student.parameters())
+    trainable = sum(p.numel() for p in stage.model.parameters() if p.requires_grad) if stage is not None else 0
+    return weights + ADAM_BYTES * trainable
 
 
 def _commit(out: Path) -> None:
@@ -139,15 +152,6 @@ def check_packets(ctx, progress: Progress, digest: str) -> None:
                          f"{progress.packets}, now {digest}); resume with the same --from-spool and config, or set "
                          f"runtime.resume=false")
     progress.packets = digest
-
-
-def find_template(path: str, key: str) -> Path:
-    """A DeepSpeed template path as given, or relative to the project's root (where ds_configs/ lives)."""
-    for candidate in (Path(path), REPO_ROOT / path):
-        if candidate.is_file():
-            return candidate
-    raise ValueError(f"{key}={path!r} does not exist (also looked in {REPO_ROOT}); point it at a JSON file "
-                     f"such as ds_configs/student_zero2.json")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

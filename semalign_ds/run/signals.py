@@ -10,7 +10,8 @@ Inside `handled()` (the CLI's owned commands), a signal is handled in one of two
 A second SIGINT always raises KeyboardInterrupt (the user insists); a second SIGTERM/SIGUSR1 is only logged, so the
 exit path (checkpoint, MLflow KILLED, marker) is not cut short by the SIGTERM srun sends the other ranks once one
 of them exits. The CLI maps Preempted to exit code
-EXIT_REQUEUE (75, EX_TEMPFAIL), which the templates turn into `scontrol requeue` after a SIGUSR1.
+EXIT_REQUEUE (75, EX_TEMPFAIL), which the templates turn into `scontrol requeue` after a SIGUSR1, and a Ctrl-C
+(SIGINT, checkpointed at the step or not) to EXIT_INTERRUPTED (130), as shells report it.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class Preempted(Exception):
     """The run stopped on a signal (SIGTERM / SIGUSR1 / SIGINT), its last checkpoint intact; rerun to resume."""
 
     def __init__(self, signal_name: str, where: str = ""):
-        self.signal_name = signal_name
+        self.signal_name, self.where = signal_name, where
         super().__init__(f"stopped by {signal_name}{' ' + where if where else ''}; rerun the same command to "
                          f"resume from the last checkpoint")
 
@@ -52,8 +53,9 @@ def _handler(signum: int, frame) -> None:
         return
     if not _state["graceful"]:
         raise Preempted(name)
-    log.warning("%s received: finishing the current step, then a checkpoint and exit %d%s", name, EXIT_REQUEUE,
-                " (Ctrl-C again to stop now)" if signum == signal.SIGINT else "")
+    ctrl_c = signum == signal.SIGINT
+    log.warning("%s received: finishing the current step, then a checkpoint and exit %d%s", name,
+                EXIT_INTERRUPTED if ctrl_c else EXIT_REQUEUE, " (Ctrl-C again to stop now)" if ctrl_c else "")
 
 
 @contextmanager

@@ -106,7 +106,8 @@ class WindowFeed(Feed):
         t0, B = time.perf_counter(), self.ctx.cfg.data.micro_batch_size
         kind = self.ctx.spec.store
         store = storemod.MemoryStore(len(self.ctx.blocks), len(samples)) if kind == "memory" else \
-            storemod.DiskStore(store_dir(self.ctx.cfg, self.ctx.out) / f"rank-{self.ctx.info.rank:05d}-window",
+            storemod.DiskStore(rank_store_dir(self.ctx.cfg, self.ctx.out, self.ctx.info.rank).with_name(
+                f"rank-{self.ctx.info.rank:05d}-window"),
                                self.binding, len(self.ctx.blocks), len(samples), self.ctx.cfg.transport.shard_sequences,
                                self.codec)
         for i in range(-(-self.ctx.spec.budget.windows.size // B)):
@@ -151,13 +152,18 @@ def store_dir(cfg, out: Path) -> Path:
     return Path(cfg.transport.store_dir) if cfg.transport.store_dir else Path(out) / "packets"
 
 
+def rank_store_dir(cfg, out: Path, rank: int) -> Path:
+    """Where rank `rank` keeps a disk packet store."""
+    return store_dir(cfg, out) / f"rank-{rank:05d}"
+
+
 def open_store(ctx, binding: dict, kind: str, codec: Codec):
     """This rank's store for its own samples (a disk store resumes what an interrupted run committed)."""
     N, info = len(ctx.blocks), ctx.info
     capacity = len(datamod.owned_samples(N, info.rank, info.world_size))
     if kind == "memory":
         return storemod.MemoryStore(N, capacity)
-    directory = store_dir(ctx.cfg, ctx.out) / f"rank-{info.rank:05d}"
+    directory = rank_store_dir(ctx.cfg, ctx.out, info.rank)
     return storemod.DiskStore(directory, binding, N, capacity, ctx.cfg.transport.shard_sequences, codec)
 
 

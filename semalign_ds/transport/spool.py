@@ -21,6 +21,7 @@ Legend: N samples, T tokens, D_S student hidden size, K top-k; ids_NT etc. as in
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -139,8 +140,9 @@ class ShardFile:
             data = schema.as_bytes(t.detach().contiguous().cpu()).numpy()
             row_bytes = data.nbytes // max(t.shape[0], 1)
             try:
-                os.pwrite(self.fd, data, self.base + self.offsets[name] + row * row_bytes)
-            except OSError as err:  # a full disk names the shard and the bytes it needs
+                _pwrite_all(self.fd, memoryview(data).cast("B"), self.base + self.offsets[name] + row * row_bytes)
+            except OSError as err:  # a full disk names the shard and the bytes it needs; no half shard stays
+                self.abort()
                 files.reraise(err, self.tmp, self.size)
         self.tokens += int(flat["mask"].sum())
 
@@ -149,10 +151,10 @@ class ShardFile:
         try:
             os.fsync(self.fd)
         except OSError as err:
+            self.abort()
             files.reraise(err, self.tmp, self.size)
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        os.close(self.fd)
+        self.fd = None
         sha, blocks = shard_digests(self.tmp)
         record = {"index": self.j, "file": self.final.name, "first_sample": first_sample, "rows": self.rows,
                   "bytes": self.size, "tokens": self.tokens, "sha256": sha, "block_hash": BLOCK_HASH,
@@ -167,6 +169,15 @@ class ShardFile:
             os.close(self.fd)
             self.fd = None
         self.tmp.unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite until every byte is written: a short write (a disk filling up) is followed by the call that fails."""
+    while len(data):
+        done = os.pwrite(fd, data, offset)
+        if done <= 0:
+            raise OSError(errno.ENOSPC, "no progress writing a spool shard")
+        data, offset = data[done:], offset + done
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -5,8 +5,9 @@ Each rank stores the packets of its own samples (data.owned_samples), rows in ar
   first put.
 - DiskStore: a local spool per rank (<store_dir>/rank-00003/) in the spool's shard format (spool.py): shards of
   `shard_rows` rows are committed as they fill, so a rank killed while teaching resumes without recomputing
-  committed shards; `finish()` writes the manifest, after which rows are read back (each 8 MiB block's sha256
-  verified the first time it is read). Removed at the end of the run unless transport.keep_spool.
+  committed shards; `finish()` writes the manifest, after which rows are read back (each 8 MiB block's digest
+  verified the first time it is read). Removed at the end of the run unless transport.keep_spool. The rank holds
+  the folder's job lock (lock.py) while it uses it: two runs given one transport.store_dir cannot mix shards.
 A store of either kind: `missing(ids)` (sample ids not stored yet), `put(flat)` (a packet's flat tensors in the
 run's codec), `finish()`, `flat(sample_ids_B, layers)` -> those flat tensors with the targets of those student
 layers only (the student decodes them on its device), `nbytes`.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from semalign_ds import lock
 from semalign_ds.transport import schema, spool
 from semalign_ds.transport.codec import Codec
 
@@ -97,6 +99,9 @@ class MemoryStore:
     def remove(self) -> None:
         self.tensors = None
 
+    def close(self) -> None:
+        pass
+
 
 class DiskStore:
     kind = "disk"
@@ -104,6 +109,8 @@ class DiskStore:
     def __init__(self, directory: Path, binding: dict, num_samples: int, capacity: int, shard_rows: int,
                  codec: Codec | None = None):
         self.directory, self.codec = Path(directory), codec or Codec()
+        # reentrant: a store this process left locked (an earlier in-process run that failed) is its own
+        self.lock = lock.acquire(self.directory, "a rank's packet store", "transport.store_dir", reentrant=True)
         self.plan = spool.open_plan(self.directory, binding, capacity, shard_rows, stages=[])
         self.index = _Index(num_samples, capacity)
         self.shard: spool.ShardFile | None = None
@@ -176,6 +183,11 @@ class DiskStore:
             self.shard.abort()
             self.shard = None
 
+    def close(self) -> None:
+        """Kept (transport.keep_spool): the folder's lock is released, the shards stay."""
+        lock.release(self.lock)
+
     def remove(self) -> None:
         self.abort()
+        lock.release(self.lock)
         shutil.rmtree(self.directory, ignore_errors=True)

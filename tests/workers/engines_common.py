@@ -20,7 +20,6 @@ _WARM = {"done": False}
 TEST_ENV = {
     "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/root/.cache/torch_extensions"),
 }
 
 
@@ -48,8 +47,13 @@ def batch(seed: int, B: int = 2, T: int = 12, vocab: int = 128):
 
 
 def child_env() -> dict:
+    """This environment for a worker: the test variables, and DeepSpeed's ops in this environment's own folder
+    (TORCH_EXTENSIONS_DIR as the user set it, else extensions.default_dir: never another user's home)."""
+    from semalign_ds.cluster.extensions import default_dir
+
     env = dict(os.environ)
     env.update(TEST_ENV)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(default_dir("cpu")))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(WORKERS)] + [p for p in [env.get("PYTHONPATH")] if p])
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -57,15 +61,12 @@ def child_env() -> dict:
 
 
 def warm_deepspeed() -> None:
-    """JIT-compile DeepSpeed's shm comm op once, in a single process, before any multi-rank run."""
+    """JIT-compile DeepSpeed's shm comm op once, in a single process, before any multi-rank run (the setup
+    script's own build step: stale build locks cleared, no rendezvous, so no port)."""
     if _WARM["done"]:
         return
-    from semalign_ds.cluster.launch import free_port
-
-    env = child_env()
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    code = "import deepspeed; deepspeed.init_distributed()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "semalign_ds.cluster.extensions"]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"DeepSpeed warm-up failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     _WARM["done"] = True
@@ -73,12 +74,11 @@ def warm_deepspeed() -> None:
 
 def run_workers(script: str, nproc: int, out_dir: Path, args: list[str], timeout: float = 120.0) -> list[dict]:
     """torchrun `script` on nproc CPU ranks; return each rank's JSON result (rank order)."""
-    from semalign_ds.cluster.launch import free_port
-
     warm_deepspeed()
     out_dir.mkdir(parents=True, exist_ok=True)
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+    # --standalone: torchrun binds a port the OS picks (no fixed port, and no race for a port picked beforehand)
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(nproc),
            str(WORKERS / script), "--out", str(out_dir), *args]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
