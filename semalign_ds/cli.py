@@ -250,7 +250,7 @@ def _owned(args) -> int:
     cfg, found = cfgmod.load_config_with_problems(args.config, [*args.overrides, *extra])
     versions.check()
     work = pipeline.teach if args.command == "teach" else pipeline.run
-    result = guard.owned_run(cfg, args.command, work, found)
+    result = guard.owned_run(cfg, args.command, work, config_problems=found)
     if args.command == "teach":
         print(f"spool {'was already complete' if result.get('finished_before') else 'written'} in {args.out}: "
               f"{result.get('num_samples', '?')} samples, {files.human(result.get('bytes', 0))}")

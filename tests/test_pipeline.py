@@ -238,9 +238,9 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, tiny_pair):
 
 @pytest.mark.faults
 def test_teach_onto_a_full_disk_is_a_clear_error(tmp_path, tiny_pair, tmpfs):
-    out = tmpfs(400)  # the tiny spool needs about 1 MiB
+    out = tmpfs(400)  # the tiny lossless spool needs about 1 MiB
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = write_config(tmp_path, tiny_pair, tracking={"uri": uri})
+    cfg = write_config(tmp_path, tiny_pair, tracking={"uri": uri}, transport={"codec": "lossless"})
     proc = semalign("teach", "--config", cfg, "--out", out, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(rf"semalign: error: the spool \(\d+ sequences x 64 tokens\) needs [\d.]+ [KM]iB \(\d+ bytes\) in "

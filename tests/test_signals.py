@@ -106,7 +106,7 @@ def test_ctrl_c_inside_a_training_loop_still_exits_130(monkeypatch, capsys, tmp_
     from semalign_ds import cli
     from semalign_ds.run import guard
 
-    def stopped(cfg, command, work):
+    def stopped(cfg, command, work, config_problems=()):
         raise signals.Preempted("SIGINT", "after step 3")
     monkeypatch.setattr(guard, "owned_run", stopped)
     monkeypatch.setattr("semalign_ds.versions.check", lambda: None)
@@ -116,7 +116,7 @@ def test_ctrl_c_inside_a_training_loop_still_exits_130(monkeypatch, capsys, tmp_
     assert err.strip() == "semalign: interrupted (Ctrl-C) after step 3; rerun the same command to resume from that " \
                           "checkpoint"
 
-    def terminated(cfg, command, work):
+    def terminated(cfg, command, work, config_problems=()):
         raise signals.Preempted("SIGTERM", "after step 3")
     monkeypatch.setattr(guard, "owned_run", terminated)
     assert cli.main(["run", "--config", str(tmp_path / "c.yaml")]) == signals.EXIT_REQUEUE == 75
