@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from semalign_ds import files
 from semalign_ds.cluster.distributed import barrier
 from semalign_ds.engines.student import StudentStage
-from semalign_ds.method.lora import LoRALinear
+from semalign_ds.method.lora import lora_layers
 
 FORMAT = "semalign_ds.zero2.v1"
 PROGRESS = "progress.json"
@@ -54,15 +54,16 @@ def _dp(stage: StudentStage) -> tuple[int, int, object]:
 
 
 def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with LoRA wrappers removed: `x.base.weight` -> `x.weight`, lora_A/B dropped."""
-    prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """The model's state dict with LoRA wrappers removed: `x.base_layer.weight` -> `x.weight`, the adapters' own
+    weights dropped (they live in the optimizer state's checkpoint; the model folder stays a plain checkpoint)."""
+    prefixes = [name + "." for name, _ in lora_layers(model)]
     out = {}
     for key, value in model.state_dict().items():
         prefix = next((p for p in prefixes if key.startswith(p)), None)
         if prefix is None:
             out[key] = value
-        elif key[len(prefix):].startswith("base."):
-            out[prefix + key[len(prefix) + len("base."):]] = value
+        elif key[len(prefix):].startswith("base_layer."):
+            out[prefix + key[len(prefix) + len("base_layer."):]] = value
     return out
 
 

@@ -1,112 +1,64 @@
-"""Low-rank adapters for the frontier layer (METHOD.md §6, `adapter: lora`).
+"""Low-rank adapters for the frontier layer (METHOD.md §6, `adapter: lora`), through PEFT.
 
-Shape legend: a wrapped projection maps x_*I (I = in_features) to y_*O (O = out_features);
-lora_A is r x I, lora_B is O x r, the update is (x A^T B^T) * alpha / r. transformers' GPT-2 style
-``Conv1D`` (weight I x O, y = x W + b) is treated as a linear layer with the transposed weight; it is
-recognised by class name so this module imports only torch.
+`add_lora(layer, targets, rank, alpha)` injects PEFT LoRA modules (A kaiming-uniform, B zero, scale alpha / rank,
+no dropout) into the Linear / Conv1D submodules of one decoder layer whose dotted names contain a target, and
+returns the new trainable parameters; `merge_lora(layer)` folds each update into its base weight and puts the base
+back, so the state dict's keys are those from before and the student exports as a plain checkpoint. The base
+weights' requires_grad flags are the caller's before and after (PEFT would freeze them). Works under the ZeRO-2
+student engine (tests/test_engines_student.py: only the adapter of layer k trains; merged at the stage's end).
 """
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import nn
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
 def _is_target_type(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _in_out(base: nn.Module) -> tuple[int, int]:
-    if _is_conv1d(base):
-        return base.weight.shape[0], base.weight.shape[1]
-    return base.in_features, base.out_features
+def lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
 
 
-class LoRALinear(nn.Module):
-    """base(x) + dropout(x) A^T B^T * alpha / rank, with the base frozen (A kaiming-uniform, B zero)."""
+def add_lora(module: nn.Module, target_names, rank: int, alpha: float) -> list[nn.Parameter]:
+    """Wrap every Linear/Conv1D submodule of `module` whose dotted name contains one of `target_names` (modules
+    already wrapped are left alone); returns the new trainable parameters (A, B per wrapped module, in module
+    order). ValueError naming schedule.lora_targets if nothing matched."""
+    from peft import LoraConfig, inject_adapter_in_model
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype | None = None):
-        super().__init__()
-        if not _is_target_type(base):
-            raise ValueError(f"LoRALinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
-        if rank < 1:
-            raise ValueError(f"schedule.lora_rank must be >= 1, got {rank}")
-        self.base = base
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        self._base_requires_grad = {n: p.requires_grad for n, p in base.named_parameters()}
-        for p in base.parameters():
-            p.requires_grad_(False)
-        in_f, out_f = _in_out(base)
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, in_f, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
-        return self.base(x) + (update * self.scale).to(x.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """B A * scale in float32, shaped like an nn.Linear weight (O x I)."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
-
-    @torch.no_grad()
-    def merged_base(self) -> nn.Module:
-        """Fold the update into the base weight, restore its requires_grad flags and return it."""
-        delta = self.delta_weight()
-        w = self.base.weight
-        w.copy_((w.float() + (delta.T if _is_conv1d(self.base) else delta)).to(w.dtype))
-        for n, p in self.base.named_parameters():
-            p.requires_grad_(self._base_requires_grad.get(n, False))
-        return self.base
-
-
-def _split(name: str) -> tuple[str, str]:
-    parent, _, child = name.rpartition(".")
-    return parent, child
-
-
-def add_lora(module: nn.Module, target_names, rank: int, alpha: float, dropout: float = 0.0) -> list[nn.Parameter]:
-    """Wrap every Linear/Conv1D submodule whose dotted name contains one of ``target_names``.
-
-    Returns the new trainable parameters (A, B per wrapped module, in module order). Already wrapped
-    modules are left alone. ValueError (naming schedule.lora_targets) if nothing matched.
-    """
-    targets = list(target_names)
-    wrapped_prefixes = [n + "." if n else "" for n, m in module.named_modules() if isinstance(m, LoRALinear)]
-    found = []
-    for name, sub in module.named_modules():
-        if isinstance(sub, LoRALinear) or any(name.startswith(p) for p in wrapped_prefixes):
-            continue
-        if name and _is_target_type(sub) and any(t in name for t in targets):
-            found.append((name, sub))
-    if not found:
-        linear_names = [n for n, s in module.named_modules() if _is_target_type(s)]
-        raise ValueError(f"schedule.lora_targets {targets} matched no Linear/Conv1D submodule; "
-                         f"available: {linear_names[:20]}")
-    params: list[nn.Parameter] = []
-    for name, sub in found:
-        parent, child = _split(name)
-        wrapped = LoRALinear(sub, rank, alpha, dropout)
-        setattr(module.get_submodule(parent) if parent else module, child, wrapped)
-        params += [wrapped.lora_A, wrapped.lora_B]
-    return params
+    if rank < 1:
+        raise ValueError(f"schedule.lora_rank must be >= 1, got {rank}")
+    wrapped = {n for n, _ in lora_layers(module)}
+    names = [n for n, sub in module.named_modules() if n and _is_target_type(sub) and any(t in n for t in target_names)
+             and not any(n == w or n.startswith(w + ".") for w in wrapped)]
+    if not names:
+        linear = [n for n, s in module.named_modules() if _is_target_type(s)]
+        raise ValueError(f"schedule.lora_targets {list(target_names)} matched no Linear/Conv1D submodule; "
+                         f"available: {linear[:20]}")
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    adapter = f"frontier{len(wrapped)}"
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names,
+                        fan_in_fan_out=any(type(module.get_submodule(n)).__name__ == "Conv1D" for n in names))
+    inject_adapter_in_model(config, module, adapter_name=adapter)
+    for n, p in module.named_parameters():  # PEFT freezes what it did not add; the caller's flags stand elsewhere
+        base = n.replace(".base_layer.", ".")
+        p.requires_grad_(adapter in n or (".base_layer." not in n and flags.get(base, False)))
+    for n in names:  # a wrapped base trains only through its adapter; merge_lora gives it its flags back
+        module.get_submodule(n).semalign_base_flags = {pn: flags[f"{n}.{pn}"] for pn, _ in
+                                                      module.get_submodule(n).get_base_layer().named_parameters()}
+    return [p for n, p in module.named_parameters() if adapter in n]
 
 
 def merge_lora(module: nn.Module) -> nn.Module:
-    """Fold every LoRALinear in ``module`` into its base and put the base back, so state_dict keys
-    are those from before ``add_lora``. Returns ``module`` (or its merged base if it is a LoRALinear)."""
-    if isinstance(module, LoRALinear):
-        return module.merged_base()
-    wrapped = [(n, m) for n, m in module.named_modules() if isinstance(m, LoRALinear)]
-    for name, lora in wrapped:
-        parent, child = _split(name)
-        setattr(module.get_submodule(parent) if parent else module, child, lora.merged_base())
+    """Fold every LoRA update in `module` into its base weight and put the base back (the keys from before
+    add_lora); the base weights keep their requires_grad flags. Returns `module`."""
+    for name, lora in lora_layers(module):
+        lora.merge(adapter_names=list(lora.lora_A.keys()))
+        base = lora.get_base_layer()
+        for n, p in base.named_parameters():
+            p.requires_grad_(getattr(lora, "semalign_base_flags", {}).get(n, False))
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, base)
     return module

@@ -19,7 +19,7 @@ from engines_common import DS_CONFIGS  # noqa: E402
 from packets import synthetic_packet  # noqa: E402
 from semalign_ds.engines.ds_config import load_template, student_ds_config  # noqa: E402
 from semalign_ds.engines.student import ObjectiveSpec, StudentStage  # noqa: E402
-from semalign_ds.method.lora import LoRALinear  # noqa: E402
+from semalign_ds.method.lora import lora_layers  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)
@@ -66,7 +66,7 @@ result["full_k2"] = run_stage(model, 2, 4, ObjectiveSpec("relation_geometry", "k
 result["kl_only_k1"] = run_stage(model, 1, 2, ObjectiveSpec("none", "kl", w_layer=0.0))
 result["lora_k3"] = run_stage(model, 3, 3, ObjectiveSpec("cosine", "kl"), adapter_kind="lora", lora_rank=4,
                               lora_alpha=8.0)
-result["lora_left"] = any(isinstance(m, LoRALinear) for m in model.modules())
+result["lora_left"] = bool(lora_layers(model))
 
 # every objective combination runs one step and gives a finite loss
 smoke = StudentStage(model, 4, ds_config=cfg, lr=1e-3, warmup_steps=0, total_steps=4, weight_decay=0.0,
