@@ -16,6 +16,7 @@ Legend: GA gradient accumulation steps, B micro-batch, S student ranks, T teache
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -52,11 +53,20 @@ class Feed:
                                  f"the spool was written from other data")
             self.bytes += schema.flat_nbytes(schema.packet_to_flat(packet))
             self.tokens += packet.num_tokens
-            yield packet
+            yield with_answers(packet, self.ctx.blocks)
 
     def stats(self) -> dict:
         return {f"transport/{self.kind}_bytes_per_token": self.bytes / max(self.tokens, 1),
                 f"transport/{self.kind}_bytes": float(self.bytes)}
+
+
+def with_answers(packet: SupervisionPacket, blocks: datamod.TokenBlocks) -> SupervisionPacket:
+    """The packet with the student's answer mask of its samples attached (conversation data: blocks.loss_mask_NT);
+    unchanged for plain text. The mask comes from this rank's own packed data, so it never travels."""
+    if blocks.loss_mask_NT is None:
+        return packet
+    rows = blocks.loss_mask_NT[packet.sample_ids_B.cpu()]
+    return dataclasses.replace(packet, loss_mask_BT=rows.to(packet.mask_BT.device))
 
 
 # ---------------------------------------------------------------- the local store (colocated, disaggregated)
