@@ -217,7 +217,7 @@ def _locate(skeleton: str, plain: str, messages, where: str, role: str) -> tuple
     for i in range(0, len(pieces), 2):
         literal = pieces[i]
         if not plain.startswith(literal, pos):
-            raise ValueError(f"{where}: the {role}'s chat template renders text that depends on the message contents; "
+            raise ValueError(f"{where}: the {role}'s chat template writes text that depends on the message contents; "
                              f"alignment by message needs contents rendered as written")
         pos += len(literal)
         if i + 1 == len(pieces):
@@ -233,9 +233,10 @@ def _locate(skeleton: str, plain: str, messages, where: str, role: str) -> tuple
                 break
         else:
             raise ValueError(f"{where}: the {role}'s chat template changes the content of message {m} (not verbatim, "
-                             f"not trimmed); alignment by message needs contents rendered as written")
+                             f"not trimmed), or writes text next to it that depends on it; alignment by message needs "
+                             f"contents rendered as written")
     if pos != len(plain):
-        raise ValueError(f"{where}: the {role}'s chat template renders text that depends on the message contents")
+        raise ValueError(f"{where}: the {role}'s chat template writes text that depends on the message contents")
     return tuple(spans)
 
 
