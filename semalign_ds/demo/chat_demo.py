@@ -24,9 +24,10 @@ CHAT_OVERRIDES = ["data.chat=true", "data.seq_len=256", "data.max_sequences=64",
                   "schedule.epochs_per_stage=4", "schedule.warmup_steps=4", "pairing.attribution_batches=1",
                   "eval.max_sequences=64", "eval.batch_size=8", "eval.generations=3", "eval.max_new_tokens=48",
                   "runtime.checkpoint_every=16", "name=demo-chat"]
-# SmolLM2 reads ~150-250 tokens/s on 2 CPU cores and its template adds a system prompt to every conversation:
-# 48 blocks (~190 conversations, ~17k teacher tokens) keep its one pass to about two minutes.
-SMOLLM2_CHAT_OVERRIDES = ["data.max_sequences=48", "name=demo-chat-smollm2"]
+# SmolLM2 reads ~120-250 tokens/s on 2 CPU cores and its template adds a system prompt to every conversation:
+# 48 blocks (~150 conversations, ~10k student and ~14k teacher tokens) keep its one pass to one or two minutes.
+# Attribution on 2 sequences: its backward over 8 of them peaked at 7.4 GB of RAM (2.7 GB this way).
+SMOLLM2_CHAT_OVERRIDES = ["data.max_sequences=48", "pairing.attribution_micro_batch=2", "name=demo-chat-smollm2"]
 TINY_CHAT_OVERRIDES = ["data.seq_len=128", "data.max_sequences=8", "data.micro_batch_size=4",
                        "schedule.epochs_per_stage=1", "eval.max_sequences=8", "eval.batch_size=4",
                        "eval.max_new_tokens=8", "method.min_shared_tokens=100", "method.top_k=16"]

@@ -10,8 +10,8 @@ run):
   with the signature `ast.unparse` writes;
 - snippet questions: short programs generated here from templates with seeded values, answered with what they
   print (run with `exec` in a fresh namespace, stdout captured: only code this module wrote is run).
-A share of the conversations opens with a system message. Every item goes to train or test by a stable hash of its
-id (TEST_FRACTION), so adding items never moves old ones. The files (`messages` JSONL records with an `id`) are
+A share of the conversations opens with a system message. Every item goes to test, validation or train by a stable
+hash of its id (RECIPE's fractions), so adding items never moves old ones; settings are chosen on validation. The files (`messages` JSONL records with an `id`) are
 written once under <root>/chat-<key>/ (key: the recipe and the Python version), into a temporary folder renamed
 into place with its manifest; a complete folder is reused.
 """
@@ -31,8 +31,10 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-RECIPE = {"version": 1, "seed": 20261, "answer_chars": 240, "min_answer_chars": 24, "max_doc_items": 700,
-          "snippets": 320, "follow_up_share": 0.25, "system_share": 0.3, "test_fraction": 0.1}
+RECIPE = {"version": 2, "seed": 20261, "answer_chars": 240, "min_answer_chars": 24, "max_doc_items": 700,
+          "snippets": 320, "follow_up_share": 0.25, "system_share": 0.3, "test_fraction": 0.1,
+          "validation_fraction": 0.05}
+SPLITS = ("train", "validation", "test")
 SYSTEM = "You are a concise assistant. Answer questions about Python and its standard library in a sentence or two."
 QUESTIONS = ("What does `{name}` do?", "Explain briefly what `{name}` is for.",
              "In Python's standard library, what is `{name}`?", "What is the purpose of `{name}`?")
@@ -155,14 +157,19 @@ def conversation(item: dict, rng: random.Random, recipe: dict) -> dict:
     return {"id": item["id"], "messages": messages}
 
 
+def _split(record_id: str, recipe: dict) -> str:
+    u, test = _unit_hash(record_id), recipe["test_fraction"]
+    return "test" if u < test else "validation" if u < test + recipe["validation_fraction"] else "train"
+
+
 def build_records(root: Path, recipe: dict = RECIPE) -> dict[str, list[dict]]:
-    """{'train': [...], 'test': [...]} conversations, deterministic for a recipe and a Python version."""
+    """{'train': [...], 'validation': [...], 'test': [...]} conversations, deterministic for a recipe and a Python
+    version."""
     items = doc_items(root, recipe) + snippet_items(recipe)
     rng = random.Random(recipe["seed"] + 1)
     records = [conversation(item, rng, recipe) for item in items]
     order = sorted(records, key=lambda r: _unit_hash("order:" + r["id"]))  # mix the kinds
-    test = [r for r in order if _unit_hash(r["id"]) < recipe["test_fraction"]]
-    return {"train": [r for r in order if _unit_hash(r["id"]) >= recipe["test_fraction"]], "test": test}
+    return {split: [r for r in order if _split(r["id"], recipe) == split] for split in SPLITS}
 
 
 def key_of(recipe: dict) -> str:
@@ -171,11 +178,12 @@ def key_of(recipe: dict) -> str:
 
 
 def build_instruction_set(root: Path, recipe: dict = RECIPE) -> dict[str, Path]:
-    """The train/test JSONL files under <root>/chat-<key>/, built once (file lock; temporary folder renamed)."""
+    """The train/validation/test JSONL files under <root>/chat-<key>/, built once (file lock; temporary folder
+    renamed)."""
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"chat-{key_of(recipe)}"
-    paths = {split: folder / f"{split}.jsonl" for split in ("train", "test")}
+    paths = {split: folder / f"{split}.jsonl" for split in SPLITS}
     with open(root / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / "manifest.json").is_file():
