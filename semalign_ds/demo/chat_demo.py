@@ -18,10 +18,12 @@ import torch
 from semalign_ds import config as cfgmod
 
 STUDENT_TEMPLATE = Path(__file__).resolve().with_name("student_chat_template.jinja")
-# ~4 conversations per 256-token block: 64 blocks hold ~250 of the ~860 training conversations. The student's steps
-# are cheap and the demo teacher's pass too: several epochs on the answers.
+# ~3 conversations per 256-token block: 64 blocks hold ~200 of the ~800 training conversations. The student's steps
+# are cheap, the teacher's one pass is not: many epochs on the answers. 12 epochs per stage (24 for the `best`
+# preset's two-layer full stage) had the lowest validation answer loss of 4 / 8 / 12 / 16 with SmolLM2
+# (docs/RESULTS.md).
 CHAT_OVERRIDES = ["data.chat=true", "data.seq_len=256", "data.max_sequences=64", "data.micro_batch_size=8",
-                  "schedule.epochs_per_stage=4", "schedule.warmup_steps=4", "pairing.attribution_batches=1",
+                  "schedule.epochs_per_stage=12", "schedule.warmup_steps=4", "pairing.attribution_batches=1",
                   "eval.max_sequences=64", "eval.batch_size=8", "eval.generations=3", "eval.max_new_tokens=48",
                   "runtime.checkpoint_every=16", "name=demo-chat"]
 # SmolLM2 reads ~120-250 tokens/s on 2 CPU cores and its template adds a system prompt to every conversation:
