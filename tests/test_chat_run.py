@@ -51,7 +51,7 @@ def chat_config(tmp: Path, pair: dict, **data) -> Path:
                     "chat": True, "chat_template": str(STUDENT_TEMPLATE), **data},
            "method": {"top_k": 8, "min_shared_tokens": 100, "target_dtype": "float32"},
            "schedule": {"epochs_per_stage": 1.0, "warmup_steps": 0, "lr": 3.0e-3},
-           "pairing": {"attribution_batches": 1},
+           "pairing": {"critical_layer": False},  # no attribution: the default pairing, seconds saved
            "runtime": {"device": "cpu", "progress": False},
            "eval": {"sets": {"held_out": str(pair["test"])}, "batch_size": 4, "generations": 2, "max_new_tokens": 6}}
     path = tmp / "config.yaml"
@@ -115,6 +115,7 @@ def test_chat_demo_tiny_with_the_demo_teacher(tmp_path):
 
 
 @pytest.mark.real
+@pytest.mark.slow  # a minute of SmolLM2 on CPU: `pytest -m real` runs it
 def test_chat_demo_with_smollm2_tiny(tmp_path, monkeypatch):
     """`semalign demo --chat --teacher smollm2 --scale tiny`: SmolLM2's ChatML against the student's template."""
     from test_real_models import MODELS_CACHE
