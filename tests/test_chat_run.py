@@ -5,7 +5,6 @@ tier; SmolLM2, real tier)."""
 from __future__ import annotations
 
 import json
-import os
 import sysconfig
 from pathlib import Path
 

@@ -11,9 +11,9 @@ run):
 - snippet questions: short programs generated here from templates with seeded values, answered with what they
   print (run with `exec` in a fresh namespace, stdout captured: only code this module wrote is run).
 A share of the conversations opens with a system message. Every item goes to test, validation or train by a stable
-hash of its id (RECIPE's fractions), so adding items never moves old ones; settings are chosen on validation. The files (`messages` JSONL records with an `id`) are
-written once under <root>/chat-<key>/ (key: the recipe and the Python version), into a temporary folder renamed
-into place with its manifest; a complete folder is reused.
+hash of its id (RECIPE's fractions), so adding items never moves old ones; settings are chosen on validation.
+The files (`messages` JSONL records with an `id`) are written once under <root>/chat-<key>/ (key: the recipe and
+the Python version), into a temporary folder renamed into place with its manifest; a complete folder is reused.
 """
 from __future__ import annotations
 
