@@ -221,3 +221,26 @@ def test_packing_keeps_conversations_whole_and_counts_the_overlong():
     assert "1 dropped" in chat_blocks.describe(blocks.stats)
     with pytest.raises(ValueError, match=r"none of the 6 conversations fits in data.seq_len=8 .*chat_overlong"):
         chat_blocks.pack_conversations(convs, student, 8)
+
+
+def test_instruction_set_is_deterministic_valid_and_split_by_id(tmp_path):
+    import sysconfig
+    from pathlib import Path
+
+    from semalign_ds.demo import instructions
+
+    recipe = {**instructions.RECIPE, "max_doc_items": 80, "snippets": 40}
+    root = Path(sysconfig.get_paths()["stdlib"])
+    records = instructions.build_records(root, recipe)
+    assert records == instructions.build_records(root, recipe)
+    ids = {split: {r["id"] for r in rows} for split, rows in records.items()}
+    assert all(ids.values()) and sum(map(len, ids.values())) == 120 and not (ids["train"] & ids["test"])
+    convs = [chat.conversation(r, r["id"]) for rows in records.values() for r in rows]  # every record is valid
+    assert any(len(c.answers()) == 2 for c in convs) and any(c.messages[0]["role"] == "system" for c in convs)
+    assert instructions.run_snippet("x = [3, 1]\nx.append(2)\nprint(sorted(x), len('apple'))") == "[1, 2, 3] 5"
+    (tmp_path / "shapes.py").write_text('def area(w, h=2):\n    """Return the area of a w by h rectangle, in square\n'
+                                        '    units.\n\n    More detail.\n    """\n\n\ndef _hidden():\n    """Private, '
+                                        'never asked about."""\n\n\nclass Box:\n    """Box."""\n')
+    items = instructions.doc_items(tmp_path, recipe)  # read with ast: the module is never imported
+    assert items == [{"id": "doc:shapes.area", "name": "shapes.area", "signature": "`shapes.area(w, h=2)`",
+                      "answer": "Return the area of a w by h rectangle, in square units."}]  # Box: too short
