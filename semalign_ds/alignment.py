@@ -23,6 +23,12 @@ effective end of its last token, tokenised afresh; like the student it has no co
 A document cut by a block boundary is read from the cut. The teacher's block has U positions (padded, mask
 False); a block that needs more than U teacher tokens is an error, never truncated.
 
+Conversations (chat_blocks.py). Two chat templates write the same conversation as two different texts, so there
+is no common character axis for a whole rendering; each message's content is one instead. `align_by_message`
+applies the rule above inside each message, on the raw content's coordinates (`Placed`); tokens of template text
+(role markers, separators) are aligned to nothing, and a student token ending at its content's end is never exact
+(what follows it is each template's own text).
+
 Legend: N blocks, T student positions, U teacher positions. ids_NT / teacher_ids_NU int64, masks bool,
 align_NT int64 (teacher position or -1), exact_NT bool.
 """
@@ -178,7 +184,7 @@ def teacher_blocks(texts: Sequence[str], stream: Stream, seq_len: int, tok_T, te
         rows.append(t_ids)
         aligns.append(np.pad(align, (0, seq_len - len(align)), constant_values=-1))
         exacts.append(np.pad(exact, (0, seq_len - len(exact))))
-    U = _teacher_len(max(len(r) for r in rows), teacher_seq_len, teacher_max, key)
+    U = teacher_len(max(len(r) for r in rows), teacher_seq_len, teacher_max, key)
     ids_NU = torch.full((n, U), teacher_pad, dtype=torch.int64)
     mask_NU = torch.zeros((n, U), dtype=torch.bool)
     for i, row in enumerate(rows):
@@ -187,7 +193,7 @@ def teacher_blocks(texts: Sequence[str], stream: Stream, seq_len: int, tok_T, te
     return CrossBlocks(ids_NU, mask_NU, torch.from_numpy(np.stack(aligns)), torch.from_numpy(np.stack(exacts)))
 
 
-def _teacher_len(needed: int, teacher_seq_len: int | None, teacher_max: int | None, key: str) -> int:
+def teacher_len(needed: int, teacher_seq_len: int | None, teacher_max: int | None, key: str) -> int:
     """U: data.teacher_seq_len, else the longest block's need rounded up to a multiple of 8; never truncating."""
     if teacher_seq_len is not None and needed > teacher_seq_len:
         raise ValueError(f"{key}.teacher_seq_len={teacher_seq_len} is too short: a block's text takes {needed} "
@@ -198,3 +204,33 @@ def _teacher_len(needed: int, teacher_seq_len: int | None, teacher_max: int | No
                          f"tokens ({key}.teacher_seq_len {U}), more than its {teacher_max} positions; lower "
                          f"{key}.seq_len")
     return U
+
+
+@dataclass
+class Placed:
+    """One model's tokens of one rendered conversation, placed in the messages' raw contents: message_P (message
+    index, -1 for template text), ends_P / eff_P (end and effective end relative to the content's raw start),
+    full_P, and per message the raw end of its content as rendered (None: the template leaves it out)."""
+
+    message_P: np.ndarray
+    ends_P: np.ndarray
+    eff_P: np.ndarray
+    full_P: np.ndarray
+    content_end: list[int | None]
+
+
+def align_by_message(s: Placed, t: Placed) -> tuple[np.ndarray, np.ndarray]:
+    """(align, exact) of the student's tokens against the teacher's, message by message (module docstring): a
+    student token of message m takes the last full teacher token of message m ending at or before its effective
+    end (-1: none, and always -1 for template tokens); exact as in `align_positions`, but never at the end of the
+    content."""
+    align = np.full(len(s.message_P), -1, dtype=np.int64)
+    exact = np.zeros(len(s.message_P), dtype=bool)
+    for m, (end_s, end_t) in enumerate(zip(s.content_end, t.content_end)):
+        s_idx, t_idx = np.flatnonzero(s.message_P == m), np.flatnonzero(t.message_P == m)
+        if end_s is None or end_t is None or not len(s_idx) or not len(t_idx):
+            continue
+        a, e = align_positions(s.eff_P[s_idx], s.ends_P[s_idx], s.full_P[s_idx], t.ends_P[t_idx], t.full_P[t_idx])
+        align[s_idx] = np.where(a >= 0, t_idx[np.clip(a, 0, None)], -1)
+        exact[s_idx] = e & (s.ends_P[s_idx] < min(end_s, end_t))
+    return align, exact

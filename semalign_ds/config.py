@@ -71,6 +71,33 @@ class DataConfig(Section):
     """Transfer-set size in packed sequences (the paper used 1000 examples)."""
     micro_batch_size: PosInt = 8
     """Sequences per rank per micro-step."""
+    chat: bool = False
+    """Conversation data: every record holds a `messages` list of {role, content} (system, user, assistant, tool;
+    multi-turn) or a `prompt` + `completion` pair (strings or message lists), in JSONL, parquet or a `datasets`
+    save_to_disk folder; each model renders it with its own chat template, and the losses cover the answers only
+    (data.train_on_prompts). Eval sets are then conversations too, scored as answer bits per byte."""
+    chat_template: Optional[str] = None
+    """data.chat: a Jinja file with the student's chat template; null = the student tokenizer's own (a tokenizer
+    without one needs this file)."""
+    teacher_chat_template: Optional[str] = None
+    """data.chat: a Jinja file with the teacher's chat template; null = the teacher tokenizer's own."""
+    train_on_prompts: bool = False
+    """data.chat: supervise every real token (prompts and template text too), not only the answers (the assistant
+    contents and the token that closes each)."""
+    chat_overlong: Literal["drop", "truncate"] = "drop"
+    """data.chat: a conversation longer than data.seq_len student tokens is dropped, or truncated to its longest
+    prefix of whole messages ending with an answer that fits (dropped if none fits); counted and logged either way."""
+
+    @model_validator(mode="after")
+    def _chat_options(self) -> "DataConfig":
+        if not self.chat:
+            stray = [k for k, v in (("chat_template", self.chat_template), ("teacher_chat_template",
+                                    self.teacher_chat_template), ("train_on_prompts", self.train_on_prompts),
+                                    ("chat_overlong", self.chat_overlong != "drop")) if v]
+            if stray:
+                raise ValueError("\n".join(f"data.{k} is set but data.chat is false; set data.chat=true for "
+                                           f"conversation data, or remove data.{k}" for k in stray))
+        return self
 
 
 class MethodConfig(Section):
@@ -324,6 +351,11 @@ class EvalConfig(Section):
     """Sequences per evaluation forward."""
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     """`semalign eval` settings."""
+    generations: NonNegInt = 3
+    """data.chat: held-out prompts (each eval set's first conversations, up to their last answer) whose greedy
+    answers by the student before and after and by the teacher are logged as an MLflow table; 0 = none."""
+    max_new_tokens: PosInt = 64
+    """data.chat: the longest generated answer in tokens (greedy decoding stops earlier at the model's end of turn)."""
 
 
 class RunConfig(Section):

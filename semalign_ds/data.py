@@ -55,7 +55,9 @@ class Batch(NamedTuple):
 @dataclass(frozen=True)
 class TokenBlocks:
     """Packed token blocks: ids_NT (int64), mask_NT (bool), sample_ids_N (int64 arange); with a different teacher
-    tokenizer also teacher_ids_NU, teacher_mask_NU, align_NT, exact_NT (alignment.py), else None."""
+    tokenizer also teacher_ids_NU, teacher_mask_NU, align_NT, exact_NT (alignment.py), else None. Conversation data
+    (chat_blocks.py) adds loss_mask_NT (bool: the answer tokens the student's losses cover; None = every real token,
+    as for plain text) and `stats` (what the packing kept, truncated, dropped; None for plain text)."""
 
     ids_NT: torch.Tensor
     mask_NT: torch.Tensor
@@ -64,6 +66,8 @@ class TokenBlocks:
     teacher_mask_NU: torch.Tensor | None = None
     align_NT: torch.Tensor | None = None
     exact_NT: torch.Tensor | None = None
+    loss_mask_NT: torch.Tensor | None = None
+    stats: dict | None = None
 
     def __len__(self) -> int:
         return int(self.ids_NT.shape[0])
@@ -257,7 +261,7 @@ def _token_stream(texts: Sequence[str], tokenizer, eos_id: int | None, limit: in
     return stream
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
@@ -285,7 +289,7 @@ def pack_sequences(texts: Sequence[str], tokenizer, seq_len: int, max_sequences:
     stream = torch.tensor(_token_stream(texts, tokenizer, eos_id, limit), dtype=torch.int64)
     if stream.numel() == 0:
         raise ValueError(f"{key}: the documents produced no tokens; add text")
-    return _blocks_from_stream(stream, seq_len, _pad_id(tokenizer))
+    return _blocks_from_stream(stream, seq_len, pad_id(tokenizer))
 
 
 def _check_pack_args(seq_len: int, max_sequences: int | None, key: str) -> None:
@@ -326,8 +330,8 @@ def _pack_cross(texts, tokenizer, seq_len, max_sequences, eos, key, tok_T, teach
     stream = alignment.student_stream(list(texts), tokenizer, eos_id, limit)
     if len(stream.ids) == 0:
         raise ValueError(f"{key}: the documents produced no tokens; add text")
-    plain = _blocks_from_stream(torch.from_numpy(stream.ids), seq_len, _pad_id(tokenizer))
-    cross = alignment.teacher_blocks(list(texts), stream, seq_len, tok_T, _pad_id(tok_T),
+    plain = _blocks_from_stream(torch.from_numpy(stream.ids), seq_len, pad_id(tokenizer))
+    cross = alignment.teacher_blocks(list(texts), stream, seq_len, tok_T, pad_id(tok_T),
                                      _eos_id(tok_T, eos), teacher_seq_len, teacher_max, key)
     return TokenBlocks(plain.ids_NT, plain.mask_NT, plain.sample_ids_N, cross.teacher_ids_NU, cross.teacher_mask_NU,
                        cross.align_NT, cross.exact_NT)
@@ -384,6 +388,9 @@ def micro_batch_ids(num_sequences: int, micro_batch: int, world: int, rank: int,
 def window_samples(num_sequences: int, world: int, rank: int, seed: int, count: int) -> list[torch.Tensor]:
     """Rank `rank`'s own samples in `count` windows of nearly equal size (a (seed, rank) permutation, cut in
     order): what a windowed store teaches and trains one after the other."""
+    import numpy as np
+    import torch
+
     own = owned_samples(num_sequences, rank, world)
     order = torch.from_numpy(np.random.default_rng([seed, rank, 0, 0, 0]).permutation(len(own))).to(torch.int64)
     return list(torch.tensor_split(own[order], count))
@@ -393,6 +400,9 @@ def window_micro_batch_ids(window: torch.Tensor, w: int, micro_batch: int, rank:
                            index: int) -> torch.Tensor:
     """Micro-batch `index` (0-based, epochs wrap) of window `w` (its sample ids): epoch e is a fresh
     (seed, w, e, rank) permutation of the window, cut into its full micro-batches."""
+    import numpy as np
+    import torch
+
     per_epoch = len(window) // micro_batch
     if per_epoch < 1:
         raise ValueError(f"a window of {len(window)} sequences holds no micro-batch of {micro_batch}; raise "

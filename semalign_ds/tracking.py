@@ -33,6 +33,7 @@ class NullTracker:
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_summary(self, metrics: dict[str, float]) -> None: ...
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None: ...
     def log_student_model(self, export_dir: str | Path, mode: str = "auto", copy_max_mb: float = 1024.0,
                           step: int = 0, name: str = "student") -> str | None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -183,6 +184,15 @@ class MlflowTracker(NullTracker):
         logged = self._client.get_run(self.run_id).data.metrics
         fresh = {k: float(v) for k, v in metrics.items() if v is not None and logged.get(k) != float(v)}
         self.log_metrics(fresh, step=0)
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """A table (column name -> equally long list of values) as an MLflow table artifact of this run (the UI's
+        evaluation view reads it; `mlflow.load_table(artifact_file, run_ids=[...])` reads it back). Logging the same
+        artifact_file again appends the rows (MLflow's rule), so tables logged at several evals share one file."""
+        lengths = {name: len(values) for name, values in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"log_table({artifact_file!r}): columns of different lengths {lengths}")
+        self._client.log_table(self.run_id, columns, artifact_file)
 
     def log_student_model(self, export_dir: str | Path, mode: str = "auto", copy_max_mb: float = 1024.0,
                           step: int = 0, name: str = "student") -> str | None:

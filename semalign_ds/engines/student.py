@@ -21,6 +21,7 @@ Loss per micro-batch: w_layer * layer + w_out * output + w_label * label, where
   label_cosine | ce on the final logits;
 Cross-tokenizer packets carry masks: the layer losses run over packet.layer_mask_BT (positions with an aligned
 teacher state), kl/uld over packet.output_mask_BT (exact positions); the label term over every real token.
+Conversation data narrows all three to the answers (packet.loss_mask_BT; the label term via packet.label_mask_BT).
 - label: next-token cross-entropy (when w_label > 0).
 Gradient balancing (ObjectiveSpec.layer_balance): the layer weight is set every micro-step so that the layer term's
 gradient has a fixed fraction of the output term's gradient norm (StudentStage._balance; one extra forward and two
@@ -96,9 +97,10 @@ class _WithProjections(nn.Module):
         return self.student(**kwargs)
 
 
-def _next_token(ids_BT: torch.Tensor, mask_BT: torch.Tensor, logits_BTV: torch.Tensor):
-    """(logits at t, label ids_{t+1}, mask where both t and t+1 are real)."""
-    return logits_BTV[:, :-1], ids_BT[:, 1:], obj.next_token_valid(mask_BT)
+def _next_token(packet: SupervisionPacket, logits_BTV: torch.Tensor):
+    """(logits at t, label ids_{t+1}, mask where both t and t+1 are real and, for conversations, t+1 is an answer
+    token: packet.label_mask_BT)."""
+    return logits_BTV[:, :-1], packet.ids_BT[:, 1:], packet.label_mask_BT
 
 
 def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter], retain_graph: bool = False) -> torch.Tensor:
@@ -262,7 +264,7 @@ class StudentStage:
         if "out" in active:
             terms["out"] = self._output_loss(logits_BTV, packet)
         if "label" in active:
-            terms["label"] = obj.ce(*_next_token(packet.ids_BT, packet.mask_BT, logits_BTV))
+            terms["label"] = obj.ce(*_next_token(packet, logits_BTV))
         return terms
 
     def _layer_loss(self, states: dict, packet: SupervisionPacket) -> torch.Tensor:
@@ -304,7 +306,7 @@ class StudentStage:
                 return obj.kl_full(logits_BTV, packet.full_logits_BTV, mask, tau)
             raise ValueError("method.output_objective is 'kl' but the packet carries no teacher logits; let the "
                              "teacher emit logits (top-k or full)")
-        zs, labels, valid = _next_token(packet.ids_BT, packet.mask_BT, logits_BTV)
+        zs, labels, valid = _next_token(packet, logits_BTV)
         return obj.label_cosine(zs, labels, valid) if kind == "label_cosine" else obj.ce(zs, labels, valid)
 
     # ---- end of stage ----

@@ -252,6 +252,10 @@ def evaluate_run(r, export_dir, stage_table: str = "") -> dict:
     from semalign_ds.models.loading import load_causal_lm, torch_dtype
     from semalign_ds.progress import bar
 
+    if r.cfg.data.chat:  # conversations: answer bits per byte and greedy answers (chat_eval.py)
+        from semalign_ds.evaluation.chat_eval import evaluate_chat_run
+
+        return evaluate_chat_run(r, export_dir, stage_table)
     cfg, dev = r.cfg, r.info.device
     dtype = torch_dtype(cfg.student.dtype)
     before = load_causal_lm(cfg.student.path, dtype, dev, cfg.student.trust_remote_code, key="student.path")

@@ -2,7 +2,8 @@
 once (one ValueError listing each, with its key and its fix). `semalign config --check` runs it alone; `run`,
 `teach` and `train` run it before the MLflow run is created and before any model loads.
 
-Cheap checks only: config.json is read and directories are listed; no weights, tokenizer or data are loaded.
+Cheap checks only: config.json is read and directories are listed; no weights, tokenizer or data are loaded
+(conversation data excepted: its records are parsed, so a malformed one is reported with its line before any work).
 What each command needs:
     run (colocated, disaggregated)  teacher + student (config, family, safetensors weights, tokenizer files),
                                     data, eval sets, the teacher (ZeRO-3) and student (ZeRO-2) templates,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from semalign_ds import chat
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
 from semalign_ds.run import ownership
@@ -58,9 +60,11 @@ def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None
     models_ok &= _model(found, cfg.student, "student", weights=True)
     if models_ok:
         _collect(found, _against_models, cfg)
-    _collect(found, datamod.data_files, cfg.data, "data")
+    found += chat.config_problems(cfg, with_eval=command != "teach")  # conversation data (data.chat)
+    if not cfg.data.chat:
+        _collect(found, datamod.data_files, cfg.data, "data")
     if command != "teach":
-        for name, path in cfg.eval.sets.items():
+        for name, path in ({} if cfg.data.chat else cfg.eval.sets).items():
             _collect(found, datamod.data_files, {"path": path, "format": "auto"},
                      datamod.Keys(f"eval.sets.{name}", None, "data.text_field"))
         _collect(found, _template, cfg, "student", world_size)

@@ -295,7 +295,12 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     teacher_config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     vocab = (supervision.vocab_map(cfg, tok_T, tok_S, student, int(teacher_config.get_text_config().vocab_size))
              if method.needs_teacher else supervision.VocabMap.none())
-    blocks = _load_blocks(cfg, tok_S, student.config, teacher_config, tok_T if vocab.cross else None)
+    if cfg.data.chat:  # conversations: each model's chat template, the answers-only mask (chat_blocks.py)
+        from semalign_ds import chat_blocks
+
+        blocks = chat_blocks.load(cfg, tok_S, tok_T, student.config, teacher_config, vocab.cross)
+    else:
+        blocks = _load_blocks(cfg, tok_S, student.config, teacher_config, tok_T if vocab.cross else None)
     _check_layers(cfg, teacher_config, student)
     spec = run_spec(cfg, info, teacher_config, student, len(blocks), vocab.cross, roles)
     hidden_T = int(teacher_config.get_text_config().hidden_size)

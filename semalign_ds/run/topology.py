@@ -16,6 +16,7 @@ Legend: GA gradient accumulation steps, B micro-batch, S student ranks, T teache
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -64,7 +65,7 @@ class Feed:
             raise ValueError(f"the spool's tokens for samples {ids.tolist()} differ from this run's data; "
                              f"the spool was written from other data")
         self.tokens += packet.num_tokens
-        return packet
+        return with_answers(packet, self.ctx.blocks)
 
     def stats(self) -> dict:
         return {f"transport/{self.kind}_bytes_per_token": self.bytes / max(self.tokens, 1),
@@ -143,6 +144,15 @@ class LabelStore:
     def flat(self, sample_ids_B: torch.Tensor, layers) -> dict[str, torch.Tensor]:
         return {"ids": self.blocks.ids_NT[sample_ids_B], "mask": self.blocks.mask_NT[sample_ids_B],
                 "sample_ids": sample_ids_B}
+
+
+def with_answers(packet: SupervisionPacket, blocks: datamod.TokenBlocks) -> SupervisionPacket:
+    """The packet with the student's answer mask of its samples attached (conversation data: blocks.loss_mask_NT);
+    unchanged for plain text. The mask comes from this rank's own packed data, so it never travels."""
+    if blocks.loss_mask_NT is None:
+        return packet
+    rows = blocks.loss_mask_NT[packet.sample_ids_B.cpu()]
+    return dataclasses.replace(packet, loss_mask_BT=rows.to(packet.mask_BT.device))
 
 
 # ---------------------------------------------------------------- the local store (colocated, disaggregated)
