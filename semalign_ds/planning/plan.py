@@ -15,11 +15,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from semalign_ds import spec as specmod
 from semalign_ds.planning import throughput as tp
 from semalign_ds.planning.throughput import DTYPE_BYTES, GiB, ModelShape, get_profile
 from semalign_ds.spec import Roles, RunSpec
+
+if TYPE_CHECKING:
+    from semalign_ds.config import RunConfig
 
 @dataclass
 class Plan:
@@ -108,7 +112,7 @@ def ram_per_node(prof, gpus: int) -> float:
     return (prof.device_mem_gib if prof.unified else prof.host_mem_gib_per_device * gpus) * GiB
 
 
-def make_setup(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: int, prof=None) -> Setup:
+def make_setup(cfg: RunConfig, teacher: ModelShape, student: ModelShape, nodes: int, gpus: int, prof=None) -> Setup:
     if nodes < 1 or gpus < 1:
         raise ValueError(f"--nodes ({nodes}) and --gpus-per-node ({gpus}) must be >= 1")
     roles = Roles.build(cfg.runtime.topology, nodes * gpus, cfg.transport.teacher_ranks, gpus)
@@ -176,7 +180,7 @@ def attribution_pass_seconds(su: Setup, prof, method: str = "grad_x_act") -> flo
     return max(3 * a["compute_s"], 2 * a["fetch_s"], 2 * a["gather_s"])
 
 
-def timings(cfg, su: Setup, prof) -> dict[str, float]:
+def timings(cfg: RunConfig, su: Setup, prof) -> dict[str, float]:
     """Seconds per teacher pass and student step, attribution, the map, the one teacher pass over the data and
     the whole run for the topology."""
     t = tp.teacher_pass_seconds(su.teacher, su.B, su.T, su.tb, prof, world=su.t_world, nodes=su.nodes,
@@ -206,7 +210,7 @@ def timings(cfg, su: Setup, prof) -> dict[str, float]:
 
 # ---- the plan ----
 
-def build_plan(cfg, teacher: ModelShape, student: ModelShape, nodes: int, gpus: int, prof) -> Plan:
+def build_plan(cfg: RunConfig, teacher: ModelShape, student: ModelShape, nodes: int, gpus: int, prof) -> Plan:
     su = make_setup(cfg, teacher, student, nodes, gpus, prof)
     captured = captured_layers(teacher.layers, student.layers, cfg.method.residual)
     bpt = su.spec.packets.bytes_per_token

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from semalign_ds.config import RunConfig
 
 
 def micro_batches_per_epoch(num_sequences: int, micro_batch: int, world: int) -> int:
@@ -96,7 +99,7 @@ class Budget:
         return lines
 
 
-def stage_list(cfg, L_S: int) -> list[int]:
+def stage_list(cfg: RunConfig, L_S: int) -> list[int]:
     stages = cfg.schedule.stages or list(range(1, L_S + 1))
     bad = [k for k in stages if not 1 <= k <= L_S]
     if bad:
@@ -106,7 +109,7 @@ def stage_list(cfg, L_S: int) -> list[int]:
     return stages
 
 
-def steps_per_stage(cfg, num_sequences: int, world: int) -> int:
+def steps_per_stage(cfg: RunConfig, num_sequences: int, world: int) -> int:
     s, d = cfg.schedule, cfg.data
     if s.tokens_per_stage is not None:
         return max(1, math.ceil(s.tokens_per_stage / (d.micro_batch_size * d.seq_len * world * s.grad_accum)))
@@ -115,13 +118,13 @@ def steps_per_stage(cfg, num_sequences: int, world: int) -> int:
     return max(1, math.ceil(s.epochs_per_stage * num_sequences / per_step - 1e-9))
 
 
-def stage_epochs(cfg, num_sequences: int) -> float:
+def stage_epochs(cfg: RunConfig, num_sequences: int) -> float:
     """Passes over the transfer set per stage (schedule.tokens_per_stage as the epochs it amounts to)."""
     s, d = cfg.schedule, cfg.data
     return s.epochs_per_stage if s.tokens_per_stage is None else s.tokens_per_stage / (num_sequences * d.seq_len)
 
 
-def budget(cfg, L_S: int, num_sequences: int, world: int, windowed: bool = False) -> Budget:
+def budget(cfg: RunConfig, L_S: int, num_sequences: int, world: int, windowed: bool = False) -> Budget:
     """The stages of a run with `num_sequences` transfer sequences on `world` student ranks (`windowed`: taught
     and trained window by window, see the module docstring)."""
     stages = stage_list(cfg, L_S)
@@ -142,6 +145,6 @@ def budget(cfg, L_S: int, num_sequences: int, world: int, windowed: bool = False
                   micro_batches_per_epoch(num_sequences, d.micro_batch_size, world), win)
 
 
-def stage_seed(cfg, k: int) -> int:
+def stage_seed(cfg: RunConfig, k: int) -> int:
     """The data-order seed of stage k (each stage draws its own order)."""
     return cfg.seed + k

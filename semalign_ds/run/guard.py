@@ -22,11 +22,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from semalign_ds import lock
 from semalign_ds.run import checks, ownership, signals
 from semalign_ds import config as cfgmod
+
+if TYPE_CHECKING:
+    from semalign_ds.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ class _HandedBack(Exception):
         self.error = error
 
 
-def _owned_work(cfg, work, out: Path, writer: bool, new: bool) -> dict:
+def _owned_work(cfg: RunConfig, work, out: Path, writer: bool, new: bool) -> dict:
     """Steps 4-5 of the module docstring."""
     status = "failed"
     try:

@@ -12,6 +12,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from semalign_ds import files
 from semalign_ds.cluster.distributed import barrier
 from semalign_ds.engines.ds_config import find_template  # noqa: F401  (where the run looks for a template)
 from semalign_ds.progress import phase
+
+if TYPE_CHECKING:
+    from semalign_ds.run.context import RunContext
 
 CKPT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 RUN_FILE = "run.json"
@@ -82,7 +86,7 @@ def read_progress(out: Path, cfg) -> Progress:
     return progress
 
 
-def _write(ctx, progress: Progress, stage=None, step: int | None = None) -> None:
+def _write(ctx: RunContext, progress: Progress, stage=None, step: int | None = None) -> None:
     from semalign_ds.engines.checkpoint import save_stage_state
 
     tmp = ctx.out / TMP
@@ -121,17 +125,17 @@ def _commit(out: Path) -> None:
     shutil.rmtree(out / OLD, ignore_errors=True)
 
 
-def save_inside(ctx, progress: Progress, stage, step: int) -> None:
+def save_inside(ctx: RunContext, progress: Progress, stage, step: int) -> None:
     """Mid-stage checkpoint: weights, optimizer partitions and the step to resume from."""
     _write(ctx, progress, stage, step)
 
 
-def save_boundary(ctx, progress: Progress) -> None:
+def save_boundary(ctx: RunContext, progress: Progress) -> None:
     """Stage-boundary checkpoint: the next stage starts with a fresh engine, so weights suffice."""
     _write(ctx, progress)
 
 
-def resume_stage(ctx, progress: Progress, stage, k: int) -> int:
+def resume_stage(ctx: RunContext, progress: Progress, stage, k: int) -> int:
     """The step to start stage k at: 0, or the saved step when the checkpoint is inside this stage."""
     if not progress.resume_step(k):
         return 0
@@ -145,7 +149,7 @@ def resume_stage(ctx, progress: Progress, stage, k: int) -> int:
     return int(progress.step)
 
 
-def check_packets(ctx, progress: Progress, digest: str) -> None:
+def check_packets(ctx: RunContext, progress: Progress, digest: str) -> None:
     """A resumed run trains on packets of the same binding as before (e.g. the same --from-spool)."""
     if progress.packets not in (None, digest):
         raise ValueError(f"the checkpoint in {ctx.out / CKPT} was trained on other teacher packets (binding "

@@ -17,12 +17,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from semalign_ds import files
 from semalign_ds.cluster.distributed import all_reduce
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.run.resume import ADAM_BYTES
 from semalign_ds.tracking import STORE_BYTES
+
+if TYPE_CHECKING:
+    from semalign_ds.config import RunConfig
+    from semalign_ds.run.context import RunContext
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def estimate(cfg, out: Path, student, stage_layers: list[list[int]], store_dir: Path | None,
+def estimate(cfg: RunConfig, out: Path, student, stage_layers: list[list[int]], store_dir: Path | None,
              store_bytes: int) -> list[Need]:
     """What the run writes where (see the module docstring). stage_layers: the trainable layers of each stage;
     store_dir/store_bytes: this rank's disk packet store and its full size (None/0: packets stay in memory)."""
@@ -75,7 +80,7 @@ def shortfalls(needs: list[Need]) -> list[str]:
     return lines
 
 
-def check_run(ctx, plan, store_dir: Path | None, store_bytes: int) -> None:
+def check_run(ctx: RunContext, plan, store_dir: Path | None, store_bytes: int) -> None:
     """Every rank checks what it writes; all stop together (ValueError) when any rank is short of space."""
     needs = estimate(ctx.cfg, ctx.out, ctx.student, [list(s.layers) for s in plan.stages], store_dir, store_bytes)
     mine = [n for n in needs if ctx.writes or n.directory != ctx.out]  # the output directory: its writer only

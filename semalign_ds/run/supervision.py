@@ -9,22 +9,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from semalign_ds import data as datamod
-from semalign_ds.cluster.distributed import broadcast_from_first
+from semalign_ds.cluster.distributed import all_reduce_tensor, broadcast_from_first
 from semalign_ds.method import basis as basismod
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.loading import torch_dtype
 from semalign_ds.progress import phase
-from semalign_ds.cluster.distributed import all_reduce_tensor
 from semalign_ds.spec import id_bytes
 from semalign_ds.transport import schema
 from semalign_ds.transport.codec import BasisFit, Codec, fit_bases, reconstruction_error
 from semalign_ds.transport.packet import SupervisionPacket
+
+if TYPE_CHECKING:
+    from semalign_ds.config import RunConfig
+    from semalign_ds.run.context import RunContext
 
 
 @dataclass
@@ -45,7 +49,7 @@ def same_tokenizer(tok_T, tok_S) -> bool:
     return tok_T is tok_S or tok_T.get_vocab() == tok_S.get_vocab()
 
 
-def vocab_map(cfg, tok_T, tok_S, student, teacher_vocab_size: int) -> VocabMap:
+def vocab_map(cfg: RunConfig, tok_T, tok_S, student, teacher_vocab_size: int) -> VocabMap:
     V_S = get_adapter(student, "student.path").vocab_size
     ids_T, ids_S = basismod.shared_vocabulary(tok_T, tok_S, cfg.method.min_shared_tokens, teacher_vocab_size, V_S)
     limit, what = ((ids_T.numel(), "the shared vocabulary") if cfg.method.output_objective == "kl"
@@ -90,7 +94,7 @@ def semantic_basis(weight_VD: torch.Tensor, kind: str, random_basis: bool, seed:
     return S
 
 
-def build_map(ctx, table) -> torch.Tensor | None:
+def build_map(ctx: RunContext, table) -> torch.Tensor | None:
     """The alignment map M (D_S x D_T, float32 on the run's device) of method.map, built once per run on the first
     rank of the teacher group and broadcast to the others: pinv M = S_S S_T^T over the shared vocabulary (bases
     cached by weight hash), random (random bases), logit (logit_matching_map of both heads and final-norm gains);
@@ -115,7 +119,7 @@ def build_map(ctx, table) -> torch.Tensor | None:
     return broadcast_from_first(M, ctx.group)
 
 
-def _logit_map(ctx) -> torch.Tensor:
+def _logit_map(ctx: RunContext) -> torch.Tensor:
     """method.map logit: pinv(W_S diag(g_S)) W_T diag(g_T) over the shared vocabulary (METHOD.md §8), float64 on
     the first rank's device, broadcast in float32. Not cached: cheap once the heads are gathered."""
     main, device = ctx.info.is_main, ctx.info.device
@@ -131,7 +135,7 @@ def _logit_map(ctx) -> torch.Tensor:
     return broadcast_from_first(M, ctx.group)
 
 
-def binding(ctx, table=None, M_DsDt: torch.Tensor | None = None, codec: Codec | None = None) -> dict:
+def binding(ctx: RunContext, table=None, M_DsDt: torch.Tensor | None = None, codec: Codec | None = None) -> dict:
     """The hashes that bind packets to this configuration (transport/schema.py); `pairing` and `map` only
     where the pairing table and M are at hand (the teacher side). Only what changes the packets is bound (the
     target kind and normalisation, not the layer objective's name; not the student's training seed), so runs that
@@ -169,7 +173,7 @@ def _data_digest(blocks: datamod.TokenBlocks) -> str:
                                 blocks.align_NT, blocks.exact_NT)
 
 
-def emit(ctx, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> SupervisionPacket:
+def emit(ctx: RunContext, batch: datamod.Batch, recipes: dict, M_DsDt: torch.Tensor) -> SupervisionPacket:
     """One teacher pass -> the packet for this batch (colocated transport: in memory)."""
     cfg, dev, method = ctx.cfg, ctx.info.device, ctx.spec.method
     recipes = recipes if method.needs_targets else {}
@@ -197,7 +201,7 @@ def student_positions(batch: datamod.Batch, device):
                             batch.exact_BT.to(device))
 
 
-def stage_kwargs(ctx, total_steps: int, train_layers: list[int] | None = None) -> dict:
+def stage_kwargs(ctx: RunContext, total_steps: int, train_layers: list[int] | None = None) -> dict:
     from semalign_ds.engines.ds_config import load_template, student_ds_config
     from semalign_ds.engines.student import ObjectiveSpec
     from semalign_ds.run import resume
@@ -230,7 +234,7 @@ def codec_samples(N: int, fit_tokens: int, seq_len: int) -> torch.Tensor:
     return torch.randperm(N, generator=torch.Generator().manual_seed(CODEC_SEED))[:n].sort().values
 
 
-def fit_codec(ctx, recipes: dict, M_DsDt) -> tuple[Codec, float]:
+def fit_codec(ctx: RunContext, recipes: dict, M_DsDt) -> tuple[Codec, float]:
     """The run's packet codec (transport.codec) and the teacher forwards it cost per transfer sample. compact:
     every teacher rank emits its share of the first window (lockstep micro-batches, spare forwards where a rank
     has fewer), the per-layer sums are all-reduced over the teacher group and every rank fits the same bases (a
@@ -258,7 +262,7 @@ def fit_codec(ctx, recipes: dict, M_DsDt) -> tuple[Codec, float]:
     return codec, rounds * B * info.world_size / N
 
 
-def codec_error(ctx, codec: Codec, recipes: dict, M_DsDt, batch: datamod.Batch) -> dict[str, float]:
+def codec_error(ctx: RunContext, codec: Codec, recipes: dict, M_DsDt, batch: datamod.Batch) -> dict[str, float]:
     """The codec's target reconstruction error on one batch (relative error and cosine per layer; logged)."""
     if codec.lossless or not ctx.spec.method.needs_targets:
         return {}

@@ -21,28 +21,33 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from semalign_ds import data as datamod
+from semalign_ds.cluster.distributed import DistInfo, all_reduce, barrier
+from semalign_ds.method.pairing import PairingTable
+from semalign_ds.models.loading import torch_dtype
+from semalign_ds.progress import bar
 from semalign_ds.run import signals, supervision
 from semalign_ds.run.budget import stage_seed
-from semalign_ds.cluster.distributed import DistInfo, all_reduce, barrier
 from semalign_ds.spec import Roles
-from semalign_ds.method.pairing import PairingTable
-from semalign_ds.progress import bar
-from semalign_ds.models.loading import torch_dtype
 from semalign_ds.transport import schema, spool, store as storemod, stream
 from semalign_ds.transport.codec import Codec
 from semalign_ds.transport.packet import SupervisionPacket
+
+if TYPE_CHECKING:
+    from semalign_ds.config import RunConfig
+    from semalign_ds.run.context import RunContext
 
 
 class Feed:
     """A stage's packets for this rank from a store: each read moves the stored (encoded) tensors to the student's
     device and decodes them there; counts the bytes read and the tokens the student received."""
 
-    def __init__(self, ctx, store, kind: str, codec: Codec, check_tokens: bool = False):
+    def __init__(self, ctx: RunContext, store, kind: str, codec: Codec, check_tokens: bool = False):
         self.ctx, self.store, self.kind, self.codec, self.check_tokens = ctx, store, kind, codec, check_tokens
         self.target_dtype = torch_dtype(ctx.cfg.method.target_dtype)
         self.bytes = self.tokens = 0
@@ -78,7 +83,7 @@ class WindowFeed(Feed):
     index: ZeRO-3 lockstep), trained on, then dropped, so the store never holds more than one window. A run
     resumed inside a window teaches that window again (counted in teacher_passes_per_sample)."""
 
-    def __init__(self, ctx, progress, recipes: dict, M_DsDt, codec: Codec, binding: dict):
+    def __init__(self, ctx: RunContext, progress, recipes: dict, M_DsDt, codec: Codec, binding: dict):
         super().__init__(ctx, None, "window", codec)
         self.progress, self.recipes, self.M, self.binding = progress, recipes, M_DsDt, binding
         self.taught = self.passes = 0
@@ -158,16 +163,16 @@ def with_answers(packet: SupervisionPacket, blocks: datamod.TokenBlocks) -> Supe
 # ---------------------------------------------------------------- the local store (colocated, disaggregated)
 
 
-def store_dir(cfg, out: Path) -> Path:
+def store_dir(cfg: RunConfig, out: Path) -> Path:
     return Path(cfg.transport.store_dir) if cfg.transport.store_dir else Path(out) / "packets"
 
 
-def rank_store_dir(cfg, out: Path, rank: int) -> Path:
+def rank_store_dir(cfg: RunConfig, out: Path, rank: int) -> Path:
     """Where rank `rank` keeps a disk packet store."""
     return store_dir(cfg, out) / f"rank-{rank:05d}"
 
 
-def open_store(ctx, binding: dict, kind: str, codec: Codec):
+def open_store(ctx: RunContext, binding: dict, kind: str, codec: Codec):
     """This rank's store for its own samples (a disk store resumes what an interrupted run committed)."""
     N, info = len(ctx.blocks), ctx.info
     capacity = len(datamod.owned_samples(N, info.rank, info.world_size))
@@ -177,7 +182,7 @@ def open_store(ctx, binding: dict, kind: str, codec: Codec):
     return storemod.DiskStore(directory, binding, N, capacity, ctx.cfg.transport.shard_sequences, codec)
 
 
-def teach_local(ctx, store, recipes: dict, M_DsDt, codec: Codec) -> dict:
+def teach_local(ctx: RunContext, store, recipes: dict, M_DsDt, codec: Codec) -> dict:
     """Colocated teach phase: this rank's samples not yet in its store, through the teacher once. Returns this
     rank's counts: samples emitted, samples restored from an interrupted run's disk store, real tokens emitted and
     forwards (spares included)."""
@@ -199,7 +204,7 @@ def teach_local(ctx, store, recipes: dict, M_DsDt, codec: Codec) -> dict:
 # ---------------------------------------------------------------- spool
 
 
-def write_spool(ctx, recipes: dict, M_DsDt, binding: dict, stages: list[int], codec: Codec) -> dict:
+def write_spool(ctx: RunContext, recipes: dict, M_DsDt, binding: dict, stages: list[int], codec: Codec) -> dict:
     """Every teacher rank writes whole shards (pending shards dealt round-robin; ZeRO-3 lockstep kept by spare
     forwards); rank 0 writes the manifest once all are committed. Resumes an interrupted spool. Returns the
     manifest (rank 0) with this run's counts: samples emitted, seconds."""
@@ -229,7 +234,7 @@ def write_spool(ctx, recipes: dict, M_DsDt, binding: dict, stages: list[int], co
             "shards_written": len(pending)}
 
 
-def _write_shard(ctx, plan: spool.SpoolPlan, j: int | None, per_shard: int, recipes: dict, M, codec: Codec,
+def _write_shard(ctx: RunContext, plan: spool.SpoolPlan, j: int | None, per_shard: int, recipes: dict, M, codec: Codec,
                  spare: bool) -> int:
     micro, emitted = ctx.cfg.data.micro_batch_size, 0
     first, n = plan.rows_of(j) if j is not None else (0, 0)
@@ -257,7 +262,7 @@ def _write_shard(ctx, plan: spool.SpoolPlan, j: int | None, per_shard: int, reci
     return emitted
 
 
-def spool_pairing(ctx, reader: spool.SpoolReader) -> PairingTable:
+def spool_pairing(ctx: RunContext, reader: spool.SpoolReader) -> PairingTable:
     """The spool's pairing table, checked against the hash its manifest binds the targets to."""
     path = reader.directory / spool.PAIRING
     if not path.is_file():
@@ -307,7 +312,7 @@ def role_info(info: DistInfo, ranks: tuple[int, ...]) -> DistInfo:
 
 
 @contextmanager
-def tell_students_on_error(cfg, layout: Roles, device):
+def tell_students_on_error(cfg: RunConfig, layout: Roles, device):
     """Around a teacher rank's whole life: an exception is sent to every student (ERROR with its message) before
     it propagates, so the students fail with the teacher's reason instead of a broken link."""
     try:
@@ -318,7 +323,7 @@ def tell_students_on_error(cfg, layout: Roles, device):
         raise
 
 
-def serve_stream(ctx, layout: Roles, recipes: dict, M_DsDt, binding: dict, table: PairingTable,
+def serve_stream(ctx: RunContext, layout: Roles, recipes: dict, M_DsDt, binding: dict, table: PairingTable,
                  first_stage: int, codec: Codec) -> dict:
     """Teacher rank: HELLO (binding + pairing) from the first teacher, then its share of stream_jobs in lockstep
     rounds of T (a spare forward where a round has no job for it), then END on every link."""
@@ -355,7 +360,7 @@ class StreamStore:
     micro-batch due next is trained on straight from the wire when it is the next to arrive (the first stage's
     first epoch, on a fresh start), anything else waits until the whole stream is in the store."""
 
-    def __init__(self, ctx, layout: Roles, inner, first_stage: int):
+    def __init__(self, ctx: RunContext, layout: Roles, inner, first_stage: int):
         cfg = ctx.cfg
         self.ctx, self.layout, self.inner = ctx, layout, inner
         self.receiver = stream.PacketReceiver(cfg.transport.timeout_s, ctx.info.device)
