@@ -103,7 +103,7 @@ def main() -> None:
     ctx, _ = pipeline.prepare(cfg, info)
     progress = resume.Progress(cfgmod.result_hash(cfg))
     table = pipeline.pair_layers(ctx, progress)
-    M = pipeline.supervision.build_map(ctx, table)
+    M = pipeline.mapping.build_map(ctx, table)
     plan = ctx.spec.budget
     recipes = pipeline._recipes(ctx, table, ctx.spec.trained_layers)
     initial = {k: v.clone() for k, v in ctx.student.state_dict().items()}

@@ -297,7 +297,7 @@ class RunMeter:
 
 
 def map_build(teacher: ModelShape, student: ModelShape, shared: int, prof: DeviceProfile) -> dict[str, float]:
-    """Time and peak bytes of the semantic bases and M, built once per run on one device (supervision.build_map;
+    """Time and peak bytes of the semantic bases and M, built once per run on one device (run/mapping.build_map;
     method/basis.output_basis): per model a float64 Gram matrix V D^2, an eigendecomposition ~10 D^3 and
     S = (.) W^T 2 D^2 V, then M over the shared vocabulary 2 D_S V D_T in float32."""
     fp64 = sum(2.0 * m.vocab * m.hidden ** 2 + 10.0 * m.hidden ** 3 + 2.0 * m.hidden ** 2 * m.vocab

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from semalign_ds.run import budget as budgetmod, ownership, resume, signals, space, supervision, topology
+from semalign_ds.run import budget as budgetmod, mapping, ownership, resume, signals, space, supervision, topology
 from semalign_ds import config as cfgmod
 from semalign_ds import spec as specmod
 from semalign_ds import data as datamod
@@ -98,7 +98,7 @@ def _run_colocated(ctx: RunContext, progress: Progress) -> dict:
         feed = topology.Feed(ctx, topology.LabelStore(ctx.blocks), "data", Codec())
         return _finish(ctx, progress, train_stages(ctx, progress, feed))
     table = pair_layers(ctx, progress)
-    M_DsDt = supervision.build_map(ctx, table)
+    M_DsDt = mapping.build_map(ctx, table)
     recipes = _recipes(ctx, table, ctx.spec.trained_layers)
     codec = make_codec(ctx, recipes, M_DsDt)
     binding = supervision.binding(ctx, table, M_DsDt, codec)
@@ -161,7 +161,7 @@ def _run_disaggregated(cfg: RunConfig, world: distributed.DistInfo) -> dict:
 
 def _serve_stream(ctx: RunContext, progress: Progress, layout) -> dict:
     table = pair_layers(ctx, progress)
-    M_DsDt = supervision.build_map(ctx, table)
+    M_DsDt = mapping.build_map(ctx, table)
     recipes = _recipes(ctx, table, ctx.spec.trained_layers)
     codec = make_codec(ctx, recipes, M_DsDt)
     stats = topology.serve_stream(ctx, layout, recipes, M_DsDt, supervision.binding(ctx, table, M_DsDt, codec),
@@ -253,7 +253,7 @@ def teach(cfg: RunConfig) -> dict:
         if ctx.writes:
             state.write_text(json.dumps({"config_hash": progress.config_hash, "pairing": True,
                                          "mlflow_run_id": progress.mlflow_run_id}))
-        M_DsDt = supervision.build_map(ctx, table)
+        M_DsDt = mapping.build_map(ctx, table)
         announce(ctx, spool_bytes=ctx.spec.total_packet_bytes)
         layers = ctx.spec.trained_layers
         need = spool.space_needed(out, ctx.spec.total_packet_bytes)
@@ -508,7 +508,7 @@ def train_stages(ctx: RunContext, progress: Progress, feed) -> list[dict]:
     for stage in ctx.spec.budget.stages:
         if stage.k not in progress.stages_done:
             student = StudentStage(ctx.student, stage.k,
-                                   **supervision.stage_kwargs(ctx, stage.steps, list(stage.layers)))
+                                   **stage_kwargs(ctx, stage.steps, list(stage.layers)))
             start = resume.resume_stage(ctx, progress, student, stage.k)
             source = feed.source(stage.k, list(stage.layers), start, stage.steps)
             _run_stage(ctx, progress, student, stage, start, offset, source, history)
@@ -563,3 +563,25 @@ def export_student(ctx: RunContext) -> Path:
         ctx.tracker.log_student_model(export, ctx.cfg.tracking.log_model, ctx.cfg.tracking.log_model_copy_max_mb)
     distributed.barrier(ctx.group)
     return export
+
+
+def stage_kwargs(ctx: RunContext, total_steps: int, train_layers: list[int] | None = None) -> dict:
+    """A stage's StudentStage arguments: the DeepSpeed ZeRO-2 config, the optimizer schedule, the objective of the
+    spec's method, the adapter."""
+    from semalign_ds.engines.ds_config import load_template, student_ds_config
+    from semalign_ds.engines.student import ObjectiveSpec
+
+    cfg, s = ctx.cfg, ctx.cfg.schedule
+    template = load_template(resume.find_template(cfg.student_engine.ds_config, "student_engine.ds_config"))
+    ds = student_ds_config(template, bf16=cfg.student.dtype == "bfloat16", micro_batch=cfg.data.micro_batch_size,
+                           grad_accum=s.grad_accum, world_size=ctx.info.world_size, grad_clip=s.grad_clip,
+                           hidden_size=get_adapter(ctx.student).hidden_size)
+    m = ctx.spec.method
+    objective = ObjectiveSpec(layer_objective=m.layer_objective, output_objective=m.output_objective, tau=m.tau,
+                              w_layer=m.w_layer, w_out=m.w_out, w_label=m.w_label, target_kind=m.target_kind,
+                              layer_balance=m.layer_balance, log_grad_cosine=m.log_grad_cosine)
+    targets = s.lora_targets or list(get_adapter(ctx.student).family.lora_targets)
+    return dict(ds_config=ds, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=total_steps,
+                weight_decay=s.weight_decay, adapter_kind=s.adapter, lora_rank=s.lora_rank,
+                lora_alpha=s.lora_alpha, lora_targets=targets, objective=objective, train_layers=train_layers,
+                teacher_hidden=ctx.spec.teacher.hidden if m.layer_objective == "hidden_mse" else None, mpu=ctx.mpu)

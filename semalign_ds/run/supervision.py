@@ -1,4 +1,4 @@
-"""Glue between the run config and the method: vocabulary map, semantic bases and M (cached), packets.
+"""What the teacher emits and how packets are bound: the vocabulary map, the emission, the binding, the codec's fit.
 
 Legend: ids_BT (student ids), M_DsDt (alignment map), S_DV (semantic basis: hidden x vocab).
 Different tokenizers: the shared set is the intersection of token strings; the teacher reads the student's
@@ -6,17 +6,13 @@ token sequence translated through that map, so every transfer token must be shar
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from filelock import FileLock
-from safetensors.torch import load_file, save_file
 
 from semalign_ds import data as datamod
-from semalign_ds.cluster.distributed import all_reduce_tensor, broadcast_from_first
+from semalign_ds.cluster.distributed import all_reduce_tensor
 from semalign_ds.method import basis as basismod
 from semalign_ds.models.adapters import get_adapter
 from semalign_ds.models.loading import torch_dtype
@@ -67,72 +63,6 @@ def teacher_view(batch: datamod.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(int(batch.teacher_mask_BU.sum(1).max()), 1)
         return batch.teacher_ids_BU[:, :width], batch.teacher_mask_BU[:, :width]
     return batch.ids_BT, batch.mask_BT
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SEMALIGN_CACHE", Path.home() / ".cache" / "semalign_ds")) / "bases"
-
-
-def semantic_basis(weight_VD: torch.Tensor, kind: str, random_basis: bool, seed: int,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """S (D x V, float32 on CPU), cached on disk by a hash of the weights and the kind (under a file lock);
-    computed on `device` (the GPU when there is one)."""
-    if random_basis:
-        gen = torch.Generator().manual_seed(seed)
-        S = torch.randn(weight_VD.shape[1], weight_VD.shape[0], generator=gen)
-        return S / S.norm(dim=0, keepdim=True)
-    path = _cache_dir() / f"{kind}-{basismod.basis_cache_key(weight_VD)}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_name(path.name + ".lock")):  # concurrent runs on one machine compute a basis once
-        if path.is_file():
-            return load_file(path)["S"]
-        w = weight_VD.to(device)
-        S = (basismod.output_basis(w) if kind == "output" else basismod.input_basis(w)).cpu()
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"S": S.contiguous()}, tmp)
-        os.replace(tmp, path)
-    return S
-
-
-def build_map(ctx: RunContext, table) -> torch.Tensor | None:
-    """The alignment map M (D_S x D_T, float32 on the run's device) of method.map, built once per run on the first
-    rank of the teacher group and broadcast to the others: pinv M = S_S S_T^T over the shared vocabulary (bases
-    cached by weight hash), random (random bases), logit (logit_matching_map of both heads and final-norm gains);
-    None for map none (relation_geometry on raw teacher residuals, the hidden_mse baseline's learned projection)."""
-    cfg = ctx.cfg
-    if cfg.method.map == "none":
-        return None
-    if cfg.method.map == "logit":
-        return _logit_map(ctx)
-    kind, main, device = cfg.method.basis, ctx.info.is_main, ctx.info.device
-    gather = ctx.teacher.head_weight if kind == "output" else ctx.teacher.input_embedding_weight
-    teacher_w = gather(keep=main)  # collective under ZeRO-3: every teacher rank takes part
-    adapter = get_adapter(ctx.student)
-    M = torch.empty(adapter.hidden_size, ctx.teacher.adapter.hidden_size, dtype=torch.float32, device=device)
-    if main:
-        random = cfg.method.map == "random"
-        student_w = adapter.head_weight() if kind == "output" else adapter.embed.weight
-        with phase("semantic bases + alignment map", ctx):
-            S_T = semantic_basis(teacher_w, kind, random, cfg.seed + 1, device)
-            S_S = semantic_basis(student_w.detach().float().cpu(), kind, random, cfg.seed + 2, device)
-            M.copy_(basismod.alignment_map(S_T.to(device), S_S.to(device), ctx.vocab.ids_T, ctx.vocab.ids_S))
-    return broadcast_from_first(M, ctx.group)
-
-
-def _logit_map(ctx: RunContext) -> torch.Tensor:
-    """method.map logit: pinv(W_S diag(g_S)) W_T diag(g_T) over the shared vocabulary (METHOD.md §8), float64 on
-    the first rank's device, broadcast in float32. Not cached: cheap once the heads are gathered."""
-    main, device = ctx.info.is_main, ctx.info.device
-    W_T = ctx.teacher.head_weight(keep=main)  # both gathers are collective under ZeRO-3
-    g_T = ctx.teacher.final_norm_gain(keep=main)
-    adapter = get_adapter(ctx.student)
-    M = torch.empty(adapter.hidden_size, ctx.teacher.adapter.hidden_size, dtype=torch.float32, device=device)
-    if main:
-        norm_w = getattr(adapter.final_norm, "weight", None)
-        g_S = None if norm_w is None else norm_w.detach().float()
-        M.copy_(basismod.logit_matching_map(W_T.to(device), g_T, adapter.head_weight().detach().float().to(device),
-                                            g_S, ctx.vocab.ids_T, ctx.vocab.ids_S))
-    return broadcast_from_first(M, ctx.group)
 
 
 def binding(ctx: RunContext, table=None, M_DsDt: torch.Tensor | None = None, codec: Codec | None = None) -> dict:
@@ -199,27 +129,6 @@ def student_positions(batch: datamod.Batch, device):
         return None
     return StudentPositions(batch.ids_BT.to(device), batch.mask_BT.to(device), batch.align_BT.to(device),
                             batch.exact_BT.to(device))
-
-
-def stage_kwargs(ctx: RunContext, total_steps: int, train_layers: list[int] | None = None) -> dict:
-    from semalign_ds.engines.ds_config import load_template, student_ds_config
-    from semalign_ds.engines.student import ObjectiveSpec
-    from semalign_ds.run import resume
-
-    cfg, s = ctx.cfg, ctx.cfg.schedule
-    template = load_template(resume.find_template(cfg.student_engine.ds_config, "student_engine.ds_config"))
-    ds = student_ds_config(template, bf16=cfg.student.dtype == "bfloat16", micro_batch=cfg.data.micro_batch_size,
-                           grad_accum=s.grad_accum, world_size=ctx.info.world_size, grad_clip=s.grad_clip,
-                           hidden_size=get_adapter(ctx.student).hidden_size)
-    m = ctx.spec.method
-    objective = ObjectiveSpec(layer_objective=m.layer_objective, output_objective=m.output_objective, tau=m.tau,
-                              w_layer=m.w_layer, w_out=m.w_out, w_label=m.w_label, target_kind=m.target_kind,
-                              layer_balance=m.layer_balance, log_grad_cosine=m.log_grad_cosine)
-    targets = s.lora_targets or list(get_adapter(ctx.student).family.lora_targets)
-    return dict(ds_config=ds, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=total_steps,
-                weight_decay=s.weight_decay, adapter_kind=s.adapter, lora_rank=s.lora_rank,
-                lora_alpha=s.lora_alpha, lora_targets=targets, objective=objective, train_layers=train_layers,
-                teacher_hidden=ctx.spec.teacher.hidden if m.layer_objective == "hidden_mse" else None, mpu=ctx.mpu)
 
 
 # ---------------------------------------------------------------- the packet codec
