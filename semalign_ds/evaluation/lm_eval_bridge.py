@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from semalign_ds import files
 from semalign_ds import config as cfgmod
 from semalign_ds import tracking
 from semalign_ds.evaluation import stdlib_task
@@ -177,7 +177,7 @@ def cached_score(spec: ModelSpec, tasks: list[str], settings, manager, device: s
 
 
 def teacher_cache_dir() -> Path:
-    return Path(os.environ.get("SEMALIGN_CACHE", Path.home() / ".cache" / "semalign_ds")) / "lm_eval_scores"
+    return files.cache_root("lm_eval_scores")
 
 
 # ---------------------------------------------------------------- files

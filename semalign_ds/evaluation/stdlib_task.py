@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import platform
 import random
 import re
@@ -28,6 +27,8 @@ import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
+
+from semalign_ds import files
 
 TASK_NAME = "stdlib_docmodule"
 RECIPE_VERSION = 1
@@ -39,7 +40,7 @@ _SKIP = {"test", "tests", "idlelib", "pydoc_data", "encodings", "site-packages",
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SEMALIGN_CACHE", Path.home() / ".cache" / "semalign_ds")) / "lm_eval_tasks"
+    return files.cache_root("lm_eval_tasks")
 
 
 def _module_files(root: Path) -> list[tuple[str, Path]]:

@@ -11,32 +11,22 @@ or runs convert it once and never read a half-written folder.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from semalign_ds import files
 
 GGUF_MAGIC = b"GGUF"
 _DONE = "semalign_gguf.json"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SEMALIGN_CACHE") or Path.home() / ".cache" / "semalign_ds").expanduser()
-
-
-@contextmanager
-def cache_lock(path: Path):
-    """An exclusive advisory lock on `path` (created), released on exit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+    return files.cache_root()
 
 
 def gguf_location(path, gguf_file: str, key: str) -> Path:
@@ -107,7 +97,7 @@ def converted_dir(file: Path, key: str, root: Path | None = None) -> Path:
     digest = file_sha256(file)
     root = (root or cache_root()) / "gguf"
     folder = root / digest[:24]
-    with cache_lock(root / f".{digest[:24]}.lock"):
+    with files.cache_lock(root / f".{digest[:24]}.lock"):
         if _complete(folder, digest):
             return folder
         shutil.rmtree(folder, ignore_errors=True)

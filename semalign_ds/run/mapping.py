@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from semalign_ds import files
 from semalign_ds.cluster.distributed import broadcast_from_first
 from semalign_ds.method import basis as basismod
 from semalign_ds.models.adapters import get_adapter
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SEMALIGN_CACHE", Path.home() / ".cache" / "semalign_ds")) / "bases"
+    return files.cache_root("bases")
 
 
 def semantic_basis(weight_VD: torch.Tensor, kind: str, random_basis: bool, seed: int,
@@ -36,8 +36,7 @@ def semantic_basis(weight_VD: torch.Tensor, kind: str, random_basis: bool, seed:
         S = torch.randn(weight_VD.shape[1], weight_VD.shape[0], generator=gen)
         return S / S.norm(dim=0, keepdim=True)
     path = _cache_dir() / f"{kind}-{basismod.basis_cache_key(weight_VD)}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_name(path.name + ".lock")):  # concurrent runs on one machine compute a basis once
+    with files.cache_lock(path.with_name(path.name + ".lock")):  # concurrent runs on one machine: computed once
         if path.is_file():
             return load_file(path)["S"]
         w = weight_VD.to(device)
