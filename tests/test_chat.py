@@ -7,13 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from semalign_ds import chat, chat_blocks
 from semalign_ds.demo.chat_demo import STUDENT_TEMPLATE
 
-EOS = "<|endoftext|>"
+from test_cross_tokenizer import EOS, byte_bpe  # noqa: E402
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a "
           "helpful bot.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -28,17 +26,9 @@ CONV = {"messages": [{"role": "user", "content": "What is 12345 + 1?"},
 
 
 def chat_bpe(merges: list[tuple[str, str]], specials: tuple[str, ...] = (), template: str | None = None):
-    """A byte-level BPE with chosen merges, extra special tokens and a chat template (or none)."""
-    vocab = {EOS: 0}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
-                                   additional_special_tokens=list(specials))
+    """test_cross_tokenizer's byte-level BPE with chosen merges, plus extra special tokens and a chat template."""
+    fast = byte_bpe(merges)
+    fast.add_special_tokens({"additional_special_tokens": list(specials)})
     fast.chat_template = template
     return fast
 
