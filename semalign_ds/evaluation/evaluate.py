@@ -8,7 +8,10 @@ Shape legend: B batch, T tokens, V vocabulary. ``logits_BTV`` holds the predicti
 token that follows position t.
 
 - ``perplexity``: exp of the mean next-token cross-entropy over pairs (t, t+1) where both tokens
-  are real.
+  are real; ``nll_sum`` the summed cross-entropy (nats) and the pair count behind it.
+- bits per byte (the end-of-run evaluation's primary metric, as lm-eval reports it): a model's summed
+  next-token NLL over a held-out set / (ln 2 x the UTF-8 bytes its predicted tokens cover). It needs no shared
+  tokenizer, so student and teacher columns compare directly; perplexity per own token stays beside it.
 - ``teacher_agreement``: KL(teacher || student) and top-1 match rate, averaged over real tokens;
   the teacher's logits come from a callable so they can be produced by any engine.
 - ``format_table``: a markdown table for summaries.
@@ -68,8 +71,8 @@ def next_token_loss_sum(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device | str) -> float:
-    """exp(mean next-token cross-entropy) of ``model`` over ``batches`` (token-weighted)."""
+def nll_sum(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device | str) -> tuple[float, int]:
+    """(summed next-token cross-entropy in nats, number of predicted tokens) of ``model`` over ``batches``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -82,7 +85,20 @@ def perplexity(model: torch.nn.Module, batches: Iterable[Batch], device: torch.d
         model.train(was_training)
     if count == 0:
         raise ValueError("perplexity: the batches hold no pair of consecutive real tokens")
+    return total, count
+
+
+def perplexity(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device | str) -> float:
+    """exp(mean next-token cross-entropy) of ``model`` over ``batches`` (token-weighted)."""
+    total, count = nll_sum(model, batches, device)
     return math.exp(total / count)
+
+
+def bits_per_byte(nats: float, nbytes: int) -> float:
+    """Summed NLL in nats over text of `nbytes` UTF-8 bytes, in bits per byte."""
+    if nbytes <= 0:
+        raise ValueError("bits per byte: the predicted tokens cover no byte of text")
+    return nats / (math.log(2) * nbytes)
 
 
 def _agreement_sums(zs_BTV: torch.Tensor, zt_BTV: torch.Tensor, mask_BT: torch.Tensor) -> tuple[float, float, int]:
@@ -166,9 +182,10 @@ def format_table(rows: Sequence[dict], columns: Sequence[str | tuple[str, str]])
 # ---------------------------------------------------------------- the end-of-run evaluation
 
 
-def _eval_batches(r, name: str, path: str) -> list:
+def _eval_batches(r, name: str, path: str) -> tuple[list, list[int], list[int]]:
     """The eval set packed like the transfer data (data.Batch rows); with a different teacher tokenizer and a
-    teacher at hand also the teacher's tokens and the alignment."""
+    teacher at hand also the teacher's tokens and the alignment. Also the UTF-8 bytes each batch's predicted
+    tokens cover, for the student and for the teacher (bits per byte)."""
     from semalign_ds import data as datamod
     from semalign_ds.models.loading import model_max_positions
 
@@ -176,12 +193,31 @@ def _eval_batches(r, name: str, path: str) -> list:
     spec = {"path": path, "format": "auto", "text_field": cfg.data.text_field}
     texts = datamod.load_texts(spec, datamod.Keys(f"eval.sets.{name}", None, "data.text_field"))
     cross = r.vocab.cross and r.teacher is not None
+    key = f"eval.sets.{name}"
     blocks = datamod.pack_sequences(
-        texts, r.tok_S, cfg.data.seq_len, cfg.eval.max_sequences, key=f"eval.sets.{name}",
+        texts, r.tok_S, cfg.data.seq_len, cfg.eval.max_sequences, key=key,
         teacher_tokenizer=r.tok_T if cross else None,
         teacher_max_positions=model_max_positions(r.teacher.model.config) if cross else None)
+    s_bytes, t_bytes = _block_bytes(texts, blocks, r.tok_S, r.tok_T if cross else None)
     bs = cfg.eval.batch_size
-    return [blocks.take(slice(i, i + bs)) for i in range(0, len(blocks), bs)]
+    cuts = range(0, len(blocks), bs)
+    return ([blocks.take(slice(i, i + bs)) for i in cuts], [int(s_bytes[i:i + bs].sum()) for i in cuts],
+            [int(t_bytes[i:i + bs].sum()) for i in cuts])
+
+
+def _block_bytes(texts, blocks, tok_S, tok_T=None):
+    """(student, teacher) UTF-8 bytes the predicted tokens of each block cover (alignment.py's character axis);
+    the teacher's are the student's when it reads the student's tokens."""
+    from semalign_ds import alignment
+
+    stream = alignment.student_stream(list(texts), tok_S, tok_S.eos_token_id, len(blocks) * blocks.seq_len)
+    if not torch.equal(torch.from_numpy(stream.ids), blocks.ids_NT[blocks.mask_NT]):
+        raise RuntimeError("the byte count's token stream differs from the packed evaluation blocks")
+    s_bytes = alignment.student_block_bytes(list(texts), stream, blocks.seq_len)
+    if tok_T is None:
+        return s_bytes, s_bytes
+    cross = alignment.teacher_blocks(list(texts), stream, blocks.seq_len, tok_T, 0, tok_T.eos_token_id, None, None)
+    return s_bytes, cross.teacher_bytes_N
 
 
 def _student_pairs(batches: list) -> list[Batch]:
@@ -207,8 +243,9 @@ def _bucket_sums(zs_BTV: torch.Tensor, zt_BTV: torch.Tensor, valid_BT: torch.Ten
 
 
 @torch.no_grad()
-def _teacher_columns(r, students: dict, batches: list) -> tuple[float, dict]:
-    """The teacher's perplexity and each student's agreement with it, one teacher forward per batch.
+def _teacher_columns(r, students: dict, batches: list) -> tuple[float, float, dict]:
+    """The teacher's summed NLL (nats), its perplexity and each student's agreement with it, one teacher forward
+    per batch.
 
     Same tokenizer: the teacher's own perplexity; KL and top-1 over every real token and the whole vocabulary.
     Different tokenizers: the teacher's perplexity per student-token equivalent, exp(the teacher's total NLL over
@@ -239,46 +276,56 @@ def _teacher_columns(r, students: dict, batches: list) -> tuple[float, dict]:
                    else _agreement_sums(zs, zt, mask))
             sums[name] = [a + b for a, b in zip(sums[name], got)]
     agree = {name: {"kl": k / max(n, 1), "top1": t / max(n, 1)} for name, (k, t, n) in sums.items()}
-    return math.exp(nll / max(pairs, 1)), agree
+    return nll, math.exp(nll / max(pairs, 1)), agree
 
 
 def evaluate_run(r, export_dir, stage_table: str = "") -> dict:
-    """Held-out perplexity of the student before/after and the teacher, and agreement with the teacher, on each
-    of eval.sets; written to <output_dir>/eval.json and eval.md (with the per-stage training table) and logged to
-    MLflow."""
-    import json
-
+    """Held-out bits per byte and perplexity of the student before/after and the teacher, and agreement with the
+    teacher, on each of eval.sets; written to <output_dir>/eval.json and eval.md (with the per-stage training
+    table) and logged to MLflow."""
     from semalign_ds.models.loading import load_causal_lm, torch_dtype
     from semalign_ds.progress import bar
 
     cfg, dev = r.cfg, r.info.device
     dtype = torch_dtype(cfg.student.dtype)
     before = load_causal_lm(cfg.student.path, dtype, dev, cfg.student.trust_remote_code, key="student.path")
-    ppl, agree = {}, {}
+    ppl, bpb, agree = {}, {}, {}
     for name, path in bar(list(cfg.eval.sets.items()), "evaluation", r):
-        batches = _eval_batches(r, name, path)
-        ppl[name] = {"student_before": perplexity(before, _student_pairs(batches), dev),
-                     "student_after": perplexity(r.student, _student_pairs(batches), dev)}
+        batches, s_bytes, t_bytes = _eval_batches(r, name, path)
+        ppl[name], bpb[name] = {}, {}
+        for label, model in (("student_before", before), ("student_after", r.student)):
+            nats, count = nll_sum(model, _student_pairs(batches), dev)
+            ppl[name][label], bpb[name][label] = math.exp(nats / count), bits_per_byte(nats, sum(s_bytes))
         agree[name] = {}
         if r.teacher is None:  # a student trained from a spool or a stream has no teacher engine
             continue
-        ppl[name]["teacher"], agree[name] = _teacher_columns(
+        nats, ppl[name]["teacher"], agree[name] = _teacher_columns(
             r, {"student_before": before, "student_after": r.student}, batches)
-    summary = {"perplexity": ppl, "agreement": agree, "table": _summary_table(ppl, agree, r.vocab.cross),
+        bpb[name]["teacher"] = bits_per_byte(nats, sum(t_bytes))
+    summary = {"bits_per_byte": bpb, "perplexity": ppl, "agreement": agree,
+               "table": _summary_table(bpb, ppl, agree, r.vocab.cross),
                "student_dir": str(export_dir), "tracking_uri": getattr(r.tracker, "uri", None)}
     if r.info.is_main:
-        (r.out / "eval.json").write_text(json.dumps(summary, indent=2))
-        stages = f"\n## Training, per stage\n\n{stage_table}\n" if stage_table else ""
-        (r.out / "eval.md").write_text(summary["table"] + "\n" + stages)
-        r.tracker.log_metrics({f"eval/{s}/{m}_ppl": v for s, row in ppl.items() for m, v in row.items()})
-        r.tracker.log_metrics({f"eval/{s}/{m}_{k}": v for s, row in agree.items() for m, d in row.items()
-                               for k, v in d.items()})
-        r.tracker.log_artifact(r.out / "eval.md")
-        r.tracker.log_artifact(r.out / "eval.json")
+        _write_and_log(r, summary, stage_table)
     return summary
 
 
-def _summary_table(ppl: dict, agree: dict, cross: bool = False) -> str:
+def _write_and_log(r, summary: dict, stage_table: str) -> None:
+    import json
+
+    (r.out / "eval.json").write_text(json.dumps(summary, indent=2))
+    stages = f"\n## Training, per stage\n\n{stage_table}\n" if stage_table else ""
+    (r.out / "eval.md").write_text(summary["table"] + "\n" + stages)
+    r.tracker.log_metrics({f"eval/{s}/{m}_ppl": v for s, row in summary["perplexity"].items() for m, v in row.items()})
+    r.tracker.log_metrics({f"eval/{s}/{m}_bpb": v for s, row in summary["bits_per_byte"].items()
+                           for m, v in row.items()})
+    r.tracker.log_metrics({f"eval/{s}/{m}_{k}": v for s, row in summary["agreement"].items() for m, d in row.items()
+                           for k, v in d.items()})
+    r.tracker.log_artifact(r.out / "eval.md")
+    r.tracker.log_artifact(r.out / "eval.json")
+
+
+def _summary_table(bpb: dict, ppl: dict, agree: dict, cross: bool = False) -> str:
     rows = []
     for model, label in (("student_before", "student before"), ("student_after", "student after"),
                          ("teacher", "teacher")):
@@ -286,6 +333,7 @@ def _summary_table(ppl: dict, agree: dict, cross: bool = False) -> str:
         if model == "teacher" and not all(model in ppl[name] for name in ppl):
             continue  # no teacher engine in this run (spool / stream student)
         for name in ppl:
+            row[f"{name} bits/byte"] = bpb[name][model]
             row[f"{name} ppl"] = ppl[name][model]
             if model in agree[name]:
                 row[f"{name} KL to teacher"] = agree[name][model]["kl"]
