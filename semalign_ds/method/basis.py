@@ -14,6 +14,8 @@ import hashlib
 
 import torch
 
+from semalign_ds.method.surface import surfaces
+
 _HASH_FULL_LIMIT = 1 << 22  # elements hashed in full; above this a strided subsample is hashed
 
 
@@ -60,11 +62,11 @@ def shared_vocabulary(tok_T, tok_S, min_shared: int, V_T: int | None = None,
                       V_S: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Index-aligned shared token ids (ids_T, ids_S), both int64 of the same length.
 
-    Same tokenizer object or identical vocabularies: every id, in order. Otherwise the tokens whose
-    strings appear in both vocabularies, sorted by teacher id (strings are compared verbatim, so
-    tokenizers with different whitespace markers, e.g. 'Ġ' vs '▁', share few tokens). Ids at or
-    beyond a model's head size (``V_T``/``V_S`` rows) are not shared; head rows beyond the tokenizer
-    vocabulary are never shared. Fewer than ``min_shared`` shared tokens raise ValueError.
+    Same tokenizer object or identical vocabularies: every id, in order. Otherwise the tokens that spell
+    the same bytes (method/surface.py: 'Ġthe' of a byte-level BPE and '▁the' of a SentencePiece-style one
+    are both b' the'; special tokens are not matched), plus the two EOS tokens (both end a document), sorted
+    by teacher id. Ids at or beyond a model's head size (``V_T``/``V_S`` rows) are not shared; head rows
+    beyond the tokenizer vocabulary are never shared. Fewer than ``min_shared`` shared tokens raise ValueError.
     """
     vocab_T = _vocab(tok_T)
     vocab_S = vocab_T if tok_S is tok_T else _vocab(tok_S)
@@ -73,8 +75,12 @@ def shared_vocabulary(tok_T, tok_S, min_shared: int, V_T: int | None = None,
         ids = sorted(i for i in set(vocab_T.values()) if i < lim_T and i < lim_S)
         pairs = [(i, i) for i in ids]
     else:
-        pairs = sorted((i, vocab_S[s]) for s, i in vocab_T.items()
-                       if s in vocab_S and i < lim_T and vocab_S[s] < lim_S)
+        surf_T, surf_S = surfaces(tok_T), surfaces(tok_S)
+        pairs = [(i, surf_S[b]) for b, i in surf_T.items() if b in surf_S]
+        eos_T, eos_S = getattr(tok_T, "eos_token_id", None), getattr(tok_S, "eos_token_id", None)
+        if eos_T is not None and eos_S is not None:
+            pairs.append((eos_T, eos_S))
+        pairs = sorted((i, j) for i, j in set(pairs) if i < lim_T and j < lim_S)
     if len(pairs) < min_shared:
         raise ValueError(
             f"teacher and student share {len(pairs)} tokens (teacher vocab {len(vocab_T)}, student vocab "
