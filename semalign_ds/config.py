@@ -48,6 +48,13 @@ class DataConfig:
     """Transfer-set size in packed sequences (the paper used 1000 examples)."""
     micro_batch_size: int = 8
     """Sequences per rank per micro-step."""
+    replay_path: Optional[str] = None
+    """General-domain documents (the student's own domain; a file, glob or directory of JSONL/text/parquet, read
+    with data.text_field) mixed into the transfer set against forgetting: with data.replay_fraction > 0 that share
+    of the packed sequences comes from here and the teacher supervises them like the rest. null = no mix."""
+    replay_fraction: float = 0.0
+    """Share of the transfer set's packed sequences taken from data.replay_path (0 <= f < 1; > 0 needs
+    data.replay_path): of max_sequences N, N - round(f N) come from data.path and the rest from the replay data."""
 
 
 @dataclass

@@ -45,6 +45,24 @@ def format_problems(found: list[str]) -> str:
     return f"{len(found)} problems in the config:\n  - " + "\n  - ".join(found)
 
 
+def _replay_problems(found: list[str], data) -> None:
+    """data.replay_fraction in [0, 1), > 0 only with data.replay_path (whose files are checked), and a path only
+    with a share (an unused path would be a silent no-op)."""
+    fraction, path = getattr(data, "replay_fraction", 0.0), getattr(data, "replay_path", None)
+    if not 0 <= fraction < 1:
+        found.append(f"data.replay_fraction={fraction} must be at least 0 and below 1 (the share of the transfer set "
+                     f"taken from data.replay_path)")
+    elif fraction > 0 and not path:
+        found.append(f"data.replay_fraction={fraction} needs data.replay_path (the general-domain documents to mix "
+                     f"in); set it, or data.replay_fraction=0")
+    elif path and fraction == 0:
+        found.append(f"data.replay_path={path!r} is set but data.replay_fraction is 0, so nothing would be mixed in; "
+                     f"set data.replay_fraction (e.g. 0.25) or unset data.replay_path")
+    elif path:
+        _collect(found, datamod.data_files, {"path": path, "format": "auto"},
+                 datamod.Keys("data.replay_path", None, "data.text_field"))
+
+
 def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None) -> list[str]:
     assert command in COMMANDS, command
     reads_spool = command == "train" or (command in ("run", "check") and cfg.runtime.topology == "spool")
@@ -55,6 +73,7 @@ def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None
     if models_ok:
         _collect(found, _against_models, cfg)
     _collect(found, datamod.data_files, cfg.data, "data")
+    _replay_problems(found, cfg.data)
     if command != "teach":
         for name, path in cfg.eval.sets.items():
             _collect(found, datamod.data_files, {"path": path, "format": "auto"},

@@ -300,10 +300,7 @@ def _load_blocks(cfg: RunConfig, tok_S, student_config, teacher_config, tok_T=No
     from semalign_ds.models.loading import model_max_positions
 
     datamod.check_seq_len(cfg.data.seq_len, student_config, *([] if tok_T is not None else [teacher_config]))
-    texts = datamod.load_texts(cfg.data, "data")
-    return datamod.pack_sequences(texts, tok_S, cfg.data.seq_len, cfg.data.max_sequences, teacher_tokenizer=tok_T,
-                                  teacher_seq_len=cfg.data.teacher_seq_len,
-                                  teacher_max_positions=model_max_positions(teacher_config))
+    return datamod.pack_transfer(cfg.data, tok_S, tok_T, model_max_positions(teacher_config))
 
 
 def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):
