@@ -90,3 +90,38 @@ def test_bits_per_byte_formula_and_empty_text():
     assert bits_per_byte(math.log(2) * 12, 6) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="no byte"):
         bits_per_byte(1.0, 0)
+
+
+def test_teacher_columns_by_row_chunks_equal_one_forward_per_batch(monkeypatch):
+    """The evaluation's teacher pass in chunks of rows (a 262k-vocabulary teacher: one row at a time) gives the
+    same NLL and agreement as one forward per batch, across tokenizers."""
+    from types import SimpleNamespace
+
+    import torch
+    import transformers
+
+    from semalign_ds.evaluation import evaluate
+    from semalign_ds.method.basis import shared_vocabulary
+    from semalign_ds.models.adapters import get_adapter
+
+    tok_S, tok_T = byte_bpe(STUDENT_MERGES), bos_bpe(TEACHER_MERGES)
+
+    def llama(vocab, seed):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=64)).eval()
+
+    teacher, student = llama(len(tok_T), 0), llama(len(tok_S), 1)
+    fake = SimpleNamespace(adapter=get_adapter(teacher), forward_states=lambda ids, mask, layers, need_logits: (
+        {}, teacher(input_ids=ids, attention_mask=mask.long()).logits))
+    ids_T, ids_S = shared_vocabulary(tok_T, tok_S, 10)
+    r = SimpleNamespace(teacher=fake, info=SimpleNamespace(device="cpu"),
+                        vocab=SimpleNamespace(cross=True, ids_T=ids_T, ids_S=ids_S))
+    blocks = pack_sequences([TEXT, "45 digits = 123", TEXT], tok_S, 6, teacher_tokenizer=tok_T)
+    batches = [blocks.take(slice(0, 3)), blocks.take(slice(3, len(blocks)))]
+    whole = evaluate._teacher_columns(r, {"s": student}, batches)
+    monkeypatch.setattr(evaluate, "_LOGIT_BYTES", 1)
+    rows = evaluate._teacher_columns(r, {"s": student}, batches)
+    assert rows[0] == pytest.approx(whole[0], rel=1e-6) and rows[1] == pytest.approx(whole[1], rel=1e-6)
+    assert rows[2]["s"] == pytest.approx(whole[2]["s"], rel=1e-5) and whole[2]["s"]["kl"] > 0

@@ -242,41 +242,54 @@ def _bucket_sums(zs_BTV: torch.Tensor, zt_BTV: torch.Tensor, valid_BT: torch.Ten
     return float(kl.double().sum()), float(top1.sum()), int(valid_BT.sum())
 
 
+_LOGIT_BYTES = 1 << 28  # teacher logits held at once in the evaluation (rows of U x V float32), 256 MiB
+
+
 @torch.no_grad()
 def _teacher_columns(r, students: dict, batches: list) -> tuple[float, float, dict]:
     """The teacher's summed NLL (nats), its perplexity and each student's agreement with it, one teacher forward
-    per batch.
+    per row chunk (as many rows of a batch as keep U x V teacher logits within _LOGIT_BYTES: one row of a
+    262k-vocabulary teacher).
 
     Same tokenizer: the teacher's own perplexity; KL and top-1 over every real token and the whole vocabulary.
     Different tokenizers: the teacher's perplexity per student-token equivalent, exp(the teacher's total NLL over
-    the same characters, on its own tokens, / the student's number of predicted tokens): a bits-per-character
-    normalisation in student units, comparable with the students' column (each block's first token is predicted
-    by neither model; the teacher's first token is usually the shorter, so it is charged for slightly more text);
-    KL and top-1 only at exact positions (both predict a token starting at the same character), over the shared
-    vocabulary plus one bucket for the rest of each side's mass.
+    the same characters, on its own tokens, / the student's number of predicted tokens), comparable with the
+    students' column only roughly (a teacher that reads after BOS also predicts its first token); its bits per
+    byte are exact. KL and top-1 only at exact positions (both predict a token starting at the same character),
+    over the shared vocabulary plus one bucket for the rest of each side's mass.
     """
+    nll, pairs = 0.0, 0
+    sums = {name: [0.0, 0.0, 0] for name in students}
+    for batch in batches:
+        width = (batch.teacher_ids_BU if batch.teacher_ids_BU is not None else batch.ids_BT).shape[1]
+        step = max(1, _LOGIT_BYTES // (4 * width * r.teacher.adapter.vocab_size))
+        for start in range(0, len(batch.ids_BT), step):
+            part, got_pairs = _teacher_rows(r, students, batch.rows(slice(start, start + step)), sums)
+            nll, pairs = nll + part, pairs + got_pairs
+    agree = {name: {"kl": k / max(n, 1), "top1": t / max(n, 1)} for name, (k, t, n) in sums.items()}
+    return nll, math.exp(nll / max(pairs, 1)), agree
+
+
+def _teacher_rows(r, students: dict, batch, sums: dict) -> tuple[float, int]:
+    """One teacher forward on `batch`: (its summed NLL, the students' predicted-token count); adds each student's
+    agreement sums into `sums`."""
     from semalign_ds.engines.teacher import gather_positions
     from semalign_ds.run.supervision import teacher_view
 
     dev = r.info.device
-    nll, pairs = 0.0, 0
-    sums = {name: [0.0, 0.0, 0] for name in students}
-    for batch in batches:
-        ids_T, mask_T = (t.to(dev) for t in teacher_view(batch))
-        zt = r.teacher.forward_states(ids_T, mask_T, set(), need_logits=True)[1].float()
-        nll += next_token_loss_sum(zt, ids_T, mask_T)[0]
-        ids, mask = batch.ids_BT.to(dev), batch.mask_BT.to(dev)
-        pairs += int((mask[:, :-1] & mask[:, 1:]).sum())
-        if r.vocab.cross:
-            zt = gather_positions(zt, batch.align_BT.to(dev))
-            valid = mask & (batch.exact_BT & (batch.align_BT >= 0)).to(dev)
-        for name, model in students.items():
-            zs = model_logits(model, ids, mask)
-            got = (_bucket_sums(zs, zt, valid, r.vocab.ids_T, r.vocab.ids_S) if r.vocab.cross
-                   else _agreement_sums(zs, zt, mask))
-            sums[name] = [a + b for a, b in zip(sums[name], got)]
-    agree = {name: {"kl": k / max(n, 1), "top1": t / max(n, 1)} for name, (k, t, n) in sums.items()}
-    return nll, math.exp(nll / max(pairs, 1)), agree
+    ids_T, mask_T = (t.to(dev) for t in teacher_view(batch))
+    zt = r.teacher.forward_states(ids_T, mask_T, set(), need_logits=True)[1].float()
+    nll = next_token_loss_sum(zt, ids_T, mask_T)[0]
+    ids, mask = batch.ids_BT.to(dev), batch.mask_BT.to(dev)
+    if r.vocab.cross:
+        zt = gather_positions(zt, batch.align_BT.to(dev))
+        valid = mask & (batch.exact_BT & (batch.align_BT >= 0)).to(dev)
+    for name, model in students.items():
+        zs = model_logits(model, ids, mask)
+        got = (_bucket_sums(zs, zt, valid, r.vocab.ids_T, r.vocab.ids_S) if r.vocab.cross
+               else _agreement_sums(zs, zt, mask))
+        sums[name] = [a + b for a, b in zip(sums[name], got)]
+    return nll, int((mask[:, :-1] & mask[:, 1:]).sum())
 
 
 def evaluate_run(r, export_dir, stage_table: str = "") -> dict:

@@ -23,21 +23,30 @@ def _unit_columns(S_DV: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return S_DV / S_DV.norm(dim=0, keepdim=True).clamp_min(eps)
 
 
-def output_basis(W_VD: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def output_basis(W_VD: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = 16384) -> torch.Tensor:
     """Output-side basis: unit-normalised columns of pinv(W) (D x V), returned in ``dtype``.
 
     Computed on W's device in float64 through the D x D Gram matrix, pinv(W) = (W^T W)^+ W^T: V D^2 + D^3 work
     instead of an SVD of the V x D head (seconds for a 128k x 8k head on a GPU). Float64 because the Gram matrix
     squares W's condition number; eigenvalues below (max(V, D) * eps_float32 * sigma_max)^2 are cut, as pinv's
-    default cutoff does for float32 weights."""
+    default cutoff does for float32 weights. Both passes over the vocabulary go by `chunk` rows, so beyond the
+    D x V result only chunk x D float64 blocks are held (a 262k-row head needs no float64 copy of itself)."""
     if W_VD.dim() != 2:
         raise ValueError(f"output_basis expects a 2-D LM head weight (V x D), got shape {tuple(W_VD.shape)}")
-    W = W_VD.detach().to(torch.float64)
-    evals, evecs = torch.linalg.eigh(W.T @ W)
-    cutoff = (max(W.shape) * torch.finfo(torch.float32).eps) ** 2 * evals.max().clamp_min(0)
+    W = W_VD.detach()
+    V, D = W.shape
+    gram = torch.zeros(D, D, dtype=torch.float64, device=W.device)
+    for start in range(0, V, chunk):
+        rows = W[start:start + chunk].to(torch.float64)
+        gram.addmm_(rows.T, rows)
+    evals, evecs = torch.linalg.eigh(gram)
+    cutoff = (max(V, D) * torch.finfo(torch.float32).eps) ** 2 * evals.max().clamp_min(0)
     inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
-    S_DV = (evecs * inv) @ (evecs.T @ W.T)
-    return _unit_columns(S_DV).to(dtype)
+    gram_pinv = (evecs * inv) @ evecs.T
+    S_DV = torch.empty(D, V, dtype=dtype, device=W.device)
+    for start in range(0, V, chunk):
+        S_DV[:, start:start + chunk] = _unit_columns(gram_pinv @ W[start:start + chunk].to(torch.float64).T).to(dtype)
+    return S_DV
 
 
 def input_basis(E_VD: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
