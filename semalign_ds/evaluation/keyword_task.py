@@ -3,10 +3,10 @@ language reference?
 
 Built from the running Python's own `pydoc_data/topics.py` (the text `help()` shows, and the demo's target domain:
 English documentation the demo student never saw). Every sentence of 40-260 characters that quotes exactly one
-keyword ("for", "except", "global", ...) becomes an item with that keyword masked ("___"); the three wrong choices
-are other keywords drawn with a fixed seed. The first SHOTS items (a fixed order) are the few-shot examples shown
-before every question (lm-eval's `fewshot_split`, sampler first_n); the rest are the test items. Scored by
-lm-eval's loglikelihood of " <keyword>" after the prompt (acc, acc_norm); chance is 0.25.
+keyword ("for", "except", "global", ...) becomes a candidate item with that keyword masked ("___"); the choices
+are balanced so that ignoring the sentence scores exactly 0.25 (build_items). The first SHOTS items (a fixed
+order) are the few-shot examples shown before every question (lm-eval's `fewshot_split`, sampler first_n); the
+rest are the test items. Scored by lm-eval's loglikelihood of " <keyword>" after the prompt (acc, acc_norm).
 
 Why this task: a pretrained teacher that read the Python documentation fills most blanks (Gemma 3 270M ~0.6,
 SmolLM2-135M ~0.5), the demo's code-only student sits near chance, and the transfer set is the same documentation,
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import json
 import keyword
 import math
@@ -38,7 +39,7 @@ from pathlib import Path
 from semalign_ds.evaluation.stdlib_task import cache_root
 
 TASK_NAME = "stdlib_keyword"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 CHOICES = 4
 SHOTS = 3
 MIN_CHARS, MAX_CHARS = 40, 260
@@ -70,20 +71,39 @@ def _sentences(topics: dict[str, str]) -> list[tuple[str, str]]:
 
 
 def build_items(stdlib: Path | None = None) -> list[dict]:
-    """The task's documents (few-shot examples first), a pure function of the stdlib's text (seeded choices)."""
+    """The task's documents (the SHOTS few-shot examples first), a pure function of the stdlib's text.
+
+    Balanced so that a model that ignores the sentence scores exactly chance: keywords are ranked by how many
+    sentences quote them and grouped in fours; every item of a group offers that group's four keywords (in a
+    seeded order), and each keyword of the group is the answer of the same number of items (the group's smallest
+    count). A fixed preference among keywords (a code model's prior for "in" over "nonlocal") then wins exactly a
+    quarter of a group's items. The few-shot examples are sentences left over by the balancing."""
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    found = sorted(set(_sentences(_topics(root))))
-    if len(found) < SHOTS + 10:
-        raise ValueError(f"{TASK_NAME}: found {len(found)} keyword sentences under {root}; need at least {SHOTS + 10}")
     rng = random.Random(f"{TASK_NAME}-{RECIPE_VERSION}")
-    rng.shuffle(found)
-    items = []
-    for sentence, word in found:
-        choices = rng.sample([k for k in KEYWORDS if k != word], CHOICES - 1)
-        label = rng.randrange(CHOICES)
-        choices.insert(label, word)
-        items.append({"id": len(items), "sentence": sentence, "choices": choices, "label": label})
-    return items
+    by_word: dict[str, list[str]] = {}
+    for sentence, word in sorted(set(_sentences(_topics(root)))):
+        by_word.setdefault(word, []).append(sentence)
+    for sentences in by_word.values():
+        rng.shuffle(sentences)
+    ranked = sorted(by_word, key=lambda w: (-len(by_word[w]), w))
+    items, spare = [], []
+    for g in range(0, len(ranked) - CHOICES + 1, CHOICES):
+        group = ranked[g:g + CHOICES]
+        m = min(len(by_word[w]) for w in group)
+        rows = [(sentence, w) for w in group for sentence in by_word[w][:m]]
+        spare += [(sentence, group, w) for w in group for sentence in by_word[w][m:]]
+        rng.shuffle(rows)
+        items += [_item(sentence, group, w, rng) for sentence, w in rows]
+    if len(spare) < SHOTS or len(items) < 40:
+        raise ValueError(f"{TASK_NAME}: found {len(items)} balanced keyword sentences under {root}; need at least 40 "
+                         f"(a full CPython's pydoc_data/topics.py)")
+    shots = [_item(sentence, group, w, rng) for sentence, group, w in rng.sample(spare, SHOTS)]
+    return [dict(item, id=i) for i, item in enumerate(shots + items)]
+
+
+def _item(sentence: str, group: list[str], word: str, rng: random.Random) -> dict:
+    choices = rng.sample(group, len(group))
+    return {"sentence": sentence, "choices": choices, "label": choices.index(word)}
 
 
 def split(items: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -158,6 +178,9 @@ def choice_logprobs(model, tokenizer, item: dict, shots: list[dict], device="cpu
     from semalign_ds.models.loading import model_max_positions
 
     limit = model_max_positions(model.config) or 2048
+    # only the continuation's logits: a 262k-row head on every prompt position would dominate the cost
+    takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep = (lambda n: {"logits_to_keep": n}) if takes_keep else (lambda n: {})
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     context = prompt(item, shots)
     head = bos + tokenizer(context, add_special_tokens=False)["input_ids"]
@@ -167,7 +190,7 @@ def choice_logprobs(model, tokenizer, item: dict, shots: list[dict], device="cpu
         n = len(whole) - len(head)
         ids = torch.tensor([whole[-(limit + 1):]], device=device)
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits[0, -n:].float(), -1)
+            logp = torch.log_softmax(model(input_ids=ids[:, :-1], **keep(n)).logits[0, -n:].float(), -1)
         out.append(float(logp.gather(-1, ids[0, -n:, None]).sum()))
     return out
 
