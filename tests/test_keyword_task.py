@@ -52,10 +52,14 @@ def test_materialized_once_with_absolute_paths(tmp_path):
     assert kt.materialize(tmp_path) == folder and (folder / f"{kt.TASK_NAME}.jsonl").stat().st_mtime_ns == stamp
 
 
-def test_plain_scorer_agrees_with_lm_eval(tiny_pair, tmp_path, monkeypatch):
+@pytest.mark.parametrize("positions", [None, 1024])
+def test_plain_scorer_agrees_with_lm_eval(tiny_pair, tmp_path, monkeypatch, positions):
     """Same prompts (three fixed examples first), same continuation: every choice's log-probability equals
-    lm-eval's on the first 12 test items of a tiny random model, and so do acc and acc_norm."""
+    lm-eval's on the first 12 test items of a tiny random model, and so do acc and acc_norm; with the tiny pair's
+    128 positions every prompt is cut from the left (lm-eval's rule), with 1024 none is and the context's cache is
+    reused across the choices."""
     import torch
+    import transformers
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -63,8 +67,14 @@ def test_plain_scorer_agrees_with_lm_eval(tiny_pair, tmp_path, monkeypatch):
 
     monkeypatch.setattr(kt, "cache_root", lambda: tmp_path)
     manager = lm_eval_bridge.task_manager([kt.TASK_NAME], [])
-    model = load_causal_lm(tiny_pair["student"], dtype=torch.float32, device="cpu")
     tok = load_tokenizer(tiny_pair["student"])
+    if positions is None:
+        model = load_causal_lm(tiny_pair["student"], dtype=torch.float32, device="cpu")
+    else:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=positions)).eval()
     out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=[kt.TASK_NAME], limit=12,
                           task_manager=manager, log_samples=True, bootstrap_iters=0)
     shots, test = kt.split(kt.build_items())

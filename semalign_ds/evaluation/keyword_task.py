@@ -172,27 +172,51 @@ def choice_logprobs(model, tokenizer, item: dict, shots: list[dict], device="cpu
     """The summed log-probability of " <choice>" after the prompt, per choice, as lm-eval computes it: the context
     and the context + continuation tokenised whole (prefixed with BOS where the tokenizer adds one), the
     continuation's tokens being the tail of the latter; a sequence longer than the model's positions loses
-    tokens from the left (lm-eval's rule)."""
-    import torch
-
+    tokens from the left (lm-eval's rule). The shared context runs once (its key/value cache reused per choice)
+    where every choice's tokens extend it."""
     from semalign_ds.models.loading import model_max_positions
 
     limit = model_max_positions(model.config) or 2048
-    # only the continuation's logits: a 262k-row head on every prompt position would dominate the cost
-    takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    keep = (lambda n: {"logits_to_keep": n}) if takes_keep else (lambda n: {})
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     context = prompt(item, shots)
     head = bos + tokenizer(context, add_special_tokens=False)["input_ids"]
-    out = []
-    for choice in item["choices"]:
-        whole = bos + tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
-        n = len(whole) - len(head)
-        ids = torch.tensor([whole[-(limit + 1):]], device=device)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids[:, :-1], **keep(n)).logits[0, -n:].float(), -1)
-        out.append(float(logp.gather(-1, ids[0, -n:, None]).sum()))
+    wholes = [bos + tokenizer(context + " " + c, add_special_tokens=False)["input_ids"] for c in item["choices"]]
+    if all(w[:len(head)] == head and len(head) < len(w) <= limit for w in wholes):
+        return _cached_logprobs(model, head, wholes, device)
+    return [_logprob(model, w[-(limit + 1):], len(w) - len(head), device) for w in wholes]
+
+
+def _logprob(model, ids: list[int], n: int, device) -> float:
+    """log p of the last n tokens of `ids` given the ones before (one forward; only those logits computed)."""
+    import torch
+
+    ids_t = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids_t[:, :-1], **_keep(model, n)).logits[0, -n:].float(), -1)
+    return float(logp.gather(-1, ids_t[0, -n:, None]).sum())
+
+
+def _cached_logprobs(model, head: list[int], wholes: list[list[int]], device) -> list[float]:
+    import copy
+
+    import torch
+
+    with torch.no_grad():
+        past = model(input_ids=torch.tensor([head[:-1]], device=device), use_cache=True,
+                     **_keep(model, 1)).past_key_values
+        out = []
+        for whole in wholes:
+            tail = torch.tensor([whole[len(head) - 1:]], device=device)
+            logits = model(input_ids=tail[:, :-1], past_key_values=copy.deepcopy(past), use_cache=True).logits[0]
+            logp = torch.log_softmax(logits.float(), -1)
+            out.append(float(logp.gather(-1, tail[0, 1:, None]).sum()))
     return out
+
+
+def _keep(model, n: int) -> dict:
+    """Only the last n positions' logits, where the model's forward can skip the rest (a 262k-row head on every
+    prompt position would dominate the cost)."""
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def score_items(model, tokenizer, items: list[dict], shots: list[dict], device="cpu") -> dict[str, float]:
