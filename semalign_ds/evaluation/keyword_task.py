@@ -201,13 +201,14 @@ def _cached_logprobs(model, head: list[int], wholes: list[list[int]], device) ->
 
     import torch
 
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        past = model(input_ids=torch.tensor([head[:-1]], device=device), use_cache=True,
-                     **_keep(model, 1)).past_key_values
+        first = model(input_ids=torch.tensor([head[:-1]], device=device), use_cache=True, **_keep(model, 1))
+        past = getattr(first, name)
         out = []
         for whole in wholes:
             tail = torch.tensor([whole[len(head) - 1:]], device=device)
-            logits = model(input_ids=tail[:, :-1], past_key_values=copy.deepcopy(past), use_cache=True).logits[0]
+            logits = model(input_ids=tail[:, :-1], use_cache=True, **{name: copy.deepcopy(past)}).logits[0]
             logp = torch.log_softmax(logits.float(), -1)
             out.append(float(logp.gather(-1, tail[0, 1:, None]).sum()))
     return out
