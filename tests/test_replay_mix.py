@@ -83,3 +83,14 @@ def test_a_valid_mix_has_no_problem(tmp_path):
     found: list[str] = []
     _replay_problems(found, _data(tmp_path, replay_path=str(tmp_path / "code.jsonl"), replay_fraction=0.25))
     assert found == []
+
+
+def test_a_cross_tokenizer_semalign_run_is_told_of_its_known_loss():
+    from semalign_ds.run.caveats import known_losses
+
+    best = cfgmod.config_from_dict({"teacher": {"path": "t"}, "student": {"path": "s"}}, [])
+    sft = cfgmod.config_from_dict({"teacher": {"path": "t"}, "student": {"path": "s"}},
+                                  ["method.layer_objective=none", "method.output_objective=ce"])
+    (line,) = known_losses(best, cross=True)
+    assert "closed less of the target gap than plain SFT" in line and "docs/RESULTS.md" in line
+    assert known_losses(best, cross=False) == [] and known_losses(sft, cross=True) == []

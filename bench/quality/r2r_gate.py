@@ -78,9 +78,9 @@ def gate(out: Path, name: str, paths: dict, budget) -> dict:
         result["bpb"][s], aligned, exact = _set_bpb(paths, s, models, toks, budget)
         if s == "target_test":
             result["aligned"], result["exact"] = aligned, exact
-    shots, test = keyword_task.split(keyword_task.build_items())
+    items = keyword_task.build_items()
     for role in ("teacher", "student"):
-        got = keyword_task.score_items(models[role], toks[role], test, shots)
+        got = keyword_task.score_items(models[role], toks[role], items)
         result["task"][role] = {**got, "ci95": 1.96 * got["acc_stderr"]}
     result["shared"] = int(shared_vocabulary(toks["teacher"], toks["student"], 1)[0].numel())
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,8 @@
 
     python bench/quality/task_scores.py gemma3-270m smollm2 demo-student demo-teacher [--limit N] [--out FILE]
 A name is a real_models.CATALOGUE entry, `demo-student` / `demo-teacher` (the demo world's cached models), or a
-Hugging Face folder. Uses keyword_task.score_items (equal to lm-eval's multiple_choice per choice:
-tests/test_keyword_task.py), which asks a model for the continuation's logits only, so a 262k-vocabulary model
-scores in minutes on a CPU; `semalign eval <checkpoint> --tasks stdlib_keyword --out DIR` gives the same numbers
+Hugging Face folder. Uses keyword_task.score_items (equal to lm-eval's per choice: tests/test_keyword_task.py),
+which asks a model for the continuation's logits only, so a 262k-vocabulary model scores in minutes on a CPU; `semalign eval <checkpoint> --tasks stdlib_keyword --out DIR` gives the same numbers
 through lm-eval.
 """
 from __future__ import annotations
@@ -37,10 +36,9 @@ def score(folder: str, limit: int | None) -> dict:
     from semalign_ds.evaluation import keyword_task as kt
     from semalign_ds.models.loading import load_causal_lm, load_tokenizer
 
-    shots, test = kt.split(kt.build_items())
     model = load_causal_lm(folder, torch.float32, "cpu", key="model")
     start = time.perf_counter()
-    got = kt.score_items(model, load_tokenizer(folder, "model"), test[:limit], shots)
+    got = kt.score_items(model, load_tokenizer(folder, "model"), kt.build_items()[:limit])
     got["ci95"] = 1.96 * got["acc_stderr"]
     got["seconds"] = round(time.perf_counter() - start, 1)
     return got

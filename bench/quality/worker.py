@@ -92,8 +92,7 @@ def score(model_dir: str, pair: dict, evals: EvalSets, seq_len: int, device: str
         ppl[name], bpb[name] = math.exp(nats / count), bits_per_byte(nats, evals.nbytes(pair, name, tok, seq_len))
     scores = None
     if task:
-        shots, test = keyword_task.split(keyword_task.build_items())
-        scores = keyword_task.score_items(model, tok, test, shots, device)
+        scores = keyword_task.score_items(model, tok, keyword_task.build_items(), device)
     return ppl, bpb, scores
 
 

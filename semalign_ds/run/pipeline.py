@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from semalign_ds.run import budget as budgetmod, ownership, resume, signals, supervision, topology
+from semalign_ds.run import budget as budgetmod, caveats, ownership, resume, signals, supervision, topology
 from semalign_ds import config as cfgmod
 from semalign_ds import data as datamod
 from semalign_ds import files
@@ -253,6 +253,7 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     student = _load_student(cfg, info, progress)
     teacher_config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     vocab = supervision.vocab_map(cfg, tok_T, tok_S, student, int(teacher_config.get_text_config().vocab_size))
+    caveats.warn(cfg, vocab.cross, main)
     blocks = _load_blocks(cfg, tok_S, student.config, teacher_config, tok_T if vocab.cross else None)
     _check_layers(cfg, teacher_config, student)
     hidden_T = int(teacher_config.get_text_config().hidden_size)
