@@ -54,6 +54,7 @@ def parse(argv):
     p.add_argument("--reduced", action="store_true", help="the validation budget (r2r_plan.REDUCED), 1 seed, no lr "
                    "search")
     p.add_argument("--min-margin", type=float, default=0.1, help="teacher's required target lead in bits per byte")
+    p.add_argument("--gate-only", action="store_true", help="print the pairs' gates and stop")
     p.add_argument("--no-mlflow", action="store_true")
     return p.parse_args(argv)
 
@@ -196,7 +197,9 @@ def main(argv=None) -> int:
     passed = [p for p in pairs if gates[p]["bpb"]["target_test"]["student"] - gates[p]["bpb"]["target_test"]["teacher"]
               >= args.min_margin]
     for p in pairs:
-        print(f"[r2r] gate {p}: {json.dumps(gates[p]['bpb'])}; {'PASS' if p in passed else 'REFUSED'}", flush=True)
+        print(f"[r2r] gate {p}: {json.dumps(gates[p])}; {'PASS' if p in passed else 'REFUSED'}", flush=True)
+    if args.gate_only:
+        return 0
     job = {"pairs": paths, "base_overrides": list(budget.overrides()), "device": "cpu",
            "eval_sequences": budget.eval_sequences, "experiment": "quality-r2r", "keep_models": False, "task": True,
            "mlflow_root": None if args.no_mlflow else out / "mlflow"}
