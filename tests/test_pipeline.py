@@ -286,7 +286,7 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     proc = semalign("demo", "--scale", "tiny", "--cache-dir", tmp_path / "cache", f"output_dir={tmp_path / 'demo'}",
                     "runtime.progress=false", "data.replay_fraction=0.25", timeout=400)
     for row in ("student before", "student after", "teacher", "teacher margin", "target bits/byte",
-                "general (the student's own domain", "a rise is forgetting"):
+                "general (the student's own domain", "a rise is forgetting)"):
         assert row in proc.stdout
     summary = json.loads((tmp_path / "demo" / "eval.json").read_text())
     assert set(summary["perplexity"]) == set(summary["bits_per_byte"]) == {"target", "general"}

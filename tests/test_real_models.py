@@ -238,6 +238,7 @@ def test_demo_with_smollm2_teacher_tiny(smollm2, demo_tiny, tmp_path, monkeypatc
     _mlflow_finished(out)
 
 
+@pytest.mark.slow  # fetches 240 MB and converts once (~1.5 min), then loads a 1 GB model
 def test_converted_model_is_gemma3(gemma3):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -266,6 +267,7 @@ def _student_weights(run: Path) -> dict:
     return load_file(run / "student" / "model.safetensors")
 
 
+@pytest.mark.slow  # three processes that each load Gemma 3 270M and SmolLM2 (minutes on 2 cores)
 def test_gemma3_teaches_smollm2_run_equals_teach_then_train(gemma3, smollm2, demo_tiny, tmp_path):
     """Two real models of different families (Gemma 3, Llama) and tokenizers (262k SentencePiece, 49k byte-level
     BPE): a few full-schedule steps on SmolLM2's first and last layers through `semalign run` (colocated) and

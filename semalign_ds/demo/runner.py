@@ -36,9 +36,9 @@ SMOLLM2_TINY_OVERRIDES = ["data.seq_len=32", "data.max_sequences=8", "data.micro
 REAL_OVERRIDES = {"smollm2": SMOLLM2_OVERRIDES,
                   "gemma3-270m": [*SMOLLM2_OVERRIDES[:-1], "name=demo-gemma3-270m"]}
 TEACHERS = ("demo", *REAL_OVERRIDES)
-MEANING = {"target": "the domain only the teacher saw (English documentation); the transfer's goal",
-           "general": "the student's own domain (stdlib code, which it was pretrained on and the transfer does "
-                      "not teach): a rise is forgetting"}
+MEANING = {"target": "the domain only the teacher saw, English documentation: the transfer's goal",
+           "general": "the student's own domain, the stdlib code it was pretrained on and the transfer does not "
+                      "teach: a rise is forgetting"}
 
 
 def demo_config(assets, scale: str, overrides: list[str], teacher_path=None,
@@ -75,7 +75,7 @@ def verdict(summary: dict) -> list[str]:
         if name not in bpb:
             continue
         b, a, t = bpb[name]["student_before"], bpb[name]["student_after"], bpb[name]["teacher"]
-        lines.append(f"{name} ({MEANING[name]}): teacher margin {b - t:+.3f} bits/byte (teacher {t:.3f} vs student "
+        lines.append(f"{name} ({MEANING[name]})\n  teacher margin {b - t:+.3f} bits/byte (teacher {t:.3f} vs student "
                      f"{b:.3f}); after transfer the student is at {a:.3f} ({'better' if a < b else 'worse'} by "
                      f"{abs(a - b):.3f}, {abs(1 - a / b):.1%}), {gap_closed(b, a, t):+.1%} of the gap closed")
     return lines
