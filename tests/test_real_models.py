@@ -293,7 +293,10 @@ def test_gemma3_teaches_smollm2_run_equals_teach_then_train(gemma3, smollm2, dem
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-5), name
     summary = json.loads((tmp_path / "run" / "run" / "eval.json").read_text())
     bpb = summary["bits_per_byte"]["transfer"]
-    assert bpb["teacher"] < bpb["student_before"]  # Gemma reads the stdlib's documentation better than SmolLM2
+    # both real models read English documentation well, each on its own tokens (Gemma after its BOS: without it
+    # Gemma's loss is ~100x worse); the demo's code-only student reads it at ~3 bits/byte. On this text SmolLM2 is
+    # as good as Gemma (docs/RESULTS.md): no ordering is asserted.
+    assert bpb["teacher"] < 2.0 and bpb["student_before"] < 2.0
     _mlflow_finished(tmp_path / "run" / "run")
     _mlflow_finished(tmp_path / "spool" / "run")
 
