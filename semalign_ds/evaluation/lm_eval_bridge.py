@@ -6,9 +6,9 @@ merged into the run's eval.json (key "lm_eval") and eval.md (a marked section) a
 A bare checkpoint: scored alone, written only into a directory the user names (`--out`), never next to it.
 Tasks: lm-eval's own by name (their data sets come from a hub: run those where it is reachable), local YAML tasks
 under eval.lm_eval.include_path, and the shipped `stdlib_docmodule` (stdlib_task.py) and `stdlib_keyword`
-(keyword_task.py: a task a pretrained teacher is well above chance on and the demo student is not). Models load on an explicit
-device and dtype, trust_remote_code only where the config turns it on; prompts longer than a model's context lose
-tokens from the left (lm-eval's rule), counted and reported in one line per model.
+(keyword_task.py: a task a pretrained teacher is well above chance on and the demo student is not). Models load
+on an explicit device and dtype, trust_remote_code only where the config turns it on; prompts longer than a
+model's context lose tokens from the left (lm-eval's rule), counted and reported in one line per model.
 """
 from __future__ import annotations
 
