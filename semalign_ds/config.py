@@ -88,8 +88,22 @@ class DataConfig(Section):
     """data.chat: a conversation longer than data.seq_len student tokens is dropped, or truncated to its longest
     prefix of whole messages ending with an answer that fits (dropped if none fits); counted and logged either way."""
 
+    replay_path: Optional[str] = None
+    """General-domain documents (the student's own domain; a file, glob or directory of JSONL/text/parquet, read
+    with data.text_field) mixed into the transfer set against forgetting: with data.replay_fraction > 0 that share
+    of the packed sequences comes from here and the teacher supervises them like the rest. null = no mix."""
+    replay_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of the transfer set's packed sequences taken from data.replay_path (0 <= f < 1; > 0 needs
+    data.replay_path): of max_sequences N, N - round(f N) come from data.path and the rest from the replay data."""
+
     @model_validator(mode="after")
-    def _chat_options(self) -> "DataConfig":
+    def _rules(self) -> "DataConfig":
+        if self.replay_fraction > 0 and not self.replay_path:
+            raise ValueError(f"data.replay_fraction={self.replay_fraction} needs data.replay_path (the general-domain "
+                             f"documents to mix in); set it, or data.replay_fraction=0")
+        if self.replay_path and self.replay_fraction == 0:
+            raise ValueError(f"data.replay_path={self.replay_path!r} is set but data.replay_fraction is 0, so nothing "
+                             f"would be mixed in; set data.replay_fraction (e.g. 0.25) or unset data.replay_path")
         if not self.chat:
             stray = [k for k, v in (("chat_template", self.chat_template), ("teacher_chat_template",
                                     self.teacher_chat_template), ("train_on_prompts", self.train_on_prompts),

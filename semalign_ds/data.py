@@ -292,6 +292,52 @@ def pack_sequences(texts: Sequence[str], tokenizer, seq_len: int, max_sequences:
     return _blocks_from_stream(stream, seq_len, pad_id(tokenizer))
 
 
+def pack_transfer(spec, tokenizer, teacher_tokenizer=None, teacher_max_positions: int | None = None) -> TokenBlocks:
+    """The transfer set of a data config: data.path packed, and with data.replay_fraction f > 0 a share f of the
+    sequences packed from data.replay_path, appended after the transfer blocks (the data order shuffles them;
+    the teacher supervises both alike). Too little replay data for the share is an error, never a smaller mix."""
+    kw = dict(teacher_tokenizer=teacher_tokenizer, teacher_seq_len=_spec_value(spec, "teacher_seq_len", None),
+              teacher_max_positions=teacher_max_positions)
+    seq_len, n = _spec_value(spec, "seq_len", 512), _spec_value(spec, "max_sequences", None)
+    fraction = float(_spec_value(spec, "replay_fraction", 0.0))
+    texts = load_texts(spec, "data")
+    if fraction == 0:
+        return pack_sequences(texts, tokenizer, seq_len, n, **kw)
+    main = pack_sequences(texts, tokenizer, seq_len, None if n is None else n - round(fraction * n), **kw)
+    want = round(fraction * len(main) / (1 - fraction))
+    if want < 1:
+        raise ValueError(f"data.replay_fraction={fraction} of {len(main)} transfer sequences is no replay sequence; "
+                         f"raise data.replay_fraction or data.max_sequences, or set data.replay_fraction=0")
+    keys = Keys("data.replay_path", None, "data.text_field")
+    replay_spec = {"path": _spec_value(spec, "replay_path", ""), "format": "auto",
+                   "text_field": _spec_value(spec, "text_field", "text")}
+    replay = pack_sequences(load_texts(replay_spec, keys), tokenizer, seq_len, want, key="data.replay_path", **kw)
+    if len(replay) < want:
+        raise ValueError(f"data.replay_path={replay_spec['path']!r} packs into {len(replay)} sequences of "
+                         f"{seq_len} tokens; the mix needs {want} (data.replay_fraction={fraction} of the transfer "
+                         f"set); add replay documents or lower data.replay_fraction")
+    return concat_blocks(main, replay, pad_id(teacher_tokenizer) if teacher_tokenizer is not None else 0)
+
+
+def concat_blocks(first: TokenBlocks, second: TokenBlocks, teacher_pad: int) -> TokenBlocks:
+    """`first`'s blocks then `second`'s, renumbered 0..N-1; teacher rows padded to the longer of the two."""
+    import torch
+
+    ids, mask = torch.cat([first.ids_NT, second.ids_NT]), torch.cat([first.mask_NT, second.mask_NT])
+    sample_ids = torch.arange(len(ids), dtype=torch.int64)
+    if not first.cross:
+        return TokenBlocks(ids, mask, sample_ids)
+    U = max(first.teacher_ids_NU.shape[1], second.teacher_ids_NU.shape[1])
+
+    def widen(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, U - x.shape[1]), value=value)
+
+    return TokenBlocks(ids, mask, sample_ids,
+                       torch.cat([widen(first.teacher_ids_NU, teacher_pad), widen(second.teacher_ids_NU, teacher_pad)]),
+                       torch.cat([widen(first.teacher_mask_NU, False), widen(second.teacher_mask_NU, False)]),
+                       torch.cat([first.align_NT, second.align_NT]), torch.cat([first.exact_NT, second.exact_NT]))
+
+
 def _check_pack_args(seq_len: int, max_sequences: int | None, key: str) -> None:
     if seq_len < 1:
         raise ValueError(f"{key}.seq_len={seq_len} must be a positive number of tokens")

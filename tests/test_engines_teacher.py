@@ -28,6 +28,7 @@ def test_zero3_teacher_matches_plain_forward(model_dir, tmp_path, nproc):
         assert r["mapped_idx_equal"] and r["mapped_value_diff"] < TOL and r["mapped_tail_diff"] < TOL
         assert r["cross_target_diff"] < TOL and r["cross_value_diff"] < TOL and r["cross_masks"]
         assert r["head_shape"] == [128, 32] and r["head_diff"] == 0.0 and r["embed_diff"] == 0.0
+        assert r["gain_offset"] == 0.0 and r["gain_offset_spread"] == 0.0  # Llama's norm multiplies by its weight
         assert r["sample_ids"] == [rank, rank + 10]
         assert r["wrap_state_diff"] < TOL and r["wrap_logits_none"]
         # attribution: ZeRO-3 backward through offloaded frozen params equals plain autograd, all-reduced

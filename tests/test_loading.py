@@ -27,6 +27,8 @@ TINY_CONFIGS = {
         vocab_size=VOCAB, max_position_embeddings=POSITIONS),
     "gpt2": lambda: transformers.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB,
                                             n_positions=POSITIONS),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **_LLAMA_LIKE, head_dim=HIDDEN // HEADS, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
     "mamba": lambda: transformers.MambaConfig(hidden_size=HIDDEN, state_size=4, num_hidden_layers=LAYERS,
                                               vocab_size=VOCAB, expand=2, conv_kernel=2),
 }

@@ -31,6 +31,13 @@ def test_output_basis_is_unit_pinv_columns():
     assert (torch.diagonal(W_T @ S) > 0).all()
 
 
+def test_output_basis_by_vocabulary_chunks_equals_one_pass():
+    W_T, _ = _heads(V=53)
+    whole = basis.output_basis(W_T, dtype=torch.float64, chunk=1000)
+    torch.testing.assert_close(basis.output_basis(W_T, dtype=torch.float64, chunk=7), whole)
+    torch.testing.assert_close(whole, basis.output_basis(W_T.float()).double(), atol=1e-5, rtol=1e-4)
+
+
 def test_input_basis_rows_transposed():
     E = torch.randn(30, 6, dtype=torch.float64)
     S = basis.input_basis(E, dtype=torch.float64)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -76,6 +77,11 @@ def test_run_produces_checkpoint_mlflow_and_eval(tmp_path, tiny_pair):
     assert saved["schedule"]["epochs_per_stage"] == 0.3
     summary = json.loads((run / "eval.json").read_text())
     assert set(summary["perplexity"]["heldout"]) == {"student_before", "student_after", "teacher"}
+    # one tokenizer: every model predicts the same tokens over the same bytes, so bits per byte ~ log perplexity
+    ppl, bpb = summary["perplexity"]["heldout"], summary["bits_per_byte"]["heldout"]
+    for name in ("student_after", "teacher"):
+        assert bpb[name] / bpb["student_before"] == pytest.approx(math.log(ppl[name]) / math.log(ppl["student_before"]))
+    assert "heldout bits/byte" in proc.stdout
 
     import mlflow
 
@@ -91,7 +97,8 @@ def test_run_produces_checkpoint_mlflow_and_eval(tmp_path, tiny_pair):
     stages = client.get_metric_history(mlrun.info.run_id, "stage")
     assert [h.value for h in stages] == [1] * 4 + [2] * 4
     assert mlrun.data.metrics["teacher_passes_per_sample"] == 1.0  # one teacher forward per sample, not per step
-    for metric in ("out_loss", "lr", "tokens_per_s", "eval/heldout/student_after_ppl", "teacher_tokens_per_s",
+    for metric in ("out_loss", "lr", "tokens_per_s", "eval/heldout/student_after_ppl", "eval/heldout/teacher_bpb",
+                   "teacher_tokens_per_s",
                    "teacher_attribution_passes_per_sample"):
         assert metric in mlrun.data.metrics
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
@@ -298,11 +305,14 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_pair):
 
 def test_reduced_demo_runs_end_to_end(tmp_path):
     proc = semalign("demo", "--scale", "tiny", "--cache-dir", tmp_path / "cache", f"output_dir={tmp_path / 'demo'}",
-                    "runtime.progress=false", timeout=400)
-    for row in ("student before", "student after", "teacher", "teacher margin"):
+                    "runtime.progress=false", "data.replay_fraction=0.25", timeout=400)
+    for row in ("student before", "student after", "teacher", "teacher margin", "target bits/byte",
+                "general (the student's own domain", "a rise is forgetting)"):
         assert row in proc.stdout
     summary = json.loads((tmp_path / "demo" / "eval.json").read_text())
-    assert set(summary["perplexity"]) == {"target", "general"}
+    assert set(summary["perplexity"]) == set(summary["bits_per_byte"]) == {"target", "general"}
+    saved = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())  # the student's own code mixed in
+    assert saved["data"]["replay_fraction"] == 0.25 and saved["data"]["replay_path"].endswith("general_replay.jsonl")
     assert (tmp_path / "demo" / "student" / "model.safetensors").is_file()
 
 

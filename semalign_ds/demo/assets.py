@@ -383,6 +383,24 @@ def _build(out: Path, key: str, recipe: dict, device, progress: bool) -> None:
     _write_manifest(out, key, recipe, stats)
 
 
+def general_replay_jsonl(assets: DemoAssets, scale: str = "default") -> Path:
+    """The general domain's training documents (the stdlib code the student was pretrained on), in the order its
+    pretraining drew them, as JSONL: the demo's replay data for data.replay_fraction. Written once into the
+    demo's data folder (temporary file, renamed)."""
+    path = assets.cache_dir / "data" / "general_replay.jsonl"
+    if path.is_file():
+        return path
+    wanted = set(json.loads((assets.cache_dir / "data" / "splits.json").read_text())["general"]["train"])
+    docs = [d for d in load_corpus(stdlib_root(), RECIPES[scale])["general"] if d[0] in wanted]
+    if len(docs) != len(wanted):
+        raise ValueError(f"the demo cache {assets.cache_dir} lists {len(wanted)} general training documents but this "
+                         f"Python's stdlib has {len(docs)} of them; delete the cache folder to rebuild it")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _write_jsonl(tmp, sorted(docs, key=lambda d: _unit_hash(d[0])))
+    os.replace(tmp, path)
+    return path
+
+
 def build_demo_assets(cache_dir=None, device: str | torch.device = "cpu", progress: bool = True,
                       scale: str = "default", threads: int = 2, recipe: dict | None = None) -> DemoAssets:
     """Build (or reuse from the cache) the demo's tokenizer, teacher, student and JSONL data.

@@ -279,10 +279,10 @@ class TeacherEngine:
         return self._gathered_cpu(self.adapter.embed.weight, keep)
 
     def final_norm_gain(self, keep: bool = True) -> torch.Tensor | None:
-        """The final norm's gain g (D_T, float32 on CPU; collective like head_weight), or None on every rank when
-        the norm has no weight (g = 1)."""
+        """The final norm's gain g (D_T, float32 on CPU; collective like head_weight; 1 + weight for Gemma's norm),
+        or None on every rank when the norm has no weight (g = 1)."""
         weight = getattr(self.adapter.final_norm, "weight", None)
-        return None if weight is None else self._gathered_cpu(weight, keep)
+        return None if weight is None else self.adapter.norm_gain(self._gathered_cpu(weight, keep))
 
     # ---- forward ----
 

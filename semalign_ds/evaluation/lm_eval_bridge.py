@@ -5,9 +5,10 @@ A run directory: the student before (the config's student.path), after (<run>/st
 merged into the run's eval.json (key "lm_eval") and eval.md (a marked section) and logged to the run's MLflow run.
 A bare checkpoint: scored alone, written only into a directory the user names (`--out`), never next to it.
 Tasks: lm-eval's own by name (their data sets come from a hub: run those where it is reachable), local YAML tasks
-under eval.lm_eval.include_path, and the shipped `stdlib_docmodule` (stdlib_task.py). Models load on an explicit
-device and dtype, trust_remote_code only where the config turns it on; prompts longer than a model's context lose
-tokens from the left (lm-eval's rule), counted and reported in one line per model.
+under eval.lm_eval.include_path, and the shipped `stdlib_docmodule` (stdlib_task.py) and `stdlib_keyword`
+(keyword_task.py: a task a pretrained teacher is well above chance on and the demo student is not). Models load
+on an explicit device and dtype, trust_remote_code only where the config turns it on; prompts longer than a
+model's context lose tokens from the left (lm-eval's rule), counted and reported in one line per model.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from semalign_ds import files
 from semalign_ds import config as cfgmod
 from semalign_ds import tracking
-from semalign_ds.evaluation import stdlib_task
+from semalign_ds.evaluation import keyword_task, stdlib_task
 from semalign_ds.evaluation.evaluate import format_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,8 +54,9 @@ def task_manager(tasks: list[str], include_path: list[str]):
     for p in paths:
         if not p.is_dir():
             raise ValueError(f"eval.lm_eval.include_path: {str(p)!r} is not a folder of task YAMLs")
-    if stdlib_task.TASK_NAME in tasks:
-        paths.append(stdlib_task.materialize())
+    for shipped in (stdlib_task, keyword_task):
+        if shipped.TASK_NAME in tasks:
+            paths.append(shipped.materialize())
     manager = TaskManager(include_path=[str(p) for p in paths], include_defaults=False) if paths else None
     if manager is None or any(t not in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=[str(p) for p in paths] or None)
@@ -62,7 +64,7 @@ def task_manager(tasks: list[str], include_path: list[str]):
     if missing:
         raise ValueError(f"eval.lm_eval.tasks: unknown task {missing[0]!r}; use one of lm-eval's task names (e.g. "
                          f"hellaswag, arc_easy), a task YAML in a folder listed in eval.lm_eval.include_path, or "
-                         f"{stdlib_task.TASK_NAME}")
+                         f"{stdlib_task.TASK_NAME} / {keyword_task.TASK_NAME}")
     try:  # the data sets now, before any model loads or any file is written
         manager.load(list(tasks))
     except ConnectionError as err:

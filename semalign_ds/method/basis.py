@@ -14,6 +14,8 @@ import hashlib
 
 import torch
 
+from semalign_ds.method.surface import surfaces
+
 _HASH_FULL_LIMIT = 1 << 22  # elements hashed in full; above this a strided subsample is hashed
 
 
@@ -21,21 +23,30 @@ def _unit_columns(S_DV: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return S_DV / S_DV.norm(dim=0, keepdim=True).clamp_min(eps)
 
 
-def output_basis(W_VD: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def output_basis(W_VD: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = 16384) -> torch.Tensor:
     """Output-side basis: unit-normalised columns of pinv(W) (D x V), returned in ``dtype``.
 
     Computed on W's device in float64 through the D x D Gram matrix, pinv(W) = (W^T W)^+ W^T: V D^2 + D^3 work
     instead of an SVD of the V x D head (seconds for a 128k x 8k head on a GPU). Float64 because the Gram matrix
     squares W's condition number; eigenvalues below (max(V, D) * eps_float32 * sigma_max)^2 are cut, as pinv's
-    default cutoff does for float32 weights."""
+    default cutoff does for float32 weights. Both passes over the vocabulary go by `chunk` rows, so beyond the
+    D x V result only chunk x D float64 blocks are held (a 262k-row head needs no float64 copy of itself)."""
     if W_VD.dim() != 2:
         raise ValueError(f"output_basis expects a 2-D LM head weight (V x D), got shape {tuple(W_VD.shape)}")
-    W = W_VD.detach().to(torch.float64)
-    evals, evecs = torch.linalg.eigh(W.T @ W)
-    cutoff = (max(W.shape) * torch.finfo(torch.float32).eps) ** 2 * evals.max().clamp_min(0)
+    W = W_VD.detach()
+    V, D = W.shape
+    gram = torch.zeros(D, D, dtype=torch.float64, device=W.device)
+    for start in range(0, V, chunk):
+        rows = W[start:start + chunk].to(torch.float64)
+        gram.addmm_(rows.T, rows)
+    evals, evecs = torch.linalg.eigh(gram)
+    cutoff = (max(V, D) * torch.finfo(torch.float32).eps) ** 2 * evals.max().clamp_min(0)
     inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
-    S_DV = (evecs * inv) @ (evecs.T @ W.T)
-    return _unit_columns(S_DV).to(dtype)
+    gram_pinv = (evecs * inv) @ evecs.T
+    S_DV = torch.empty(D, V, dtype=dtype, device=W.device)
+    for start in range(0, V, chunk):
+        S_DV[:, start:start + chunk] = _unit_columns(gram_pinv @ W[start:start + chunk].to(torch.float64).T).to(dtype)
+    return S_DV
 
 
 def input_basis(E_VD: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -60,11 +71,11 @@ def shared_vocabulary(tok_T, tok_S, min_shared: int, V_T: int | None = None,
                       V_S: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Index-aligned shared token ids (ids_T, ids_S), both int64 of the same length.
 
-    Same tokenizer object or identical vocabularies: every id, in order. Otherwise the tokens whose
-    strings appear in both vocabularies, sorted by teacher id (strings are compared verbatim, so
-    tokenizers with different whitespace markers, e.g. 'Ġ' vs '▁', share few tokens). Ids at or
-    beyond a model's head size (``V_T``/``V_S`` rows) are not shared; head rows beyond the tokenizer
-    vocabulary are never shared. Fewer than ``min_shared`` shared tokens raise ValueError.
+    Same tokenizer object or identical vocabularies: every id, in order. Otherwise the tokens that spell
+    the same bytes (method/surface.py: 'Ġthe' of a byte-level BPE and '▁the' of a SentencePiece-style one
+    are both b' the'; special tokens are not matched), plus the two EOS tokens (both end a document), sorted
+    by teacher id. Ids at or beyond a model's head size (``V_T``/``V_S`` rows) are not shared; head rows
+    beyond the tokenizer vocabulary are never shared. Fewer than ``min_shared`` shared tokens raise ValueError.
     """
     vocab_T = _vocab(tok_T)
     vocab_S = vocab_T if tok_S is tok_T else _vocab(tok_S)
@@ -73,8 +84,12 @@ def shared_vocabulary(tok_T, tok_S, min_shared: int, V_T: int | None = None,
         ids = sorted(i for i in set(vocab_T.values()) if i < lim_T and i < lim_S)
         pairs = [(i, i) for i in ids]
     else:
-        pairs = sorted((i, vocab_S[s]) for s, i in vocab_T.items()
-                       if s in vocab_S and i < lim_T and vocab_S[s] < lim_S)
+        surf_T, surf_S = surfaces(tok_T), surfaces(tok_S)
+        pairs = [(i, surf_S[b]) for b, i in surf_T.items() if b in surf_S]
+        eos_T, eos_S = getattr(tok_T, "eos_token_id", None), getattr(tok_S, "eos_token_id", None)
+        if eos_T is not None and eos_S is not None:
+            pairs.append((eos_T, eos_S))
+        pairs = sorted((i, j) for i, j in set(pairs) if i < lim_T and j < lim_S)
     if len(pairs) < min_shared:
         raise ValueError(
             f"teacher and student share {len(pairs)} tokens (teacher vocab {len(vocab_T)}, student vocab "

@@ -3,6 +3,15 @@
 Teacher and student may be of different families; everything else in the project reaches layers only through
 `get_adapter`. A family that is not in ADAPTERS is a clear error, never a guess.
 Shapes: head weight V x D (vocab x hidden).
+
+Gemma 3 (`gemma3_text`, Gemma3ForCausalLM) differs from the Llama layout in four ways the method sees:
+- its RMSNorms scale by (1 + weight), so the final norm's gain (the logit map's g) is 1 + weight, not weight;
+- the embedding module multiplies its rows by sqrt(D) (`embed_scale`): h^(0) is the scaled row, the input basis
+  (unit-normalised rows) is unchanged by it;
+- decoder layers alternate sliding-window and global attention (`layer_types`); each layer's own forward picks its
+  mask, so captured states and hooks need nothing special;
+- the head is tied to the embedding, and `final_logit_softcapping` (None for Gemma 3, set for Gemma 2) caps the
+  logits: `logits()` applies it as the model's forward does.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ class FamilyAdapter:
     lm_head: str
     lora_targets: tuple[str, ...]
     max_positions_attr: str = "max_position_embeddings"
+    norm_gain_offset: float = 0.0  # the final norm scales by (offset + weight): 1 for Gemma's RMSNorm
 
 
 _LLAMA_LIKE = FamilyAdapter(
@@ -32,6 +42,10 @@ _LLAMA_LIKE = FamilyAdapter(
 )
 
 ADAPTERS: dict[str, FamilyAdapter] = {
+    "gemma3_text": FamilyAdapter(
+        layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
+        lora_targets=("v_proj", "o_proj", "up_proj", "down_proj"), norm_gain_offset=1.0,
+    ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -111,6 +125,17 @@ class BoundAdapter:
     def max_positions(self) -> int | None:
         return max_positions(self.config)
 
+    @property
+    def embed_scale(self) -> float:
+        """The factor the embedding module multiplies its rows by (sqrt(D) for Gemma, else 1)."""
+        return float(getattr(self.embed, "scalar_embed_scale", 1.0))
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Each decoder layer's attention kind ('full_attention' where the config does not say)."""
+        types = getattr(self.config.get_text_config(), "layer_types", None)
+        return list(types) if types else ["full_attention"] * self.num_layers
+
     def layer(self, k: int) -> nn.Module:
         """Decoder layer k, 1-indexed as in METHOD.md."""
         if not 1 <= k <= self.num_layers:
@@ -121,9 +146,17 @@ class BoundAdapter:
         """The LM head weight, V x D (not gathered: under ZeRO-3 call inside GatheredParameters)."""
         return self.lm_head.weight
 
+    def norm_gain(self, weight_D: torch.Tensor | None) -> torch.Tensor | None:
+        """The final norm's gain g (what it multiplies the normalised state by) from its weight: weight, or
+        1 + weight for Gemma; None (g = 1) for a norm without weight."""
+        return None if weight_D is None else weight_D + self.family.norm_gain_offset
+
     def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
-        """The model's own head on a residual-stream state: lm_head(final_norm(h))."""
-        return self.lm_head(self.final_norm(hidden_BTD))
+        """The model's own head on a residual-stream state: lm_head(final_norm(h)), soft-capped where the model
+        caps its logits (cap * tanh(z / cap))."""
+        z = self.lm_head(self.final_norm(hidden_BTD))
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        return z if cap is None else cap * (z / cap).tanh()
 
 
 def get_adapter(model: nn.Module, key: str = "model") -> BoundAdapter:

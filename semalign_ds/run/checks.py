@@ -43,6 +43,13 @@ def check_all(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | Non
         raise ValueError(cfgmod.format_problems(found))
 
 
+def _replay_problems(found: list[str], data) -> None:
+    """The replay documents' files (data.replay_path; its rules with data.replay_fraction are config validators)."""
+    if data.replay_path:
+        _collect(found, datamod.data_files, {"path": data.replay_path, "format": "auto"},
+                 datamod.Keys("data.replay_path", None, "data.text_field"))
+
+
 def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None = None,
              before_submit: bool = False) -> list[str]:
     """Every problem of the paths and files `cfg` names for `command` (its values were checked when parsed).
@@ -63,6 +70,7 @@ def problems(cfg: cfgmod.RunConfig, command: str = "run", world_size: int | None
     found += chat.config_problems(cfg, with_eval=command != "teach")  # conversation data (data.chat)
     if not cfg.data.chat:
         _collect(found, datamod.data_files, cfg.data, "data")
+    _replay_problems(found, cfg.data)
     if command != "teach":
         for name, path in ({} if cfg.data.chat else cfg.eval.sets).items():
             _collect(found, datamod.data_files, {"path": path, "format": "auto"},

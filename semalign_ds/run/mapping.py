@@ -82,7 +82,7 @@ def _logit_map(ctx: RunContext) -> torch.Tensor:
     M = torch.empty(adapter.hidden_size, ctx.teacher.adapter.hidden_size, dtype=torch.float32, device=device)
     if main:
         norm_w = getattr(adapter.final_norm, "weight", None)
-        g_S = None if norm_w is None else norm_w.detach().float()
+        g_S = adapter.norm_gain(None if norm_w is None else norm_w.detach().float())
         M.copy_(basismod.logit_matching_map(W_T.to(device), g_T, adapter.head_weight().detach().float().to(device),
                                             g_S, ctx.vocab.ids_T, ctx.vocab.ids_S))
     return broadcast_from_first(M, ctx.group)

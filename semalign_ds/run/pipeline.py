@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from semalign_ds.run import budget as budgetmod, mapping, ownership, resume, signals, space, supervision, topology
+from semalign_ds.run import (
+    budget as budgetmod, caveats, mapping, ownership, resume, signals, space, supervision, topology)
 from semalign_ds import config as cfgmod
 from semalign_ds import spec as specmod
 from semalign_ds import data as datamod
@@ -295,6 +296,7 @@ def prepare(cfg: RunConfig, info: distributed.DistInfo, role: str = "colocated",
     teacher_config = load_config(cfg.teacher.path, "teacher.path", cfg.teacher.trust_remote_code)
     vocab = (supervision.vocab_map(cfg, tok_T, tok_S, student, int(teacher_config.get_text_config().vocab_size))
              if method.needs_teacher else supervision.VocabMap.none())
+    caveats.warn(cfg, vocab.cross, main)
     if cfg.data.chat:  # conversations: each model's chat template, the answers-only mask (chat_blocks.py)
         from semalign_ds import chat_blocks
 
@@ -364,10 +366,7 @@ def _load_blocks(cfg: RunConfig, tok_S, student_config, teacher_config, tok_T=No
     from semalign_ds.models.loading import model_max_positions
 
     datamod.check_seq_len(cfg.data.seq_len, student_config, *([] if tok_T is not None else [teacher_config]))
-    texts = datamod.load_texts(cfg.data, "data")
-    return datamod.pack_sequences(texts, tok_S, cfg.data.seq_len, cfg.data.max_sequences, teacher_tokenizer=tok_T,
-                                  teacher_seq_len=cfg.data.teacher_seq_len,
-                                  teacher_max_positions=model_max_positions(teacher_config))
+    return datamod.pack_transfer(cfg.data, tok_S, tok_T, model_max_positions(teacher_config))
 
 
 def _build_teacher(cfg: RunConfig, info, hidden_size: int, mpu=None):

@@ -129,6 +129,9 @@ result["cross_masks"] = (bool(torch.equal(cross.state_mask_BT.cpu(), s_mask & (a
 result["head_diff"] = maxdiff(teacher.head_weight(), ref.lm_head.weight)
 result["embed_diff"] = maxdiff(teacher.input_embedding_weight(), ref.model.embed_tokens.weight)
 result["head_shape"] = list(teacher.head_weight().shape)
+gain = teacher.final_norm_gain()  # g = weight (Llama) or 1 + weight (Gemma): the offset the norm adds
+result["gain_offset"] = float((gain - ref.model.norm.weight.detach()).mean())
+result["gain_offset_spread"] = float((gain - ref.model.norm.weight.detach()).std())
 
 att_layers = [0, 1, 2, 3, 4]
 all_batches = {r: [batch(seed=200 + 10 * r + i) for i in range(2)] for r in range(world)}
