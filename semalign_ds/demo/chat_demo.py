@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 
 from semalign_ds import config as cfgmod
 
@@ -69,24 +68,16 @@ def report(summary: dict, samples: int = 3) -> list[str]:
 
 def main(scale: str = "default", cache_dir: str | None = None, overrides: list[str] = (),
          teacher: str = "demo") -> int:
-    from semalign_ds import versions
     from semalign_ds.demo import instructions
-    from semalign_ds.demo.assets import build_demo_assets
-    from semalign_ds.demo.runner import TEACHERS
+    from semalign_ds.demo.runner import demo_models
     from semalign_ds.run import guard, pipeline
 
-    versions.check()
-    if teacher not in TEACHERS:
-        raise ValueError(f"--teacher {teacher!r} is not one of {', '.join(TEACHERS)}")
+    if teacher not in ("demo", "smollm2"):  # sized and measured for these two (docs/RESULTS.md)
+        raise ValueError(f"`semalign demo --chat` runs with --teacher demo or smollm2, not {teacher!r}; run your own "
+                         f"teacher on conversations with `semalign run` and data.chat: true")
     start = time.perf_counter()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    assets = build_demo_assets(cache_dir=cache_dir, device="cpu", progress=True, scale=scale)
+    assets, teacher_path = demo_models(scale, cache_dir, teacher)
     chat_files = instructions.build_instruction_set(assets.cache_dir.parent)
-    teacher_path = None
-    if teacher == "smollm2":
-        from semalign_ds.demo import real_models
-
-        teacher_path = real_models.smollm2()
     built = time.perf_counter() - start
     cfg = chat_config(assets, chat_files, scale, list(overrides), teacher_path)
     summary = guard.owned_run(cfg, "run", pipeline.run)

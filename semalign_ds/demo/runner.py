@@ -81,24 +81,30 @@ def verdict(summary: dict) -> list[str]:
     return lines
 
 
-def main(scale: str = "default", cache_dir: str | None = None, overrides: list[str] = (),
-         teacher: str = "demo") -> int:
+def demo_models(scale: str, cache_dir: str | None, teacher: str):
+    """(the demo's stdlib assets, built once and cached; the real teacher's folder, fetched once, or None for the
+    demo's own teacher), after the version check; torch on at most 2 threads."""
     from semalign_ds import versions
-    from semalign_ds.run import guard
-    from semalign_ds.run import pipeline
     from semalign_ds.demo.assets import build_demo_assets
 
     versions.check()
     if teacher not in TEACHERS:
         raise ValueError(f"--teacher {teacher!r} is not one of {', '.join(TEACHERS)}")
-    start = time.perf_counter()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     assets = build_demo_assets(cache_dir=cache_dir, device="cpu", progress=True, scale=scale)
-    teacher_path = None
-    if teacher != "demo":
-        from semalign_ds.demo import real_models
+    if teacher == "demo":
+        return assets, None
+    from semalign_ds.demo import real_models
 
-        teacher_path = real_models.fetch(teacher)
+    return assets, real_models.fetch(teacher)
+
+
+def main(scale: str = "default", cache_dir: str | None = None, overrides: list[str] = (),
+         teacher: str = "demo") -> int:
+    from semalign_ds.run import guard, pipeline
+
+    start = time.perf_counter()
+    assets, teacher_path = demo_models(scale, cache_dir, teacher)
     built = time.perf_counter() - start
     cfg = demo_config(assets, scale, list(overrides), teacher_path, teacher)
     summary = guard.owned_run(cfg, "run", pipeline.run)  # the output directory's rules, checks and signals

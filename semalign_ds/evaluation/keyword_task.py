@@ -24,7 +24,6 @@ Reading uses `ast` only: no stdlib module is imported or run.
 from __future__ import annotations
 
 import ast
-import hashlib
 import inspect
 import json
 import keyword
@@ -32,12 +31,10 @@ import math
 import platform
 import random
 import re
-import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 
-from semalign_ds.evaluation.stdlib_task import cache_root
+from semalign_ds.evaluation.stdlib_task import cache_root, write_task
 
 TASK_NAME = "stdlib_keyword"
 RECIPE_VERSION = 3
@@ -126,25 +123,9 @@ def _yaml(folder: Path, digest: str) -> str:
 
 def materialize(root: Path | None = None, stdlib: Path | None = None) -> Path:
     """The task folder (YAML + JSONL) for lm-eval's include_path; built once per Python version, atomically."""
-    root = Path(root or cache_root())
-    recipe = json.dumps([RECIPE_VERSION, CHOICES, MIN_CHARS, MAX_CHARS, KEYWORDS])
-    final = root / f"{TASK_NAME}-py{platform.python_version()}-v{RECIPE_VERSION}-" \
-                   f"{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
-    if (final / f"{TASK_NAME}.yaml").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TASK_NAME}-", dir=root))
-    try:
-        text = "".join(json.dumps(i, sort_keys=True) + "\n" for i in build_items(stdlib))
-        (tmp / f"{TASK_NAME}.jsonl").write_text(text)
-        (tmp / f"{TASK_NAME}.yaml").write_text(_yaml(final, hashlib.sha256(text.encode()).hexdigest()))
-        tmp.rename(final)
-    except OSError:
-        if not (final / f"{TASK_NAME}.yaml").is_file():  # not a lost race with another process
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    recipe = [RECIPE_VERSION, CHOICES, MIN_CHARS, MAX_CHARS, KEYWORDS]
+    return write_task(Path(root or cache_root()), TASK_NAME, RECIPE_VERSION, recipe, lambda: build_items(stdlib),
+                      _yaml)
 
 
 def choice_logprobs(model, tokenizer, item: dict, device="cpu") -> list[float]:

@@ -117,22 +117,28 @@ def _yaml(data: Path, digest: str) -> str:
 
 def materialize(root: Path | None = None, stdlib: Path | None = None) -> Path:
     """The task folder (YAML + JSONL) for lm-eval's include_path; built once per Python version, atomically."""
-    root = Path(root or cache_root())
-    recipe = json.dumps([RECIPE_VERSION, ITEMS_PER_MODULE, MAX_ITEMS, MAX_CHARS, CHOICES, sorted(_SKIP)])
-    tag = hashlib.sha256(recipe.encode()).hexdigest()[:8]
-    final = root / f"{TASK_NAME}-py{platform.python_version()}-v{RECIPE_VERSION}-{tag}"
-    if (final / f"{TASK_NAME}.yaml").is_file():
+    recipe = [RECIPE_VERSION, ITEMS_PER_MODULE, MAX_ITEMS, MAX_CHARS, CHOICES, sorted(_SKIP)]
+    return write_task(Path(root or cache_root()), TASK_NAME, RECIPE_VERSION, recipe, lambda: build_items(stdlib),
+                      lambda final, digest: _yaml(final / f"{TASK_NAME}.jsonl", digest))
+
+
+def write_task(root: Path, name: str, version: int, recipe, items, yaml_text) -> Path:
+    """A shipped task's folder `<root>/<name>-py<python>-v<version>-<recipe hash>` (its items as JSONL, and
+    yaml_text(final folder, sha256 of the JSONL) as its YAML), built once in a temporary folder and renamed into
+    place: a concurrent build that wins the race is kept."""
+    tag = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:8]
+    final = root / f"{name}-py{platform.python_version()}-v{version}-{tag}"
+    if (final / f"{name}.yaml").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TASK_NAME}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        lines = "".join(json.dumps(item, sort_keys=True) + "\n" for item in build_items(stdlib))
-        (tmp / f"{TASK_NAME}.jsonl").write_text(lines)
-        digest = hashlib.sha256(lines.encode()).hexdigest()
-        (tmp / f"{TASK_NAME}.yaml").write_text(_yaml(final / f"{TASK_NAME}.jsonl", digest))
+        lines = "".join(json.dumps(item, sort_keys=True) + "\n" for item in items())
+        (tmp / f"{name}.jsonl").write_text(lines)
+        (tmp / f"{name}.yaml").write_text(yaml_text(final, hashlib.sha256(lines.encode()).hexdigest()))
         tmp.rename(final)
     except OSError:
-        if not (final / f"{TASK_NAME}.yaml").is_file():  # not a lost race with another process
+        if not (final / f"{name}.yaml").is_file():  # not a lost race with another process
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
