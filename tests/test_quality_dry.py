@@ -44,6 +44,7 @@ def dry(tmp_path_factory, cache):
     return out, proc
 
 
+@pytest.mark.slow  # the benchmark driver's dry run: ~1 min of subprocesses
 def test_dry_run_writes_a_well_formed_table(dry):
     out, proc = dry
     assert "configs of size 'small' validated" in proc.stdout and "[gate] main: PASS" in proc.stdout
@@ -67,6 +68,7 @@ def test_dry_run_writes_a_well_formed_table(dry):
     assert all(line.count("|") == body[0].count("|") for line in body)
 
 
+@pytest.mark.slow  # the benchmark driver's dry run: ~1 min of subprocesses
 def test_dry_run_plots_and_mlflow(dry):
     out, _ = dry
     for name in ("main_gap.png", "mamba_gap.png", "main_stage_losses.png"):
@@ -79,6 +81,7 @@ def test_dry_run_plots_and_mlflow(dry):
         assert db.execute("select count(*) from metrics where key = 'layer_loss'").fetchone()[0] > 0
 
 
+@pytest.mark.slow  # the benchmark driver's dry run: ~1 min of subprocesses
 def test_gate_refuses_a_weak_teacher(tmp_path, cache, dry):
     proc = _driver(tmp_path, cache, "--pairs", "main", "--methods", "sft", "--min-margin", "0.99")
     assert proc.returncode == 3 and "REFUSED" in proc.stderr

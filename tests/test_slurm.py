@@ -344,6 +344,8 @@ def test_config_missing_on_the_node_is_a_clear_job_error(slurm_cluster, rendered
     assert f"config file '{tmp_path}/config.yaml' does not exist" in job_log(tmp_path, jobid)
 
 
+@pytest.mark.slow  # ~1 min: two preemptions of a two-node job; in the fault tier
+@pytest.mark.faults
 def test_colocated_two_nodes_stopped_twice_by_signals_resumes_each_time(slurm_cluster, rendered, tmp_path):
     steps, run = 30, tmp_path / "run"
     script = rendered("colocated", schedule={"epochs_per_stage": 15})  # 2 ranks x 4 of 16 sequences: 30 steps
