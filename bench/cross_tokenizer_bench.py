@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from semalign_ds.data import load_texts, pack_sequences  # noqa: E402
-from semalign_ds.cluster.distributed import free_port  # noqa: E402
+from semalign_ds.cluster.launch import free_port  # noqa: E402
 from semalign_ds.method.basis import shared_vocabulary  # noqa: E402
 from semalign_ds.method.targets import target_recipes  # noqa: E402
 from semalign_ds.transport import schema  # noqa: E402

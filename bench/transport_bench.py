@@ -8,8 +8,9 @@ measured in the same run.
     consumes each for t_S. Idle = time the teacher waits for a window slot / its wall time (goal <= 10% when
     the student is faster; when it is slower the idle time is the backpressure that bounds memory).
 (3) Spool write and read throughput against `dd` on the same file system in the same run: our writer (rows
-    streamed into a preallocated shard, fsync, block sha256s, rename) vs `dd if=/dev/zero bs=4M conv=fsync` of the
-    same bytes; our reader (every row of every tensor by sample id, each 8 MiB block's sha256 checked on first read)
+    streamed into a preallocated shard, fsync, block xxh3s and the shard's sha256, rename) vs `dd if=/dev/zero bs=4M
+    conv=fsync` of the same bytes; our reader (every row of every tensor by sample id, each 8 MiB block's xxh3 checked
+    on first read)
     vs `dd of=/dev/null bs=4M`, page cache dropped for the files before each read (posix_fadvise DONTNEED).
 (4) Bytes per token on the wire (one stage's target) and on disk (every stage's targets) against
     L * D_S * 2 + k * (4 + 4) (bf16 targets, float32 values, int32 ids).
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from semalign_ds.cluster.distributed import free_port  # noqa: E402
+from semalign_ds.cluster.launch import free_port  # noqa: E402
 from semalign_ds.transport import schema, spool, stream  # noqa: E402
 from semalign_ds.transport.packet import SupervisionPacket  # noqa: E402
 
@@ -177,7 +178,7 @@ def _write_spool(directory: Path, shape: dict, layers: list[int], flats: list[di
 def _read_all(reader: spool.SpoolReader, n: int, batch: int, layers: list[int]) -> float:
     t0 = time.perf_counter()
     for start in range(0, n, batch):
-        reader.packet(torch.arange(start, min(start + batch, n)), layers)
+        reader.flat(torch.arange(start, min(start + batch, n)), layers)  # what a student's feed reads
     return time.perf_counter() - t0
 
 
@@ -245,14 +246,14 @@ def _spool_rows(shape: dict, sp: dict) -> list[tuple]:
     dd_w, dd_r = sp["dd_bytes"] / sp["dd_write_s"], sp["dd_bytes"] / sp["dd_read_s"]
     refL = _planned_bytes_per_token(shape, shape["L"])
     return [
-        (f"spool write ({sp['bytes'] / 2**20:.0f} MiB: rows, fsync, block sha256s, rename)",
+        (f"spool write ({sp['bytes'] / 2**20:.0f} MiB: rows, fsync, block xxh3s + the shard's sha256, rename)",
          _rate(sp["bytes"], sp["write_s"]), f"dd conv=fsync {_rate(sp['dd_bytes'], sp['dd_write_s'])}",
          f"{sp['bytes'] / sp['write_s'] / dd_w:.2f}", ">= 0.7"),
-        ("spool read (every row of every tensor, blocks sha256-verified, cold cache)", _rate(sp["bytes"], sp["read_s"]),
+        ("spool read (every row of every tensor, blocks xxh3-verified, cold cache)", _rate(sp["bytes"], sp["read_s"]),
          f"dd {_rate(sp['dd_bytes'], sp['dd_read_s'])}", f"{sp['bytes'] / sp['read_s'] / dd_r:.2f}", ">= 0.7"),
         ("spool read again, same reader (blocks verified), cold cache", _rate(sp["bytes"], sp["reread_s"]),
          f"dd {_rate(sp['dd_bytes'], sp['dd_read_s'])}", f"{sp['bytes'] / sp['reread_s'] / dd_r:.2f}", "-"),
-        ("hashing alone: block sha256s of the shards (cold cache)", _rate(sp["bytes"], sp["sha_s"]), "-", "-",
+        ("hashing alone at write: block xxh3s + the shard's sha256 (cold cache)", _rate(sp["bytes"], sp["sha_s"]), "-", "-",
          "-"),
         (f"bytes/token on disk ({shape['L']} layers)", f"{sp['disk_bytes_per_token']:.0f}",
          f"planned {refL}", f"{sp['disk_bytes_per_token'] / refL:.3f}", "-"),

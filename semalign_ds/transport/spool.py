@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,6 +397,7 @@ class _ShardReader:
 
     def __init__(self, directory: Path, record: dict, binding: str, j: int, pool: ThreadPoolExecutor):
         self.path, self.record, self.pool, self.verified = directory / record["file"], record, pool, set()
+        self.fd: int | None = None
         if not self.path.is_file():
             raise ValueError(f"spool shard {self.path} is missing; {_REWRITE}")
         size = self.path.stat().st_size
@@ -424,17 +426,20 @@ class _ShardReader:
         row_bytes = (entry["data_offsets"][1] - entry["data_offsets"][0]) // max(entry["shape"][0], 1)
         start = self.base + entry["data_offsets"][0] + row * row_bytes
         self._verify(start, start + buf.nbytes)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(start)
-            got = f.readinto(buf)
+        got = os.preadv(self._fd(), [buf], start)  # one syscall on the shard's open descriptor
         if got != buf.nbytes:
             raise ValueError(f"spool shard {self.path} ended early reading {name}; {_REWRITE}")
         return got
 
+    def _fd(self) -> int:
+        """The shard's read descriptor, opened once (closed when this reader is collected)."""
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+            weakref.finalize(self, os.close, self.fd)
+        return self.fd
+
     def _read(self, start: int, n: int) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            return f.read(n)
+        return os.pread(self._fd(), n, start)
 
     def _verify(self, start: int, end: int) -> None:
         todo = [b for b in range(start // BLOCK, -(-end // BLOCK)) if b not in self.verified]
