@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                                                    "runtime.device (a run directory uses its config.yaml)")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted overrides, e.g. eval.lm_eval.limit=100 runtime.device=cpu")
+    verify = sub.add_parser("spool-verify", help="check every byte of a spool against its manifest's sha256s "
+                                                 "(after copying it between sites; reads check fast xxh3 blocks)")
+    verify.add_argument("spool_dir", help="the spool directory `semalign teach --out DIR` wrote")
     relink = sub.add_parser("mlflow-relink", help="point a moved or copied run directory's MLflow store at its "
                                                   "own mlartifacts/ (semalign does this itself when it opens one)")
     relink.add_argument("run_dir", help="the run directory (holding mlflow.db and mlartifacts/)")
@@ -204,6 +207,18 @@ def _dispatch(args) -> int:
         return demo_run.main(args.scale, args.cache_dir, args.overrides, args.teacher)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "spool-verify":
+        from pathlib import Path
+
+        from semalign_ds.transport import spool
+
+        if not (Path(args.spool_dir) / spool.MANIFEST).is_file():
+            raise ValueError(f"{args.spool_dir} has no {spool.MANIFEST}: not a finished spool (`semalign teach "
+                             f"--out DIR` writes one; an interrupted teach resumes with the same command)")
+        bad = spool.verify_sha256(args.spool_dir)
+        print(f"{args.spool_dir}: " + (f"{len(bad)} shard(s) differ from the manifest: {', '.join(bad)}; copy them "
+                                      f"again from the source" if bad else "every shard matches its sha256"))
+        return 1 if bad else 0
     if args.command == "mlflow-relink":
         from pathlib import Path
 

@@ -158,6 +158,25 @@ def test_a_copied_spool_is_checked_against_its_sha256_and_old_spools_still_read(
     ids = torch.tensor([0, 5, 9])
     assert torch.equal(spool.SpoolReader(old, BINDING).packet(ids, [1]).targets[1],
                        spool.SpoolReader(written, BINDING).packet(ids, [1]).targets[1])
+    assert spool.verify_sha256(old) == []  # the old spool's blocks, by their sha256s
+    shard = old / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x80
+    shard.write_bytes(bytes(data))
+    (old / "shard-00000.safetensors").write_bytes((old / "shard-00000.safetensors").read_bytes()[:-1])  # truncated
+    assert spool.verify_sha256(old) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+
+
+def test_spool_verify_command(tmp_path, written):
+    from semalign_ds import cli
+
+    assert cli.main(["spool-verify", str(written)]) == 0
+    shard = written / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[7] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert cli.main(["spool-verify", str(written)]) == 1
+    assert cli.main(["spool-verify", str(tmp_path / "nothing")]) == cli.EXIT_USER
 
 
 def test_a_shard_swapped_in_from_another_spool_is_refused(tmp_path, written):

@@ -39,7 +39,7 @@ def compact(rank: int, bits: int) -> tuple[str, ...]:
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "lossless": ("transport.codec=lossless",),
-    **{f"r{r}b8": compact(r, 8) for r in (128, 64, 32, 16, 8)},
+    **{f"r{r}b8": compact(r, 8) for r in (192, 128, 64, 32, 16, 8)},  # 192: the student width, full rank
     **{f"r{r}b16": compact(r, 16) for r in (64, 16)},
 }
 

@@ -79,16 +79,23 @@ def _block_digest(data, kind: str) -> str:
 
 
 def verify_sha256(directory) -> list[str]:
-    """Every shard of a spool against the sha256 its manifest records (e.g. after copying it between sites):
-    the names of the shards that differ."""
+    """Every byte of every shard of a spool against its manifest (e.g. after copying it between sites), by sha256:
+    the shard's sha256 for this writer's spools, each block's sha256 for spools written before xxh3 blocks. The
+    names of the shards that differ, are missing or have the wrong size."""
     manifest = json.loads((Path(directory) / MANIFEST).read_text())
     bad = []
     for record in manifest["shards"]:
-        sha = hashlib.sha256()
-        with open(Path(directory) / record["file"], "rb") as f:
+        path = Path(directory) / record["file"]
+        if not path.is_file() or path.stat().st_size != record["bytes"]:
+            bad.append(record["file"])
+            continue
+        sha, blocks = hashlib.sha256(), []
+        with open(path, "rb") as f:
             while chunk := f.read(BLOCK):
                 sha.update(chunk)
-        if record.get("block_hash") == BLOCK_HASH and sha.hexdigest() != record["sha256"]:
+                blocks.append(hashlib.sha256(chunk).hexdigest() if record.get("block_hash") != BLOCK_HASH else "")
+        if (sha.hexdigest() != record["sha256"] if record.get("block_hash") == BLOCK_HASH
+                else blocks != record["blocks"]):
             bad.append(record["file"])
     return bad
 
