@@ -2,7 +2,7 @@
 (best preset, paper v2) against SFT and logit KD at equal budget, with and without replay of the student's own
 domain, and the ablations of why transfer across tokenizers loses to SFT; in bits per byte and task accuracy.
 
-    python bench/quality/real2real.py --reduced [--pairs gemma_demo] [--rows sft,kd,best,best_replay]
+    python bench/quality/real2real.py --reduced [--pairs gemma_demo] [--rows sft,kd,best,best_replay] [--seeds 1]
     python bench/quality/real2real.py [--pairs gemma_demo,gemma_smollm2,smollm2_demo] [--seeds 3] [--ablations]
 Data: the demo's world (semalign_ds.demo.assets): transfer = English documentation (the target domain), held-out
 target_val / target_test from it, general_test = stdlib code (the demo student's own domain; for SmolLM2 a domain
@@ -50,9 +50,10 @@ def parse(argv):
     p.add_argument("--pairs", default="gemma_demo,gemma_smollm2")
     p.add_argument("--rows", default=None, help="comma-separated rows (default: the main and replay rows)")
     p.add_argument("--ablations", action="store_true", help="also the item-6 ablations (on every pair run)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=None, help="seeds of the main and replay rows (default 3; 1 with "
+                   "--reduced)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--reduced", action="store_true", help="the validation budget (r2r_plan.REDUCED), 1 seed, no lr "
+    p.add_argument("--reduced", action="store_true", help="the validation budget (r2r_plan.REDUCED), 1 seed unless --seeds, no lr "
                    "search")
     p.add_argument("--min-margin", type=float, default=0.1, help="teacher's required target lead in bits per byte")
     p.add_argument("--gate-only", action="store_true", help="print the pairs' gates and stop")
@@ -187,7 +188,7 @@ def pair_table(pair: str, rows: dict, gate: dict, lrs: dict) -> str:
 def main(argv=None) -> int:
     args = parse(argv)
     budget = REDUCED if args.reduced else FULL
-    seeds = 1 if args.reduced else args.seeds
+    seeds = args.seeds or (1 if args.reduced else 3)
     out = Path(args.out or REPO / "runs" / f"quality-r2r{'-reduced' if args.reduced else ''}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
