@@ -135,15 +135,17 @@ def test_mamba_adapter_and_fast_scan_match_transformers():
     assert torch.allclose(selective_scan(*args, **kw), reference(*args, **kw), atol=1e-5)
 
 
-@pytest.mark.slow  # ~1 min: 8 spools and 10 runs on the tiny world
+@pytest.mark.slow  # ~2 min: 12 spools and 14 runs on the tiny world
 def test_codec_quality_dry_run_writes_its_table(tmp_path):
     from test_pipeline import env
 
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality" / "codec.py"), "--dry", "--seeds", "2",
-                           "--workers", "1", "--out", str(tmp_path)], env=env(), capture_output=True, text=True,
+                           "--probe", "--workers", "1", "--out", str(tmp_path)], env=env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "results" / "codec" / "table.md").read_text()
     assert "| lossless | " in table and "| r32b8 (default) | " in table
     assert "within the seed spread" in table or "OUTSIDE the seed spread" in table
+    probe = table.split("## Probe: geometry only")[1]
+    assert "| lossless | " in probe and "| r8b8 | " in probe
     assert (tmp_path / "results" / "codec" / "curve.png").stat().st_size > 1000

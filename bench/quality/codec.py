@@ -1,13 +1,15 @@
 """Quality of the packet codecs on the real main pair: the compact codec against lossless, and the curve of bytes per
 token against gap closed and reconstruction error.
 
-    python bench/quality/codec.py [--out runs/quality-codec] [--seeds 3] [--workers 2] [--dry]
+    python bench/quality/codec.py [--out runs/quality-codec] [--seeds 3] [--workers 2] [--probe] [--dry]
 The pair is real.py's `code` (SmolLM2-135M teaching a 3 x 192 code student with its tokenizer); the method is the
 `best` preset's row (`r_geo_full_labels`: geometry + KL + CE, every layer at once) at the learning rate real.py
 chose for it on validation (results/real/results.json), with real.py's budget (methods.REAL_BASE). Each codec
 variant is its own spool, written by `semalign teach` with that codec (the production path: the bases fitted on the
 first window, the packets encoded on the teacher side); every run reads its variant's spool and decodes on the
-student side. lossless and the default codec run `--seeds` seeds; the other points of the curve one. Resumable: a
+student side. lossless and the default codec run `--seeds` seeds; the other points of the curve one. The probe
+(`--probe`): the same method with the output and label terms off (geometry only), so that the layer targets are the
+student's only signal, for lossless, the default and rank 8 (1 seed each, their own spools). Resumable: a
 finished run's result.json is reused. Writes results/codec/{table.md,results.json,curve.png} under --out and prints
 the table.
 """
@@ -44,22 +46,31 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def spool_dir(out: Path, variant: str) -> Path:
-    return out / "spools" / "code" / variant
+PROBE = ("method.w_out=0.0", "method.w_label=0.0")  # geometry only: the layer targets are the only teacher signal
+PROBE_VARIANTS = ("lossless", DEFAULT, "r8b8")
 
 
-def teach_spec(out: Path, variant: str) -> dict:
-    return {"id": f"code.teach.{variant}", "kind": "teach", "pair": "code", "method": METHOD, "lr": 1e-3, "seed": 0,
-            "overrides": [*METHODS[METHOD].overrides, *VARIANTS[variant], "runtime.topology=spool",
-                          f"transport.spool_dir={spool_dir(out, variant)}"],
-            "out_dir": str(out / "teach" / variant)}
+def spool_dir(out: Path, variant: str, probe: bool = False) -> Path:
+    return out / "spools" / ("code-geo" if probe else "code") / variant
 
 
-def run_spec(out: Path, variant: str, lr: float, seed: int) -> dict:
-    return {"id": f"code.{variant}.s{seed}", "pair": "code", "method": METHOD, "lr": lr, "seed": seed,
-            "overrides": [*METHODS[METHOD].overrides, *VARIANTS[variant], "runtime.topology=spool",
-                          f"transport.spool_dir={spool_dir(out, variant)}"],
-            "out_dir": str(out / "runs" / variant / f"s{seed}")}
+def _overrides(out: Path, variant: str, probe: bool) -> list[str]:
+    return [*METHODS[METHOD].overrides, *(PROBE if probe else ()), *VARIANTS[variant], "runtime.topology=spool",
+            f"transport.spool_dir={spool_dir(out, variant, probe)}"]
+
+
+def teach_spec(out: Path, variant: str, probe: bool = False) -> dict:
+    tag = ".geo" if probe else ""
+    return {"id": f"code.teach.{variant}{tag}", "kind": "teach", "pair": "code", "method": METHOD, "lr": 1e-3,
+            "seed": 0, "overrides": _overrides(out, variant, probe),
+            "out_dir": str(out / ("teach-geo" if probe else "teach") / variant)}
+
+
+def run_spec(out: Path, variant: str, lr: float, seed: int, probe: bool = False) -> dict:
+    tag = ".geo" if probe else ""
+    return {"id": f"code.{variant}{tag}.s{seed}", "pair": "code", "method": METHOD, "lr": lr, "seed": seed,
+            "overrides": _overrides(out, variant, probe),
+            "out_dir": str(out / ("runs-geo" if probe else "runs") / variant / f"s{seed}")}
 
 
 def spool_figures(directory: Path) -> dict:
@@ -69,14 +80,14 @@ def spool_figures(directory: Path) -> dict:
     return {"bytes_per_token": manifest["bytes"] / positions, "codec": manifest.get("codec", {"name": "lossless"})}
 
 
-def reconstruction(out: Path, variant: str) -> dict[str, float]:
+def reconstruction(out: Path, variant: str, probe: bool = False) -> dict[str, float]:
     """The variant's targets against the lossless spool's on 64 samples (relative error and cosine, mean over
     layers), decoded exactly as a student does."""
     import torch
 
     from semalign_ds.transport.spool import SpoolReader
 
-    ref_dir, got_dir = spool_dir(out, "lossless"), spool_dir(out, variant)
+    ref_dir, got_dir = spool_dir(out, "lossless", probe), spool_dir(out, variant, probe)
     ref = SpoolReader(ref_dir, json.loads((ref_dir / "manifest.json").read_text())["binding"])
     got = SpoolReader(got_dir, json.loads((got_dir / "manifest.json").read_text())["binding"])
     ids = torch.arange(min(64, ref.num_samples))
@@ -90,15 +101,15 @@ def reconstruction(out: Path, variant: str) -> dict[str, float]:
     return {"rel_error": statistics.mean(errs), "cosine": statistics.mean(coss), "min_cosine": min(coss)}
 
 
-def rows(out: Path, lr: float, seeds: int, gate: dict) -> list[dict]:
+def rows(out: Path, lr: float, seeds: int, gate: dict, probe: bool = False) -> list[dict]:
     out_rows = []
-    for variant in VARIANTS:
-        n = seeds if variant in ("lossless", DEFAULT) else 1
-        runs = [runmod.load_result(run_spec(out, variant, lr, s)) for s in range(n)]
+    for variant in PROBE_VARIANTS if probe else VARIANTS:
+        n = seeds if variant in ("lossless", DEFAULT) and not probe else 1
+        runs = [runmod.load_result(run_spec(out, variant, lr, s, probe)) for s in range(n)]
         row = report.method_row("code", METHOD, runs, gate, lr)
-        row.update(variant=variant, **spool_figures(spool_dir(out, variant)))
-        row.update(reconstruction(out, variant) if variant != "lossless" else {"rel_error": 0.0, "cosine": 1.0,
-                                                                              "min_cosine": 1.0})
+        row.update(variant=variant, **spool_figures(spool_dir(out, variant, probe)))
+        row.update(reconstruction(out, variant, probe) if variant != "lossless" else
+                   {"rel_error": 0.0, "cosine": 1.0, "min_cosine": 1.0})
         out_rows.append(row)
     return out_rows
 
@@ -162,6 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--probe", action="store_true", help="also the geometry-only probe (see above)")
     p.add_argument("--dry", action="store_true", help="the plumbing on the tiny demo world (numbers meaningless)")
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
@@ -176,19 +188,26 @@ def main(argv=None) -> int:
     job = {"pairs": paths, "base_overrides": list(REAL_BASE + (real.DRY if args.dry else ())), "device": "cpu",
            "eval_sequences": 8 if args.dry else 64, "experiment": "quality-codec", "keep_models": False,
            "mlflow_root": None}
-    runmod.run_batch([teach_spec(out, v) for v in VARIANTS], job, args.workers, out, "cpu", "codec-spools")
+    teach = [teach_spec(out, v) for v in VARIANTS] + [teach_spec(out, v, True) for v in PROBE_VARIANTS if args.probe]
+    runmod.run_batch(teach, job, args.workers, out, "cpu", "codec-spools")
     specs = [run_spec(out, v, lr, s) for v in VARIANTS for s in range(args.seeds if v in ("lossless", DEFAULT)
                                                                        else 1)]
+    specs += [run_spec(out, v, lr, 0, True) for v in PROBE_VARIANTS if args.probe]
     runmod.run_batch(specs, job, args.workers, out, "cpu", "codec-runs")
     result_rows = rows(out, lr, args.seeds, gate["code"])
+    probe_rows = rows(out, lr, 1, gate["code"], probe=True) if args.probe else []
     results = out / "results" / "codec"
     results.mkdir(parents=True, exist_ok=True)
     md = (f"# Packet codecs on the real main pair{' (DRY: numbers meaningless)' if args.dry else ''}\n\n"
           f"{time.strftime('%Y-%m-%d')}; method `{METHOD}` (the best preset) at lr {lr:g}; budget: "
           f"{' '.join(REAL_BASE)}; {time.perf_counter() - start:.0f} s wall in this invocation\n\n"
           f"{verdict(result_rows)}\n\n{table(result_rows)}\n")
+    if probe_rows:
+        md += (f"\n## Probe: geometry only ({' '.join(PROBE)}), the layer targets the only teacher signal, 1 seed\n\n"
+               f"{table(probe_rows)}\n")
     (results / "table.md").write_text(md)
-    report.dump(results / "results.json", {"rows": result_rows, "lr": lr, "default": DEFAULT, "dry": args.dry})
+    report.dump(results / "results.json", {"rows": result_rows, "probe_rows": probe_rows, "lr": lr,
+                                           "default": DEFAULT, "dry": args.dry})
     plot(result_rows, results / "curve.png")
     print(md)
     return 1 if any(r["failed"] for r in result_rows) else 0
