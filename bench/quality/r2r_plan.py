@@ -115,5 +115,6 @@ class Budget:
 
 FULL = Budget(sequences=1000, epochs_per_stage=3.0)
 REDUCED = Budget(sequences=128, epochs_per_stage=2.0, eval_sequences=32)
+MEDIUM = Budget(sequences=512, epochs_per_stage=3.0)  # the paper's epochs on half its samples: ~40 min on 2 cores
 LR = 1e-3  # the demo's rate; the full run searches LR_GRID on target_val per main row
 LR_GRID = (3e-4, 1e-3, 3e-3)

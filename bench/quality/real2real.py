@@ -2,7 +2,7 @@
 (best preset, paper v2) against SFT and logit KD at equal budget, with and without replay of the student's own
 domain, and the ablations of why transfer across tokenizers loses to SFT; in bits per byte and task accuracy.
 
-    python bench/quality/real2real.py --reduced [--pairs gemma_demo] [--rows sft,kd,best,best_replay] [--seeds 1]
+    python bench/quality/real2real.py --reduced|--medium [--pairs gemma_demo] [--rows sft,kd,best,best_replay] [--seeds 1]
     python bench/quality/real2real.py [--pairs gemma_demo,gemma_smollm2,smollm2_demo] [--seeds 3] [--ablations]
 Data: the demo's world (semalign_ds.demo.assets): transfer = English documentation (the target domain), held-out
 target_val / target_test from it, general_test = stdlib code (the demo student's own domain; for SmolLM2 a domain
@@ -14,7 +14,7 @@ Phases, each resumable (a finished run's result.json is reused):
     refused (printed first, no table);
  2. one spool per (pair, teacher setting) (`semalign teach`: one teacher pass per sample), read by every row that
     shares it;
- 3. the learning rate: --reduced uses r2r_plan.LR; otherwise each main row searches LR_GRID on target_val (seed 0);
+ 3. the learning rate: --reduced and --medium use r2r_plan.LR; otherwise each main row searches LR_GRID on target_val (seed 0);
     replay rows take their base row's rate, ablations best's times their scale;
  4. the rows (seeds 0..S-1 for the main and replay rows, seed 0 for ablations), scored on the exported student:
     bits per byte and perplexity per held-out set, stdlib_keyword accuracy;
@@ -39,7 +39,7 @@ sys.path[:0] = [str(HERE), str(REPO)]
 import r2r_gate  # noqa: E402
 import real  # noqa: E402
 import run as runmod  # noqa: E402
-from r2r_plan import ABLATIONS, FULL, LR, LR_GRID, MAIN, PAIRS, REDUCED, ROWS  # noqa: E402
+from r2r_plan import ABLATIONS, FULL, LR, LR_GRID, MAIN, MEDIUM, PAIRS, REDUCED, ROWS  # noqa: E402
 
 SETS = ("target_val", "target_test", "general_test")
 
@@ -53,6 +53,8 @@ def parse(argv):
     p.add_argument("--seeds", type=int, default=None, help="seeds of the main and replay rows (default 3; 1 with "
                    "--reduced)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--medium", action="store_true", help="r2r_plan.MEDIUM: 512 sequences, 3 epochs per layer, "
+                   "3 seeds unless --seeds, no lr search")
     p.add_argument("--reduced", action="store_true", help="the validation budget (r2r_plan.REDUCED), 1 seed unless --seeds, no lr "
                    "search")
     p.add_argument("--min-margin", type=float, default=0.1, help="teacher's required target lead in bits per byte")
@@ -111,7 +113,7 @@ def result(out: Path, paths: dict, pair: str, row: str, lr: float, seed: int) ->
 def choose_lr(out, paths, job, pairs, rows, args) -> dict[tuple[str, str], float]:
     """(pair, row) -> learning rate: LR when reduced, else the main rows' best target_val bits per byte."""
     base = {"sft_replay": "sft", "best_replay": "best"}
-    if args.reduced:
+    if args.reduced or args.medium:
         searched = {(p, r): LR for p in pairs for r in MAIN}
     else:
         specs = [spec(out, paths, p, r, lr, 0) for p in pairs for r in MAIN for lr in LR_GRID]
@@ -187,9 +189,10 @@ def pair_table(pair: str, rows: dict, gate: dict, lrs: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    budget = REDUCED if args.reduced else FULL
+    name = "reduced" if args.reduced else "medium" if args.medium else "full"
+    budget = {"reduced": REDUCED, "medium": MEDIUM, "full": FULL}[name]
     seeds = args.seeds or (1 if args.reduced else 3)
-    out = Path(args.out or REPO / "runs" / f"quality-r2r{'-reduced' if args.reduced else ''}").resolve()
+    out = Path(args.out or REPO / "runs" / f"quality-r2r{'' if name == 'full' else '-' + name}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     pairs = args.pairs.split(",")
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
                                   for s in range(seeds if ROWS[r].group != "ablation" else 1)], gates[p]) for r in rows}
         tables[p] = pair_table(p, stats[p], gates[p], lrs)
     seconds = time.perf_counter() - start
-    md = [f"# Real-to-real quality{' (REDUCED validation budget)' if args.reduced else ''}",
+    md = [f"# Real-to-real quality{'' if name == 'full' else f' ({name.upper()} budget)'}",
           f"{datetime.date.today().isoformat()}; {seconds:.0f} s wall in this invocation (finished runs reused); "
           f"budget: {' '.join(budget.overrides())}; seeds {seeds}"]
     for p in pairs:
@@ -235,7 +238,8 @@ def main(argv=None) -> int:
     (out / "results.md").write_text("\n\n".join(md) + "\n")
     (out / "results.json").write_text(json.dumps({"gates": gates, "stats": stats, "lrs": {f"{p}.{r}": v for (p, r), v
                                                                                           in lrs.items()},
-                                                  "seconds": seconds, "reduced": args.reduced}, indent=1,
+                                                  "seconds": seconds, "reduced": args.reduced,
+                                                  "budget": name}, indent=1,
                                                  default=list))
     print((out / "results.md").read_text())
     failed = sum(st["failed"] for per in stats.values() for st in per.values())
