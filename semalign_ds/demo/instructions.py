@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -30,6 +29,8 @@ import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
+
+from semalign_ds.files import cache_lock
 
 RECIPE = {"version": 2, "seed": 20261, "answer_chars": 240, "min_answer_chars": 24, "max_doc_items": 700,
           "snippets": 320, "follow_up_share": 0.25, "system_share": 0.3, "test_fraction": 0.1,
@@ -184,8 +185,7 @@ def build_instruction_set(root: Path, recipe: dict = RECIPE) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"chat-{key_of(recipe)}"
     paths = {split: folder / f"{split}.jsonl" for split in SPLITS}
-    with open(root / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cache_lock(root / f".{folder.name}.lock"):
         if (folder / "manifest.json").is_file():
             return paths
         shutil.rmtree(folder, ignore_errors=True)
