@@ -238,8 +238,7 @@ def main(argv=None) -> int:
     (out / "results.md").write_text("\n\n".join(md) + "\n")
     (out / "results.json").write_text(json.dumps({"gates": gates, "stats": stats, "lrs": {f"{p}.{r}": v for (p, r), v
                                                                                           in lrs.items()},
-                                                  "seconds": seconds, "reduced": args.reduced,
-                                                  "budget": name}, indent=1,
+                                                  "seconds": seconds, "budget": name}, indent=1,
                                                  default=list))
     print((out / "results.md").read_text())
     failed = sum(st["failed"] for per in stats.values() for st in per.values())

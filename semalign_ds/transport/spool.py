@@ -89,13 +89,14 @@ def verify_sha256(directory) -> list[str]:
         if not path.is_file() or path.stat().st_size != record["bytes"]:
             bad.append(record["file"])
             continue
+        old = record.get("block_hash") != BLOCK_HASH  # its record holds sha256 block digests, no file sha256
         sha, blocks = hashlib.sha256(), []
         with open(path, "rb") as f:
             while chunk := f.read(BLOCK):
                 sha.update(chunk)
-                blocks.append(hashlib.sha256(chunk).hexdigest() if record.get("block_hash") != BLOCK_HASH else "")
-        if (sha.hexdigest() != record["sha256"] if record.get("block_hash") == BLOCK_HASH
-                else blocks != record["blocks"]):
+                if old:
+                    blocks.append(hashlib.sha256(chunk).hexdigest())
+        if (blocks != record["blocks"]) if old else (sha.hexdigest() != record["sha256"]):
             bad.append(record["file"])
     return bad
 
